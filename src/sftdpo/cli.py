@@ -1,0 +1,214 @@
+"""Command line: `sftdpo train | eval | demo | study | bench`.
+
+Every `RunConfig` field is a `train` flag (`lora_rank` -> `--lora-rank`), so a config file and
+the command line speak the same names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, SftdpoError
+
+log = logging.getLogger("sftdpo")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field; defaults stay None so only given flags override."""
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "extra":
+            continue
+        t = hints[f.name]
+        args = typing.get_args(t)
+        base = next((a for a in args if a is not type(None)), t) if args else t
+        kw: dict[str, Any] = {"default": None, "dest": f.name}
+        if base is bool:
+            kw["type"] = _parse_bool
+            kw["nargs"] = "?"
+            kw["const"] = True
+        elif typing.get_origin(t) is tuple or base is float and typing.get_origin(t) is tuple:
+            kw["type"] = lambda s: tuple(float(x) for x in s.split(","))
+        elif base in (int, float, str):
+            kw["type"] = base
+        default = f.default if f.default is not dataclasses.MISSING else None
+        p.add_argument(_flag(f.name), help=f"(default: {default})", **kw)
+
+
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    base: dict[str, Any] = {}
+    if getattr(ns, "config", None):
+        base = load_config_file(ns.config)
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    for k, v in vars(ns).items():
+        if k in names and v is not None:
+            base[k] = v
+    return RunConfig.from_dict(base).validate()
+
+
+def load_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise SftdpoError(f"config file {path} does not exist")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        d = yaml.safe_load(text)
+    else:
+        d = json.loads(text)
+    if isinstance(d, dict) and "config" in d and "hash" in d:  # a run's config.json
+        d = d["config"]
+    if not isinstance(d, dict):
+        raise SftdpoError(f"config file {path} must hold a mapping of config fields")
+    return d
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from .training import train
+
+    cfg = config_from_args(ns)
+    out = Path(ns.out or f"runs/{cfg.task}-{cfg.regime}-{cfg.param}-{cfg.hash()}")
+    summary = train(cfg, out, **_dist_kwargs())
+    _print_summary(out, summary)
+    return 0
+
+
+def _dist_kwargs() -> dict:
+    """Rank and world size when launched by torchrun/accelerate (see distributed.py)."""
+    try:
+        from .distributed import init_from_env
+    except ImportError:
+        return {}
+    return init_from_env()
+
+
+def _print_summary(out: Path, s: dict) -> None:
+    keys = [k for k in s if k.startswith("dev/") or k.startswith("init/dev/")]
+    print(f"run {s.get('run_hash')} -> {out}")
+    for k in keys:
+        print(f"  {k:28s} {s[k]:.4f}")
+    print(f"  wall_clock_per_epoch_s       {s['wall_clock_per_epoch_s']:.1f}")
+    print(f"  train_tokens_per_s           {s['train_tokens_per_s']:.0f}")
+    print(f"  peak_memory_mb               {s['peak_memory_mb']:.0f}")
+    print(f"  trainable/total params       {s['trainable_params']:,} / {s['total_params']:,}")
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from .training import evaluate_run
+
+    res = evaluate_run(ns.run, ns.checkpoint)
+    for k, v in res.items():
+        if k.startswith("dev/"):
+            print(f"{k:24s} {v:.4f}")
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from .study import demo
+
+    return demo(out=ns.out)
+
+
+def cmd_study(ns: argparse.Namespace) -> int:
+    from . import study
+
+    if ns.study_cmd == "run":
+        return study.cli_run(ns)
+    if ns.study_cmd == "status":
+        return study.cli_status(ns)
+    return study.cli_report(ns)
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from .bench import cli_bench
+
+    return cli_bench(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sftdpo", description=__doc__.split("\n")[0])
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train one run (SFT, DPO or SFT->DPO; FFT or LoRA)")
+    t.add_argument("--config", help="a JSON/YAML file of config fields (flags override it)")
+    t.add_argument("--out", help="run directory (default: runs/<task>-<regime>-<param>-<hash>)")
+    add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="re-evaluate a run's checkpoint on dev")
+    e.add_argument("--run", required=True, help="run directory")
+    e.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="the README's main job: the `quick` study on the offline default")
+    d.add_argument("--out", default="studies/quick")
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("study", help="run, inspect and report whole studies")
+    ss = s.add_subparsers(dest="study_cmd", required=True)
+    sr = ss.add_parser("run", help="run a study spec (YAML; or a shipped name: quick, paper)")
+    sr.add_argument("spec")
+    sr.add_argument("--out", help="study directory (default: studies/<spec name>)")
+    sr.add_argument("--dry-run", action="store_true", help="list the runs and the estimated cost; train nothing")
+    sr.add_argument("--only", action="append", default=[], help="run only runs matching FIELD=VALUE (repeatable)")
+    sr.add_argument("--model", help="override the spec's model for every run (e.g. tiny-gpt2)")
+    sr.add_argument("--executor", default="local", choices=["local", "ray"])
+    sr.add_argument("--address", help="Ray cluster address (with --executor ray)")
+    sr.add_argument("--gpus-per-run", type=float, default=0.0)
+    sr.add_argument("--cpus-per-run", type=float, default=1.0)
+    sr.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+    st = ss.add_parser("status", help="runs done/running/pending/failed")
+    st.add_argument("dir")
+    rp = ss.add_parser("report", help="write report.md, tables and figures")
+    rp.add_argument("dir")
+    s.set_defaults(func=cmd_study)
+
+    b = sub.add_parser("bench", help="speed benchmark against TRL and a CS224N-style loop")
+    b.add_argument("--model", action="append", help="smollm2-135m (default), tiny-gpt2, gpt2, ... (repeatable)")
+    b.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+    b.add_argument("--out", default="bench.json")
+    b.add_argument("--only", action="append", default=[], help="run only lines whose name contains this")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--compile", action="store_true", help="also measure torch.compile (GPU)")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return ns.func(ns)
+    except SftdpoError as e:
+        print(f"sftdpo: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sftdpo: interrupted (completed epochs are checkpointed; run the same command again to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Run configuration, its hash, and where sftdpo looks for data and keeps its cache.
+
+Every run is one `RunConfig` (written to `config.json`) plus its results; the hash of the
+resolved config identifies the run, as in PEFT's method-comparison harness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class SftdpoError(Exception):
+    """A user-facing error: the CLI prints its message as one line and exits non-zero."""
+
+
+TASKS = ("paraphrase", "sonnet")
+PARAMS = ("fft", "lora")
+REGIMES = ("sft", "dpo", "sft-dpo")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+PAIR_VERSIONS = ("v1", "v2", "v3")
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines a run's result. Defaults are the toolkit's choices where the paper is silent."""
+
+    task: str = "paraphrase"
+    model: str = "smollm2-135m"
+    # parameterization (PEFT LoRA options)
+    param: str = "fft"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "attention"  # "attention", "all-linear", or comma-separated module names
+    use_rslora: bool = False
+    use_dora: bool = False
+    # regime: sft, dpo (no warm start) or sft-dpo (handoff_epoch SFT epochs, then epochs-handoff DPO epochs)
+    regime: str = "sft"
+    epochs: int = 1
+    handoff_epoch: int | None = None
+    # optimisation
+    lr: float = 5e-5
+    dpo_lr: float = 5e-6
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    schedule: str = "linear"  # linear | cosine | constant (after warm-up); spans the run's whole epoch budget
+    max_grad_norm: float = 1.0
+    # data
+    train: str | None = None
+    dev: str | None = None
+    max_train_examples: int | None = None
+    max_dev_examples: int | None = None
+    data_fraction: float = 1.0
+    label_words: str = "yes,no"  # paraphrase answer words (positive,negative); each must be one token
+    max_length: int = 512  # tokens per training sequence (prompt + answer); longer ones are truncated from the left of the prompt
+    seed: int = 0
+    # execution (recorded, and part of the hash: bf16 changes numbers)
+    device: str = "auto"
+    precision: str = "auto"
+    # sonnet decoding
+    temperature: float = 1.0
+    top_p: float = 0.9
+    max_new_tokens: int = 160
+    num_samples: int = 1
+    # DPO
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0  # for loss_type=robust
+    logp_reduction: str = "sum"  # sum | mean over response tokens
+    pairs: str = "v1"
+    pairs_n: int = 4  # rejections generated per prompt for v2/v3
+    pairs_top_k: int | None = None  # v3: pairs kept (default: one per training sonnet)
+    pairs_temperatures: tuple[float, ...] = (0.7, 1.0, 1.3)
+    # bookkeeping that does not change results
+    log_every: int = 10
+    eval_batch_size: int = 32
+    eval_init: bool = True  # measure dev metrics before training (epoch 0)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # fields that never change a run's result and so stay out of its hash
+    NON_RESULT_FIELDS = ("log_every", "eval_batch_size", "eval_init")
+
+    def validate(self) -> "RunConfig":
+        """Reject configs that contradict themselves, with one actionable line."""
+        def bad(msg: str) -> None:
+            raise SftdpoError(f"invalid config: {msg}")
+
+        if self.task not in TASKS:
+            bad(f"--task {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.param not in PARAMS:
+            bad(f"--param {self.param!r} is not one of {', '.join(PARAMS)}")
+        if self.regime not in REGIMES:
+            bad(f"--regime {self.regime!r} is not one of {', '.join(REGIMES)}")
+        if self.loss_type not in LOSS_TYPES:
+            bad(f"--loss-type {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        if self.pairs not in PAIR_VERSIONS:
+            bad(f"--pairs {self.pairs!r} is not one of {', '.join(PAIR_VERSIONS)}")
+        if self.epochs < 1:
+            bad(f"--epochs must be >= 1 (got {self.epochs})")
+        if self.regime == "sft-dpo":
+            if self.handoff_epoch is None:
+                bad("--regime sft-dpo needs --handoff-epoch K (SFT epochs before DPO)")
+            if not 1 <= self.handoff_epoch < self.epochs:
+                bad(f"--handoff-epoch {self.handoff_epoch} must be between 1 and --epochs - 1 = {self.epochs - 1}")
+        elif self.handoff_epoch is not None:
+            bad(f"--handoff-epoch only applies to --regime sft-dpo (got regime {self.regime})")
+        if self.param == "lora" and self.lora_rank < 1:
+            bad(f"--lora-rank must be >= 1 (got {self.lora_rank})")
+        if self.lr < 0 or self.dpo_lr < 0:
+            bad("learning rates must be >= 0")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            bad("--batch-size and --grad-accum must be >= 1")
+        if not 0 < self.data_fraction <= 1:
+            bad(f"--data-fraction must be in (0, 1] (got {self.data_fraction})")
+        if self.logp_reduction not in ("sum", "mean"):
+            bad(f"--logp-reduction must be sum or mean (got {self.logp_reduction!r})")
+        if self.schedule not in ("linear", "cosine", "constant"):
+            bad(f"--schedule must be linear, cosine or constant (got {self.schedule!r})")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            bad(f"--precision must be auto, fp32 or bf16 (got {self.precision!r})")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            bad(f"--device must be auto, cpu or cuda (got {self.device!r})")
+        if not 0 <= self.label_smoothing < 0.5:
+            bad(f"--label-smoothing must be in [0, 0.5) (got {self.label_smoothing})")
+        if self.loss_type != "robust" and self.label_smoothing:
+            bad("--label-smoothing only applies to --loss-type robust")
+        if self.num_samples < 1 or self.pairs_n < 1:
+            bad("--num-samples and --pairs-n must be >= 1")
+        return self
+
+    # -- stages -------------------------------------------------------------------------------
+    @property
+    def sft_epochs(self) -> int:
+        return {"sft": self.epochs, "dpo": 0, "sft-dpo": self.handoff_epoch or 0}[self.regime]
+
+    @property
+    def dpo_epochs(self) -> int:
+        return self.epochs - self.sft_epochs
+
+    # -- serialisation ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["pairs_temperatures"] = list(self.pairs_temperatures)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SftdpoError(f"invalid config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        d = dict(d)
+        if "pairs_temperatures" in d:
+            d["pairs_temperatures"] = tuple(float(t) for t in d["pairs_temperatures"])
+        return cls(**d)
+
+    def hash(self) -> str:
+        """Short hash of every field that can change the result."""
+        d = {k: v for k, v in self.to_dict().items() if k not in self.NON_RESULT_FIELDS}
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# -- locations ---------------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """User cache: converted backbones, downloaded sources, reference log-probs."""
+    root = os.environ.get("SFTDPO_CACHE_DIR")
+    if root:
+        p = Path(root)
+    else:
+        p = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sftdpo"
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def data_dirs() -> list[Path]:
+    """Candidate data directories in priority order: $SFTDPO_DATA_DIR, ./data, the user cache."""
+    out: list[Path] = []
+    env = os.environ.get("SFTDPO_DATA_DIR")
+    if env:
+        out.append(Path(env).expanduser())
+    out.append(Path.cwd() / "data")
+    out.append(cache_dir() / "data")
+    return out
+
+
+def find_in_data_dirs(rel: str) -> Path | None:
+    """First existing `rel` (file or folder) under the data directories."""
+    for d in data_dirs():
+        p = d / rel
+        if p.exists():
+            return p
+    return None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers. Checked up front because huggingface_hub retries a
+    dead network for most of a minute before giving up; offline we go straight to the local cache."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False

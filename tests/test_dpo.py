@@ -1,0 +1,332 @@
+"""DPO: loss values, the start-of-DPO invariant, the reference model, caches, pair selection,
+the SFT->DPO hand-off and resuming mid-DPO. Tiny models (tiny-gpt2) and the fixture data only."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sftdpo import dpo
+from sftdpo.config import RunConfig, SftdpoError
+from sftdpo.models import autocast, load_model
+from sftdpo.training import Run, trainable_state
+
+FIX = Path(__file__).parent / "fixtures" / "data"
+DATA = {
+    "paraphrase": dict(train=str(FIX / "qqp" / "quora-train.csv"), dev=str(FIX / "qqp" / "quora-dev.csv")),
+    "sonnet": dict(train=str(FIX / "sonnets" / "sonnets.txt"), dev=str(FIX / "sonnets" / "TRUE_sonnets_held_out_dev.txt"),
+                   max_new_tokens=12),
+}
+LN2 = math.log(2)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFTDPO_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_tiny_gpt2():
+    try:
+        load_model("tiny-gpt2")
+    except SftdpoError as e:
+        pytest.skip(f"tiny-gpt2 unavailable (set SFTDPO_DATA_DIR to a folder with gpt2-tokenizer/): {e}")
+
+
+def make_cfg(task="paraphrase", **kw) -> RunConfig:
+    base = dict(task=task, model="tiny-gpt2", regime="dpo", batch_size=2, device="cpu", precision="fp32",
+                eval_batch_size=8, **DATA[task])
+    return RunConfig(**{**base, **kw})
+
+
+def built(cfg: RunConfig, out: Path) -> Run:
+    run = Run(cfg, out)
+    run.build()
+    return run
+
+
+def first_batch(run, obj):
+    run.model.train(obj.train_mode)
+    batch = next(iter(obj.batches(1))).to(run.device)
+    with autocast(run.device, run.precision):
+        return obj.loss(run.model, batch)
+
+
+def perturb_adapter(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def all_pair_logps(model, task):
+    """Paraphrase (chosen, rejected) log-probs of every training pair, in pair order."""
+    ps = dpo.paraphrase_pair_set(task)
+    b, yes = dpo._paraphrase_batch(task, ps, list(range(len(ps))))
+    with torch.no_grad():
+        model.eval()
+        return dpo.paraphrase_pair_logps(model, b, task.yes_id, task.no_id, yes)
+
+
+# -- the loss ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
+def test_loss_matches_hand_computation(loss_type):
+    pc, pr = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])
+    rc, rr = torch.tensor([-2.0, -3.0]), torch.tensor([-2.5, -2.5])
+    beta, eps = 0.5, 0.2
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    deltas = [(-1 + 2) - (-3 + 2.5), (-4 + 3) - (-2 + 2.5)]  # 1.5, -1.5
+    per = {
+        "sigmoid": [-math.log(sig(beta * d)) for d in deltas],
+        "ipo": [(d - 1 / (2 * beta)) ** 2 for d in deltas],
+        "hinge": [max(0.0, 1 - beta * d) for d in deltas],
+        "robust": [(-(1 - eps) * math.log(sig(beta * d)) + eps * math.log(sig(-beta * d))) / (1 - 2 * eps) for d in deltas],
+    }[loss_type]
+    loss, m = dpo.dpo_loss(pc, pr, rc, rr, beta, loss_type, eps if loss_type == "robust" else 0.0)
+    assert loss.item() == pytest.approx(sum(per) / 2, abs=1e-6)
+    # rewards: beta * (policy - ref); chosen rewards 0.5, -0.5; rejected -0.25, 0.25
+    assert m["rewards/chosen"].item() == pytest.approx(0.0)
+    assert m["rewards/rejected"].item() == pytest.approx(0.0)
+    assert m["rewards/margins"].item() == pytest.approx((0.75 - 0.75) / 2)
+    assert m["rewards/accuracies"].item() == pytest.approx(0.5)
+    assert m["logps/chosen"].item() == pytest.approx(-2.5)
+    assert m["logps/rejected"].item() == pytest.approx(-2.5)
+    assert set(m) == set(dpo.METRIC_NAMES)
+
+
+def test_label_smoothing_only_for_robust():
+    x = torch.zeros(1)
+    with pytest.raises(ValueError):
+        dpo.dpo_loss(x, x, x, x, 0.1, "sigmoid", 0.1)
+
+
+# -- the start-of-DPO invariant ----------------------------------------------------------------
+
+@pytest.mark.parametrize("task", ["paraphrase", "sonnet"])
+@pytest.mark.parametrize("param", ["fft", "lora"])
+def test_start_of_dpo_is_ln2_with_zero_rewards(task, param, tmp_path):
+    run = built(make_cfg(task, param=param, lora_dropout=0.3), tmp_path / "run")
+    obj = run.objective("dpo")
+    assert obj.train_mode is False
+    loss, logs = first_batch(run, obj)
+    assert abs(loss.item() - LN2) < 1e-5
+    assert abs(float(logs["rewards/chosen"])) < 1e-6 and abs(float(logs["rewards/rejected"])) < 1e-6
+    assert obj.describe()["reference"] == ("adapter-disabled base" if param == "lora" else "pretrained backbone (FFT)")
+    assert (tmp_path / "run" / "dpo" / "state.json").exists() and (tmp_path / "run" / "dpo" / "pairs.jsonl").exists()
+
+
+# -- the single-forward paraphrase path --------------------------------------------------------
+
+def test_paraphrase_single_forward_equals_two_forwards(tmp_path):
+    run = built(make_cfg("paraphrase", batch_size=3), tmp_path / "run")
+    task, model = run.task, run.model
+    with torch.no_grad():  # move away from init so the numbers are not special
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.eval()
+    ps = dpo.paraphrase_pair_set(task)
+    rows = list(range(len(ps)))
+    b, yes = dpo._paraphrase_batch(task, ps, rows)
+    calls = []
+    hook = model.get_decoder().register_forward_hook(lambda *a: calls.append(1))
+    pc, pr = dpo.paraphrase_pair_logps(model, b, task.yes_id, task.no_id, yes)
+    hook.remove()
+    assert len(calls) == 1  # one decoder pass gives both responses' log-probs
+    # two separate full forwards: prompt + chosen token, prompt + rejected token
+    two = []
+    for resp in (ps.chosen, ps.rejected):
+        lp = []
+        for i in rows:
+            ids = torch.tensor([ps.prompt[i] + resp[i]])
+            logits = model(input_ids=ids).logits[0, -2].float()
+            lp.append(torch.log_softmax(logits, -1)[resp[i][0]])
+        two.append(torch.stack(lp))
+    torch.testing.assert_close(pc, two[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pr, two[1], atol=1e-5, rtol=0)
+    # and through sequence_logps (the sonnet path) on the concatenated rows
+    seq = dpo.sequence_logps(model, dpo.collate_sequence_pairs(ps, rows, task.pad_id), "sum")
+    torch.testing.assert_close(seq, torch.cat(two), atol=1e-5, rtol=0)
+    ref_c, ref_r = torch.randn(len(rows)), torch.randn(len(rows))
+    one_loss, _ = dpo.dpo_loss(pc, pr, ref_c, ref_r, 0.1)
+    two_loss, _ = dpo.dpo_loss(two[0], two[1], ref_c, ref_r, 0.1)
+    assert one_loss.item() == pytest.approx(two_loss.item(), abs=1e-6)
+
+
+# -- the LoRA reference ------------------------------------------------------------------------
+
+def test_lora_dpo_only_reference_is_the_adapter_disabled_base(tmp_path):
+    run = built(make_cfg("paraphrase", param="lora"), tmp_path / "run")
+    perturb_adapter(run.model)
+    obj = run.objective("dpo")
+    base_model, _ = load_model("tiny-gpt2", seed=run.cfg.seed)
+    base = all_pair_logps(base_model, run.task)
+    enabled = all_pair_logps(run.model, run.task)
+    torch.testing.assert_close(obj.ref_chosen, base[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(obj.ref_rejected, base[1], atol=1e-6, rtol=0)
+    assert (obj.ref_chosen - enabled[0]).abs().max() > 1e-3  # the perturbed adapter does change the model
+    assert obj.describe()["reference"] == "adapter-disabled base"
+
+
+def test_sft_lora_dpo_reference_is_the_adapter_at_handoff(tmp_path):
+    run = built(make_cfg("paraphrase", param="lora", regime="sft-dpo", epochs=2, handoff_epoch=1), tmp_path / "run")
+    perturb_adapter(run.model)  # stands in for the SFT epoch
+    obj = run.objective("dpo")
+    enabled = all_pair_logps(run.model, run.task)
+    base_model, _ = load_model("tiny-gpt2", seed=run.cfg.seed)
+    base = all_pair_logps(base_model, run.task)
+    torch.testing.assert_close(obj.ref_chosen, enabled[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(obj.ref_rejected, enabled[1], atol=1e-6, rtol=0)
+    assert (obj.ref_chosen - base[0]).abs().max() > 1e-3
+    assert obj.describe()["reference"] == "SFT adapter at hand-off epoch 1"
+    loss, logs = first_batch(run, obj)  # policy == reference at the hand-off
+    assert abs(loss.item() - LN2) < 1e-5
+
+
+# -- caches ------------------------------------------------------------------------------------
+
+def test_reference_logps_cache_hit_and_invalidation(tmp_path, monkeypatch):
+    calls = []
+    real = dpo.compute_reference_logps
+    monkeypatch.setattr(dpo, "compute_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = make_cfg("paraphrase")
+    a = built(cfg, tmp_path / "a").objective("dpo")
+    assert len(calls) == 1 and not a.describe()["reference_cache_hit"]
+    b = built(cfg, tmp_path / "b").objective("dpo")  # same weights, same data, another run
+    assert len(calls) == 1 and b.describe()["reference_cache_hit"]
+    torch.testing.assert_close(a.ref_chosen, b.ref_chosen, atol=0, rtol=0)
+    run = built(cfg, tmp_path / "c")  # different weights
+    with torch.no_grad():
+        next(run.model.parameters()).add_(0.01)
+    c = run.objective("dpo")
+    assert len(calls) == 2 and c.describe()["reference_key"] != a.describe()["reference_key"]
+    d = built(make_cfg("paraphrase", max_train_examples=2), tmp_path / "d").objective("dpo")  # different data
+    assert len(calls) == 3 and d.describe()["reference_key"] != a.describe()["reference_key"]
+    # a later call in the same run dir reuses the run's saved reference, whatever the model is now
+    with torch.no_grad():
+        next(run.model.parameters()).add_(1.0)
+    again = run.objective("dpo")
+    assert len(calls) == 3 and again.describe()["reused_from_run_dir"]
+    torch.testing.assert_close(again.ref_chosen, c.ref_chosen, atol=0, rtol=0)
+
+
+def test_sonnet_pairs_are_cached_and_v3_reuses_v2_generations(tmp_path, monkeypatch):
+    run = built(make_cfg("sonnet", pairs="v3", pairs_n=3, pairs_top_k=4, pairs_temperatures=(0.7, 1.3)), tmp_path / "run")
+    calls = []
+    real = run.task.generate
+    monkeypatch.setattr(run.task, "generate", lambda *a, **k: calls.append(k["temperature"]) or real(*a, **k))
+    pairs, path = dpo.build_sonnet_pairs(run.task, run.model, run.cfg, run.device, run.precision)
+    assert calls == [0.7, 1.3]  # samples 0, 2 at 0.7 and sample 1 at 1.3
+    assert len(pairs) == 4 and path.exists() and path.parent == Path(tmp_path / "cache" / "pairs")
+    header, stored = dpo.read_pairs(path)
+    assert stored == pairs and header["version"] == "v3" and header["top_k"] == 4 and header["generated_pairs"] == 9
+    assert header["unique_prompts"] == dpo.unique_prompts(pairs) and header["fingerprint"]
+    gaps = [p["gap"] for p in pairs]
+    assert gaps == sorted(gaps, reverse=True)
+    again, path2 = dpo.build_sonnet_pairs(run.task, run.model, run.cfg, run.device, run.precision)
+    assert path2 == path and again == pairs and len(calls) == 2  # no generation the second time
+    more = RunConfig.from_dict({**run.cfg.to_dict(), "pairs_top_k": 6})
+    six, _ = dpo.build_sonnet_pairs(run.task, run.model, more, run.device, run.precision)
+    assert len(six) == 6 and six[:4] == pairs and len(calls) == 2  # other K: v2's generations reused
+    v2 = RunConfig.from_dict({**run.cfg.to_dict(), "pairs": "v2"})
+    all_pairs, _ = dpo.build_sonnet_pairs(run.task, run.model, v2, run.device, run.precision)
+    assert len(all_pairs) == 9 and [p["temperature"] for p in all_pairs[:3]] == [0.7, 1.3, 0.7]
+    with torch.no_grad():  # other generating weights: generate again
+        next(run.model.parameters()).add_(0.01)
+    dpo.build_sonnet_pairs(run.task, run.model, run.cfg, run.device, run.precision)
+    assert len(calls) == 4
+
+
+# -- v3 selection ------------------------------------------------------------------------------
+
+def test_v3_selection_order_and_unique_prompts():
+    def pair(i, j, gap):
+        return {"prompt": f"p{i}", "chosen": "c", "rejected": f"r{i}{j}", "number": 100 + i, "prompt_index": i,
+                "sample_index": j, "gap": gap}
+
+    pairs = [pair(0, 0, 50.0), pair(0, 1, 90.0), pair(1, 0, 90.0), pair(1, 1, 70.0), pair(2, 0, 90.0), pair(2, 1, 10.0)]
+    order = [(p["prompt_index"], p["sample_index"]) for p in dpo.select_top_k(pairs, 6)]
+    assert order == [(0, 1), (1, 0), (2, 0), (1, 1), (0, 0), (2, 1)]
+    shuffled = [pairs[i] for i in (5, 3, 1, 0, 4, 2)]  # input order does not matter
+    assert dpo.select_top_k(shuffled, 4) == dpo.select_top_k(pairs, 4)
+    top2 = dpo.select_top_k(pairs, 2)
+    assert dpo.unique_prompts(top2) == 2
+    assert dpo.unique_prompts(dpo.select_top_k([pair(0, j, 99.0 - j) for j in range(4)] + [pair(1, 0, 1.0)], 3)) == 1
+    assert dpo.select_top_k(pairs, 10) == dpo.select_top_k(pairs, 6)
+
+
+# -- the hand-off and resuming mid-DPO ---------------------------------------------------------
+
+class _Interrupt(Exception):
+    pass
+
+
+def _epoch_records(out: Path) -> list[dict]:
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["kind"] == "epoch"]
+
+
+def _results(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k.startswith(("train/", "dev/")) or k in ("stage", "epoch")}
+
+
+def test_handoff_and_resume_mid_dpo(tmp_path, monkeypatch):
+    cfg = make_cfg("paraphrase", regime="sft-dpo", epochs=3, handoff_epoch=1, lr=1e-3, dpo_lr=1e-3, beta=0.5)
+    full = tmp_path / "full"
+    summary = Run(cfg, full).train()
+    recs = _epoch_records(full)
+    assert [(r["stage"], r["epoch"]) for r in recs] == [("init", 0), ("sft", 1), ("dpo", 2), ("dpo", 3)]
+    assert abs(recs[3]["train/rewards/margins"]) > 1e-4  # DPO moved the policy away from the reference
+    assert summary["stages"]["dpo"]["reference"] == "SFT model at hand-off epoch 1"
+    assert summary["stages"]["dpo"]["pairs"] == 3 and Path(summary["stages"]["dpo"]["pairs_file"]).exists()
+
+    # interrupt right after epoch 2 (the first DPO epoch) is checkpointed, then resume
+    part = tmp_path / "part"
+    real_save = Run.save_checkpoint
+
+    def save_then_die(self, state, opt, sched):
+        real_save(self, state, opt, sched)
+        if state.epoch == 2:
+            raise _Interrupt
+
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_die)
+    with pytest.raises(_Interrupt):
+        Run(cfg, part).train()
+    monkeypatch.setattr(Run, "save_checkpoint", real_save)
+    assert not (part / "summary.json").exists()
+    broken = tmp_path / "broken"  # the same interrupted run, but its saved DPO state lost
+    shutil.copytree(part, broken)
+    shutil.rmtree(broken / "dpo")
+
+    calls = []
+    real = dpo.compute_reference_logps
+    monkeypatch.setattr(dpo, "compute_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = Run(cfg, part).train()
+    assert calls == []  # the reference came from the run directory, not from the current weights
+    assert resumed["stages"]["dpo"]["reused_from_run_dir"]
+    got, want = [_results(r) for r in _epoch_records(part)], [_results(r) for r in recs]
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    for g, w in zip(got, want):
+        assert g == {k: pytest.approx(v, abs=1e-6) if isinstance(v, float) else v for k, v in w.items()}
+    assert {k: v for k, v in resumed.items() if k.startswith("dev/")} == {k: v for k, v in summary.items() if k.startswith("dev/")}
+    with pytest.raises(SftdpoError, match="inside the DPO stage"):
+        Run(cfg, broken).train()
+
+
+def test_dpo_lr_zero_leaves_weights_bit_identical(tmp_path):
+    cfg = make_cfg("paraphrase", param="lora", epochs=1, dpo_lr=0.0, weight_decay=0.1, eval_init=False)
+    before = trainable_state(built(cfg, tmp_path / "ref").model)
+    Run(cfg, tmp_path / "run").train()
+    from safetensors.torch import load_file
+
+    after = load_file(str(tmp_path / "run" / "checkpoints" / "last" / "weights.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k].view(torch.int32), after[k].view(torch.int32)), k
