@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--dry-run", action="store_true", help="list the runs and the estimated cost; train nothing")
     sr.add_argument("--only", action="append", default=[], help="run only runs matching FIELD=VALUE (repeatable)")
     sr.add_argument("--model", help="override the spec's model for every run (e.g. tiny-gpt2)")
+    sr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a config field for every run (repeatable), e.g. --set epochs=2 --set max_train_examples=16")
     sr.add_argument("--executor", default="local", choices=["local", "ray"])
     sr.add_argument("--address", help="Ray cluster address (with --executor ray)")
     sr.add_argument("--gpus-per-run", type=float, default=0.0)

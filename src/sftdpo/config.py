@@ -24,6 +24,11 @@ PARAMS = ("fft", "lora")
 REGIMES = ("sft", "dpo", "sft-dpo")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 PAIR_VERSIONS = ("v1", "v2", "v3")
+# fields that only matter once a DPO stage starts; the SFT prefix of a run does not depend on them
+DPO_FIELDS = ("dpo_lr", "beta", "loss_type", "label_smoothing", "logp_reduction", "pairs", "pairs_n",
+              "pairs_top_k", "pairs_temperatures")
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "use_rslora", "use_dora")
+DECODING_FIELDS = ("temperature", "top_p", "max_new_tokens", "num_samples")
 
 
 @dataclass
@@ -162,11 +167,15 @@ class RunConfig:
             d["pairs_temperatures"] = tuple(float(t) for t in d["pairs_temperatures"])
         return cls(**d)
 
-    def hash(self) -> str:
-        """Short hash of every field that can change the result."""
-        d = {k: v for k, v in self.to_dict().items() if k not in self.NON_RESULT_FIELDS}
-        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    def hash(self, drop: tuple[str, ...] = (), **extra: Any) -> str:
+        """Short hash of every field that can change the result (less `drop`, plus `extra`)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in self.NON_RESULT_FIELDS and k not in drop}
+        return stable_hash({**d, **extra})
+
+
+def stable_hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 # -- locations ---------------------------------------------------------------------------------

@@ -70,7 +70,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -86,7 +85,7 @@ from safetensors.torch import load_file, save_file
 from . import stats
 from .config import RunConfig, SftdpoError, cache_dir
 from .models import autocast
-from .tasks import Batch, bucketed_batches, epoch_seed, last_token_logits, pad_batch
+from .tasks import Batch, bucketed_batches, last_token_logits, pad_batch
 
 log = logging.getLogger("sftdpo")
 
@@ -454,6 +453,10 @@ class PairBatch:
     def n_tokens(self) -> int:
         return self.batch.n_tokens
 
+    @property
+    def share(self) -> float:
+        return self.batch.share
+
 
 def _paraphrase_batch(task, ps: PairSet, rows: Sequence[int]) -> tuple[Batch, torch.Tensor]:
     b = task.collate(list(rows))
@@ -521,17 +524,19 @@ class DPOObjective:
             self.lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(ps.prompt, ps.chosen, ps.rejected)]
 
     def batches(self, epoch: int) -> Iterator[PairBatch]:
-        for rows in bucketed_batches(self.lengths, self.cfg.batch_size, epoch_seed(self.cfg.seed, epoch)):
+        for rows, share in self.task.train_shards(self.lengths, epoch):  # this rank's part of each batch (distributed.py)
             idx = torch.tensor(rows)
             if self.paraphrase:
                 b, chosen_is_yes = _paraphrase_batch(self.task, self.ps, rows)
-                yield PairBatch(b, self.ref_chosen[idx], self.ref_rejected[idx], chosen_is_yes)
+                pb = PairBatch(b, self.ref_chosen[idx], self.ref_rejected[idx], chosen_is_yes)
             else:
-                yield PairBatch(collate_sequence_pairs(self.ps, rows, self.task.pad_id),
-                                self.ref_chosen[idx], self.ref_rejected[idx])
+                pb = PairBatch(collate_sequence_pairs(self.ps, rows, self.task.pad_id),
+                               self.ref_chosen[idx], self.ref_rejected[idx])
+            pb.batch.share = share
+            yield pb
 
     def n_batches(self) -> int:
-        return math.ceil(len(self.ps) / self.cfg.batch_size)
+        return self.task.n_train_batches(len(self.ps))
 
     def policy_logps(self, model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.paraphrase:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from . import stats
 from .config import RunConfig, SftdpoError
 from .data import ParaphraseData, ParaphraseExample, SonnetData, Sonnet, subsample
+from .distributed import shard
 from .models import autocast, single_token_id
 
 # CS224N GPT-2 project's cloze prompt, verbatim (including its unclosed quote after question 2).
@@ -34,10 +35,12 @@ class Batch:
     index: torch.Tensor  # rows of the dataset this batch holds
     n_tokens: int  # non-padding tokens
     labels: torch.Tensor | None = None  # paraphrase: label token ids; sonnet: per-position targets (-100 = ignore)
+    share: float = 1.0  # data parallel: this rank's share of the global batch's loss (distributed.shard)
 
     def to(self, device: torch.device) -> "Batch":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(mv(self.input_ids), mv(self.attention_mask), mv(self.last), self.index, self.n_tokens, mv(self.labels))
+        return Batch(mv(self.input_ids), mv(self.attention_mask), mv(self.last), self.index, self.n_tokens, mv(self.labels),
+                     self.share)
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, index: Sequence[int]) -> Batch:
@@ -87,6 +90,7 @@ class Task:
     name: str
     primary_metric: str
     metrics: tuple[str, ...]
+    rank, world_size = 0, 1  # data parallelism (set by training.Run; see distributed.py)
 
     def __init__(self, cfg: RunConfig, tok) -> None:
         self.cfg, self.tok = cfg, tok
@@ -96,11 +100,26 @@ class Task:
         return [len(s) for s in self.train_ids]
 
     def sft_batches(self, epoch: int) -> Iterator[Batch]:
-        for rows in bucketed_batches(self.train_lengths(), self.cfg.batch_size, epoch_seed(self.cfg.seed, epoch)):
-            yield self.collate(rows)
+        for rows, share in self.train_shards(self.train_lengths(), epoch, self.sft_loss_units()):
+            b = self.collate(rows)
+            b.share = share
+            yield b
 
     def n_sft_batches(self) -> int:
-        return math.ceil(len(self.train_ids) / self.cfg.batch_size)
+        return self.n_train_batches(len(self.train_ids))
+
+    def sft_loss_units(self) -> list[int] | None:
+        """What sft_loss averages over, per training row (None: the rows themselves)."""
+        return None
+
+    def train_shards(self, lengths: Sequence[int], epoch: int, units: Sequence[int] | None = None) -> list[tuple[list[int], float]]:
+        """An epoch's training batches as (rows, loss share) for this rank: its part of each global batch
+        of batch_size x world_size rows (the batches themselves, share 1, in one process)."""
+        global_batches = bucketed_batches(lengths, self.cfg.batch_size * self.world_size, epoch_seed(self.cfg.seed, epoch))
+        return shard(global_batches, self.rank, self.world_size, units)
+
+    def n_train_batches(self, n_rows: int) -> int:
+        return math.ceil(n_rows / (self.cfg.batch_size * self.world_size))
 
 
 class ParaphraseTask(Task):
@@ -195,6 +214,9 @@ class SonnetTask(Task):
         labels = b.input_ids.masked_fill(b.attention_mask == 0, -100)
         b.labels = labels
         return b
+
+    def sft_loss_units(self) -> list[int]:
+        return [len(s) - 1 for s in self.train_ids]  # target tokens: every position but the first
 
     def sft_loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
         """Causal LM loss over the sonnet's tokens; padding masked out (labels -100)."""

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import RunConfig, SftdpoError
+from .config import DPO_FIELDS, LORA_FIELDS, RunConfig, SftdpoError, cache_dir
 from .models import apply_lora, autocast, count_params, load_model, resolve_device, resolve_precision
 from .tasks import Batch, Task, make_task
 
@@ -193,10 +193,14 @@ class RunState:
 class Run:
     """One experiment in one directory."""
 
-    def __init__(self, cfg: RunConfig, out: Path, *, prefix_dir: Path | None = None, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, cfg: RunConfig, out: Path, *, prefix_dir: Path | None = None, prefix_epochs: set[int] | None = None,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.cfg = cfg.validate()
         self.out = Path(out)
-        self.prefix_dir = prefix_dir
+        # studies share SFT prefixes: epoch-k checkpoints of identical SFT trajectories (see prefix_key)
+        self.prefix_dir = Path(prefix_dir) if prefix_dir else None
+        self.prefix_epochs = set(prefix_epochs or ())
+        self.prefix_reused = 0
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
         self.device = resolve_device(cfg.device)
@@ -252,6 +256,63 @@ class Run:
         metrics, outputs = self.task.evaluate(self.model, self.device, self.precision)
         return {f"dev/{k}": v for k, v in metrics.items()}, outputs, time.perf_counter() - t0
 
+    def init_metrics(self) -> tuple[dict, float]:
+        """Dev metrics of the untrained model. Every run of a study with the same backbone, data and
+        decoding starts from the same function (a fresh LoRA adapter is the identity), so the
+        measurement is cached instead of repeated per run."""
+        drop = ("param", "regime", "handoff_epoch", "epochs", "lr", "batch_size", "grad_accum", "weight_decay",
+                "warmup_ratio", "schedule", "max_train_examples", "data_fraction", "max_grad_norm", *DPO_FIELDS, *LORA_FIELDS)
+        key = self.cfg.hash(drop, source=self.task.source, dev=len(self.task.dev), device=self.device.type,
+                            eval_batch_size=self.cfg.eval_batch_size)
+        path = cache_dir() / "init_eval" / f"{key}.json"
+        if path.exists():
+            return json.loads(path.read_text()), 0.0
+        metrics, _, dt = self.evaluate()
+        if self.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, metrics)
+        return metrics, dt
+
+    # shared SFT prefixes
+    def prefix_key(self, epoch: int) -> str:
+        """Identity of the SFT trajectory up to `epoch`: everything but the regime and DPO settings
+        (the SFT schedule spans the whole budget, so `epochs` stays in)."""
+        return self.cfg.hash(("regime", "handoff_epoch", *DPO_FIELDS), prefix_epoch=epoch)
+
+    def seed_from_prefix(self) -> bool:
+        """Start from the longest stored SFT prefix this run's SFT stage contains."""
+        if not self.prefix_dir:
+            return False
+        for k in range(self.cfg.sft_epochs, 0, -1):
+            src = self.prefix_dir / self.prefix_key(k)
+            if (src / "last" / STATE_FILE).exists():
+                if self.is_main:
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    for name in ("last", "best"):
+                        shutil.rmtree(self.ckpt(name), ignore_errors=True)
+                        if (src / name).exists():
+                            shutil.copytree(src / name, self.ckpt(name))
+                    shutil.copy(src / "metrics.jsonl", self.out / "metrics.jsonl")
+                self.prefix_reused = k
+                log.info("reusing the SFT prefix of %d epoch(s) from %s", k, src)
+                return True
+        return False
+
+    def export_prefix(self, epoch: int) -> None:
+        if not (self.prefix_dir and self.is_main):
+            return
+        final = self.prefix_dir / self.prefix_key(epoch)
+        if final.exists():
+            return
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copytree(self.ckpt("last"), tmp / "last")
+        if self.ckpt("best").exists():
+            shutil.copytree(self.ckpt("best"), tmp / "best")
+        shutil.copy(self.out / "metrics.jsonl", tmp / "metrics.jsonl")
+        os.replace(tmp, final)
+
     # checkpoints
     def ckpt(self, name: str) -> Path:
         return self.out / "checkpoints" / name
@@ -288,8 +349,10 @@ class Run:
         if done.exists():
             return json.loads(done.read_text())
         self.build()
-        mlog = MetricsLog(self.out / "metrics.jsonl", enabled=self.is_main)
         resumed = self.load_checkpoint()
+        if resumed is None and self.seed_from_prefix():
+            resumed = self.load_checkpoint()
+        mlog = MetricsLog(self.out / "metrics.jsonl", enabled=self.is_main)
         state, blob = resumed if resumed else (RunState(), None)
         self.resumed_epoch = state.epoch  # DPO needs it: resumed inside its stage, the model is no longer its reference
         mlog.truncate(state.metric_lines) if resumed else mlog.truncate(0)
@@ -298,7 +361,7 @@ class Run:
         start = time.perf_counter() - state.train_time_s - state.eval_time_s
 
         if not resumed and self.cfg.eval_init:
-            metrics, _, dt = self.evaluate()
+            metrics, dt = self.init_metrics()
             state.eval_time_s += dt
             rec = {"kind": "epoch", "stage": "init", "epoch": 0, **metrics, "eval_s": dt}
             state.history.append(rec)
@@ -339,6 +402,8 @@ class Run:
                 state.epoch = epoch
                 state.metric_lines = mlog.lines
                 self.save_checkpoint(state, opt, sched)
+                if stage == "sft" and epoch in self.prefix_epochs:
+                    self.export_prefix(epoch)
             blob = None
         if outputs is None:  # nothing trained in this process (all epochs were done before a crash at the end)
             metrics, outputs, _ = self.evaluate()
@@ -412,6 +477,7 @@ class Run:
             "device": device_description(self.device), "precision": self.precision,
             "data_source": self.task.source,
             "stages": getattr(self, "stage_info", {}),
+            "prefix_reused_epochs": self.prefix_reused,
         }
         if self.cfg.task == "sonnet":
             summary["sonnet_source"] = self.task.source
