@@ -88,8 +88,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
     cfg = config_from_args(ns)
     out = Path(ns.out or f"runs/{cfg.task}-{cfg.regime}-{cfg.param}-{cfg.hash()}")
-    summary = train(cfg, out, **_dist_kwargs())
-    _print_summary(out, summary)
+    dist = _dist_kwargs()
+    summary = train(cfg, out, **dist)
+    if dist.get("rank", 0) == 0:
+        _print_summary(out, summary)
     return 0
 
 

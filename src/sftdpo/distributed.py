@@ -118,7 +118,7 @@ def reduce_batch_stats(loss: torch.Tensor, logs: dict, n_tokens: int, share: flo
     (a stand-in row counts none). One process: loss.item(), the logs as floats, n_tokens."""
     if not is_distributed():
         return loss.item(), {k: float(v) for k, v in logs.items()}, n_tokens
-    keys = sorted(logs)
+    keys = list(logs)  # the same order on every rank
     vec = torch.tensor([loss.item() * share, *(float(logs[k]) * share for k in keys), n_tokens if share else 0],
                        dtype=torch.float64, device=loss.device)
     dist.all_reduce(vec)

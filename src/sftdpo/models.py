@@ -85,6 +85,22 @@ def smollm2_dir() -> Path:
     return _atomic_dir(final, build)
 
 
+def smollm2_tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer alone (for tiny-llama): the converted model's copy when present,
+    else converted from the GGUF metadata without dequantizing any weights."""
+    full = cache_dir() / "models" / f"smollm2-135m-{_SMOLLM2_CACHE_VERSION}"
+    if full.exists():
+        return full
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        gguf = smollm2_gguf_path()
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _atomic_dir(cache_dir() / "tokenizers" / f"smollm2-{_SMOLLM2_CACHE_VERSION}", build)
+
+
 def _gpt2_tokenizer():
     from transformers import AutoTokenizer
 
@@ -109,7 +125,7 @@ def _tiny_model(name: str, seed: int):
                             bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
         cls = GPT2LMHeadModel
     else:
-        tok = AutoTokenizer.from_pretrained(smollm2_dir())
+        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
         config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                              tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)

@@ -44,7 +44,7 @@ _DEFAULTS = RunConfig()
 def load_spec(spec: str) -> dict:
     """A spec file path, or the name of a shipped spec."""
     if spec in SHIPPED_SPECS:
-        text = importlib.resources.files("sftdpo").joinpath("specs", f"{spec}.yaml").read_text()
+        text = importlib.resources.files("sftdpo").joinpath("specs").joinpath(f"{spec}.yaml").read_text()
         name = spec
     else:
         p = Path(spec)
@@ -324,6 +324,10 @@ def run_study(spec: str | dict, out: Path | None = None, *, only: list[str] = ()
     if dry_run:
         study.dry_run(runs)
         return out
+    if executor == "ray":  # fail before touching the study directory when Ray is missing
+        from .ray_executor import require_ray
+
+        require_ray()
     store = study.prepare(runs)
     try:
         todo = study.pending(store, runs)
@@ -424,6 +428,49 @@ def demo(out: str = "studies/quick") -> int:
     return 0 if counts.get("done") else 1
 
 
+def _die_with_parent() -> None:
+    """Under the Ray executor (SFTDPO_WORKER_PARENT_PID = the Ray worker's pid) the run's subprocess
+    must not outlive its Ray worker: a dead or cancelled worker would leave it training unseen, and
+    the next study run would start a second process on the same run directory. Linux only."""
+    parent = os.environ.get("SFTDPO_WORKER_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _test_die_hook(run_dir: Path) -> None:
+    """Crash-recovery test hook: SFTDPO_TEST_DIE_AFTER_EPOCH=N kills this worker with SIGKILL right
+    after it saved the checkpoint of epoch N (only runs whose directory name contains
+    SFTDPO_TEST_DIE_RUN, when set); SFTDPO_TEST_DIE_PARENT=1 kills its parent process first (under
+    the Ray executor: the Ray worker, i.e. the worker dies)."""
+    epoch = os.environ.get("SFTDPO_TEST_DIE_AFTER_EPOCH")
+    if not epoch or os.environ.get("SFTDPO_TEST_DIE_RUN", "") not in run_dir.name:
+        return
+    import signal
+
+    from . import training
+
+    save = training.Run.save_checkpoint
+
+    def save_then_die(self, state, opt, sched):
+        save(self, state, opt, sched)
+        if state.epoch == int(epoch):
+            sys.stderr.flush()
+            if os.environ.get("SFTDPO_TEST_DIE_PARENT") == "1":
+                os.kill(os.getppid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    training.Run.save_checkpoint = save_then_die
+
+
 def _worker_main(argv: list[str]) -> int:
     """Entry point of a run's subprocess."""
     from .training import train
@@ -437,6 +484,8 @@ def _worker_main(argv: list[str]) -> int:
     for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     run_dir = Path(ns.run_dir)
+    _die_with_parent()
+    _test_die_hook(run_dir)
     try:
         cfg = RunConfig.from_dict(json.loads((run_dir / "run.json").read_text()))
         epochs = {int(e) for e in ns.prefix_epochs.split(",") if e}

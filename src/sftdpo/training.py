@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import DPO_FIELDS, LORA_FIELDS, RunConfig, SftdpoError, cache_dir
+from .distributed import all_reduce_grads, barrier, broadcast_from_main, is_distributed, reduce_batch_stats
 from .models import apply_lora, autocast, count_params, load_model, resolve_device, resolve_precision
 from .tasks import Batch, Task, make_task
 
@@ -201,10 +202,16 @@ class Run:
         self.prefix_dir = Path(prefix_dir) if prefix_dir else None
         self.prefix_epochs = set(prefix_epochs or ())
         self.prefix_reused = 0
+        # data parallel (distributed.py): rank and world size from init_from_env, one process per device
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
+        if world_size > 1 and not is_distributed():
+            raise SftdpoError(f"world_size={world_size} needs an initialised process group: launch with torchrun")
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and world_size > 1:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK
         self.precision = resolve_precision(cfg.precision, self.device)
+        self.effective_batch_size = cfg.batch_size * cfg.grad_accum * world_size
 
     # setup
     def build(self) -> None:
@@ -212,6 +219,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.model, self.tok = load_model(cfg.model, seed=cfg.seed)
         self.task = make_task(cfg, self.tok)
+        self.task.rank, self.task.world_size = self.rank, self.world_size  # each rank trains on its share of every batch
         if cfg.param == "lora":
             self.model = apply_lora(self.model, cfg)
         self.model.to(self.device)
@@ -225,12 +233,18 @@ class Run:
                 raise SftdpoError(
                     f"{self.out} holds another run (config hash {old.get('hash')} != {self.cfg.hash()}): use a new --out"
                 )
+            if old.get("world_size", 1) != self.world_size:
+                raise SftdpoError(
+                    f"{self.out} was started on {old.get('world_size', 1)} process(es), this launch has {self.world_size}: "
+                    "resume with the same number of processes (the effective batch depends on it), or use a new --out"
+                )
             return
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(cfg_file, {
                 "config": self.cfg.to_dict(), "hash": self.cfg.hash(), "versions": package_versions(),
                 "device": device_description(self.device), "precision": self.precision,
+                "world_size": self.world_size, "effective_batch_size": self.effective_batch_size,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
             })
 
@@ -248,12 +262,18 @@ class Run:
             return SFTObjective(self.task)
         from .dpo import make_dpo_objective  # noqa: PLC0415 - DPO only when a run has a DPO stage
 
-        return make_dpo_objective(self)
+        # data parallel: rank 0 builds the pairs and reference log-probs into <run>/dpo/, the others read them there
+        obj = make_dpo_objective(self) if self.is_main else None
+        barrier()
+        return obj if self.is_main else make_dpo_objective(self)
 
     # evaluation
     def evaluate(self) -> tuple[dict, list[tuple[str, str, str]], float]:
+        """Dev metrics and outputs. Data parallel: rank 0 evaluates (every rank holds the same weights)
+        and sends the metrics to the others, whose outputs are empty."""
         t0 = time.perf_counter()
-        metrics, outputs = self.task.evaluate(self.model, self.device, self.precision)
+        metrics, outputs = self.task.evaluate(self.model, self.device, self.precision) if self.is_main else (None, [])
+        metrics = broadcast_from_main(metrics)
         return {f"dev/{k}": v for k, v in metrics.items()}, outputs, time.perf_counter() - t0
 
     def init_metrics(self) -> tuple[dict, float]:
@@ -265,7 +285,7 @@ class Run:
         key = self.cfg.hash(drop, source=self.task.source, dev=len(self.task.dev), device=self.device.type,
                             eval_batch_size=self.cfg.eval_batch_size)
         path = cache_dir() / "init_eval" / f"{key}.json"
-        if path.exists():
+        if broadcast_from_main(path.exists()):  # rank 0 decides: evaluate() is collective
             return json.loads(path.read_text()), 0.0
         metrics, _, dt = self.evaluate()
         if self.is_main:
@@ -277,7 +297,8 @@ class Run:
     def prefix_key(self, epoch: int) -> str:
         """Identity of the SFT trajectory up to `epoch`: everything but the regime and DPO settings
         (the SFT schedule spans the whole budget, so `epochs` stays in)."""
-        return self.cfg.hash(("regime", "handoff_epoch", *DPO_FIELDS), prefix_epoch=epoch)
+        dist = {"world_size": self.world_size} if self.world_size > 1 else {}  # the batches depend on it
+        return self.cfg.hash(("regime", "handoff_epoch", *DPO_FIELDS), prefix_epoch=epoch, **dist)
 
     def seed_from_prefix(self) -> bool:
         """Start from the longest stored SFT prefix this run's SFT stage contains."""
@@ -285,7 +306,7 @@ class Run:
             return False
         for k in range(self.cfg.sft_epochs, 0, -1):
             src = self.prefix_dir / self.prefix_key(k)
-            if (src / "last" / STATE_FILE).exists():
+            if broadcast_from_main((src / "last" / STATE_FILE).exists()):  # rank 0 decides, copies; then all load
                 if self.is_main:
                     self.out.mkdir(parents=True, exist_ok=True)
                     for name in ("last", "best"):
@@ -293,6 +314,7 @@ class Run:
                         if (src / name).exists():
                             shutil.copytree(src / name, self.ckpt(name))
                     shutil.copy(src / "metrics.jsonl", self.out / "metrics.jsonl")
+                barrier()
                 self.prefix_reused = k
                 log.info("reusing the SFT prefix of %d epoch(s) from %s", k, src)
                 return True
@@ -423,31 +445,36 @@ class Run:
         loss_sum = 0.0
         logs_sum: dict[str, float] = {}
         window_t, window_tok = time.perf_counter(), 0
-        bar = tqdm(obj.batches(epoch), total=n, desc=f"{stage} epoch {epoch}", disable=not sys.stderr.isatty(), leave=False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        bar = tqdm(obj.batches(epoch), total=n, desc=f"{stage} epoch {epoch}", disable=not (sys.stderr.isatty() and self.is_main),
+                   leave=False)
         opt.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar):
+            # data parallel: `batch` is this rank's part of global batch i, `batch.share` its share of that
+            # batch's loss (1 in one process); the ranks' gradients are summed before each optimizer step
             batch = batch.to(self.device)
             with autocast(self.device, self.precision):
                 loss, logs = obj.loss(model, batch)
-            (loss / accum).backward()
+            (loss * batch.share / accum).backward()
             if (i + 1) % accum == 0 or i + 1 == n:
+                all_reduce_grads(params)
                 if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-            ntok = obj.n_tokens(batch)
+            # the global batch's loss, metrics and tokens (this batch's own in one process)
+            loss_value, logs, ntok = reduce_batch_stats(loss, logs, obj.n_tokens(batch), batch.share)
             tokens += ntok
             window_tok += ntok
-            loss_sum += loss.item()
+            loss_sum += loss_value
             for k, v in logs.items():
-                logs_sum[k] = logs_sum.get(k, 0.0) + float(v)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+                logs_sum[k] = logs_sum.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{loss_value:.4f}")
             if (i + 1) % cfg.log_every == 0 or i + 1 == n:
                 now = time.perf_counter()
-                mlog.write({"kind": "train", "stage": stage, "epoch": epoch, "step": i + 1, "loss": loss.item(),
-                            "lr": sched.get_last_lr()[0], "tokens_per_s": window_tok / max(now - window_t, 1e-9),
-                            **{k: float(v) for k, v in logs.items()}})
+                mlog.write({"kind": "train", "stage": stage, "epoch": epoch, "step": i + 1, "loss": loss_value,
+                            "lr": sched.get_last_lr()[0], "tokens_per_s": window_tok / max(now - window_t, 1e-9), **logs})
                 window_t, window_tok = now, 0
         dt = time.perf_counter() - t0
         state.train_time_s += dt
@@ -475,6 +502,7 @@ class Run:
             "trainable_params": self.trainable, "total_params": self.total,
             "train_examples": len(self.task.train_ids), "dev_examples": len(self.task.dev),
             "device": device_description(self.device), "precision": self.precision,
+            "world_size": self.world_size, "effective_batch_size": self.effective_batch_size,
             "data_source": self.task.source,
             "stages": getattr(self, "stage_info", {}),
             "prefix_reused_epochs": self.prefix_reused,

@@ -1,0 +1,99 @@
+"""Studies: grid expansion and hashing, skipping finished runs, shared SFT prefixes, failures."""
+
+import json
+
+import pytest
+import yaml
+
+from sftdpo.config import SftdpoError
+from sftdpo.store import Store
+from sftdpo.study import expand, load_spec, run_study
+
+from conftest import write_synthetic_qqp
+
+
+def test_grid_expansion_resets_irrelevant_fields_and_hashes_uniquely():
+    spec = {"name": "t", "defaults": {"epochs": 4, "model": "tiny-llama"},
+            "grid": {"task": ["paraphrase", "sonnet"],
+                     "regime": [{"regime": "sft"}, {"regime": "sft-dpo", "handoff_epoch": 1}, {"regime": "sft-dpo", "handoff_epoch": 3}],
+                     "param": [{"param": "fft"}, {"param": "lora", "lora_rank": 4}, {"param": "lora", "lora_rank": 8}],
+                     "pairs": ["v1", "v3"], "beta": [0.1, 0.2], "seed": [0, 1]},
+            "overrides": [{"when": {"param": "lora"}, "set": {"lr": 1e-3}}],
+            "exclude": [{"task": "sonnet", "param": "lora"}]}
+    runs = expand(spec)
+    hashes = [c.hash() for _, c in runs]
+    assert len(set(hashes)) == len(hashes)
+    sft_para = [c for _, c in runs if c.task == "paraphrase" and c.regime == "sft"]
+    assert len(sft_para) == 3 * 2  # pairs and beta do not multiply SFT-only runs
+    para_dpo = [c for _, c in runs if c.task == "paraphrase" and c.regime == "sft-dpo"]
+    assert len(para_dpo) == 2 * 3 * 2 * 2  # pairs is a sonnet-only axis
+    son = [c for _, c in runs if c.task == "sonnet"]
+    assert all(c.param == "fft" for c in son) and len(son) == 2 + 2 * 2 * 2 * 2
+    assert all(c.lr == 1e-3 for _, c in runs if c.param == "lora")
+    assert expand(spec) == runs  # deterministic order
+    assert [c.hash() for _, c in expand(spec, {"seed": 5})] != hashes
+
+
+def test_shipped_specs_expand():
+    quick = expand(load_spec("quick"))
+    assert {c.task for _, c in quick} == {"paraphrase", "sonnet"}
+    assert {c.regime for _, c in quick} == {"sft", "dpo", "sft-dpo"} and {c.param for _, c in quick} == {"fft", "lora"}
+    paper = expand(load_spec("paper"))
+    assert {c.handoff_epoch for _, c in paper if c.regime == "sft-dpo"} == {3, 9}
+    assert {c.lora_rank for _, c in paper if c.param == "lora"} == {4, 8, 16}
+    assert {c.data_fraction for _, c in paper} == {0.01, 0.1, 1.0} and {c.seed for _, c in paper} == {0, 1, 2}
+    assert all(c.model == "gpt2" and c.epochs == 15 for _, c in paper)
+
+
+def test_bad_spec_is_one_clear_error(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("defaults: {epochs: 3}\ngrid: {regime: [{regime: sft-dpo}]}\n")
+    with pytest.raises(SftdpoError, match="handoff"):
+        expand(load_spec(str(p)))
+    with pytest.raises(SftdpoError, match="not found"):
+        load_spec(str(tmp_path / "missing.yaml"))
+
+
+@pytest.fixture
+def spec(tmp_path):
+    train = write_synthetic_qqp(tmp_path / "train.csv", 16, seed=0)
+    dev = write_synthetic_qqp(tmp_path / "dev.csv", 8, seed=1)
+    return {"name": "mini",
+            "defaults": {"task": "paraphrase", "model": "tiny-llama", "epochs": 2, "batch_size": 8, "lr": 3e-3,
+                         "dpo_lr": 1e-3, "precision": "fp32", "device": "cpu", "train": str(train), "dev": str(dev)},
+            "grid": {"regime": [{"regime": "sft"}, {"regime": "sft-dpo", "handoff_epoch": 1}]}}
+
+
+def test_study_runs_records_skips_reuses_prefix_and_survives_a_failure(spec, cache, tmp_path):
+    spec_file = tmp_path / "mini.yaml"
+    bad = dict(spec, grid=dict(spec["grid"], model=["tiny-llama", "no-such-model-dir/"]))
+    spec_file.write_text(yaml.safe_dump(bad))
+    out = tmp_path / "study"
+    run_study(str(spec_file), out, report=False)
+    with Store(out / "study.db") as store:
+        runs = {(r["config"]["regime"], r["config"]["model"]): r for r in store.runs()}
+        assert len(runs) == 4
+        failed = [r for r in runs.values() if r["status"] == "failed"]
+        assert len(failed) == 2 and all("no-such-model-dir" in r["error"] for r in failed)
+        sft, staged = runs[("sft", "tiny-llama")], runs[("sft-dpo", "tiny-llama")]
+        assert sft["status"] == staged["status"] == "done"
+        assert staged["summary"]["prefix_reused_epochs"] == 1
+        sft_epochs = {(e["stage"], e["epoch"]): e for e in store.epochs(sft["run_hash"])}
+        staged_epochs = {(e["stage"], e["epoch"]): e for e in store.epochs(staged["run_hash"])}
+        # the shared first SFT epoch is the same measurement in both runs
+        assert staged_epochs[("sft", 1)]["metrics"] == sft_epochs[("sft", 1)]["metrics"]
+        assert ("dpo", 2) in staged_epochs and ("sft", 2) in sft_epochs
+        assert len(store.dev_outputs(sft["run_hash"])) == sft["summary"]["dev_examples"] > 0
+        env = sft["env"]
+        assert "torch" in env["versions"] and env["device"]
+    # second invocation: finished runs are skipped (their summaries untouched), failed ones are retried
+    mtime = (out / "runs" / sft["name"] / "summary.json").stat().st_mtime_ns
+    run_study(str(spec_file), out, report=True)
+    assert (out / "runs" / sft["name"] / "summary.json").stat().st_mtime_ns == mtime
+    assert (out / "report" / "report.md").exists()
+
+
+def test_dry_run_lists_runs_without_training(spec, tmp_path, capsys):
+    run_study(spec, tmp_path / "s", dry_run=True)
+    text = capsys.readouterr().out
+    assert "2 runs" in text and "CPU-h" in text and not (tmp_path / "s" / "study.db").exists()
