@@ -24,7 +24,6 @@ from sftdpo import dpo, training
 from sftdpo.config import RunConfig, SftdpoError, find_in_data_dirs
 from sftdpo.distributed import init_from_env, shard
 from sftdpo.models import load_model
-from sftdpo.tasks import bucketed_batches, epoch_seed
 from sftdpo.training import Run, SFTObjective
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -134,14 +133,13 @@ def _grads(model) -> torch.Tensor:
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
 
 
-@pytest.mark.parametrize("task,stage,n", [("paraphrase", "sft", 11), ("sonnet", "sft", 11), ("sonnet", "sft", 9),
-                                          ("paraphrase", "dpo", 9)])
-def test_shares_sum_to_the_global_batch_gradient(_needs_data, tmp_path, monkeypatch, task, stage, n):
-    """Per global batch of 8: the sum over 2 ranks of grad(share_r x loss_r) is grad(loss of the whole
-    batch), for a last batch of 3 rows (2 + 1) and of 1 row (rank 1 a stand-in); sonnet SFT's loss is
-    a mean over tokens, the others over rows."""
+@pytest.mark.parametrize("task,stage,n,bs", [("paraphrase", "sft", 11, 4), ("sonnet", "sft", 5, 2), ("paraphrase", "dpo", 9, 4)])
+def test_shares_sum_to_the_global_batch_gradient(_needs_data, tmp_path, monkeypatch, task, stage, n, bs):
+    """Per global batch of 2 x bs rows: the sum over 2 ranks of grad(share_r x loss_r) is grad(loss of
+    the whole batch), for a last batch of 3 rows (2 + 1) and of 1 row (rank 1 a stand-in); sonnet
+    SFT's loss is a mean over tokens (rows of different lengths), the others over rows."""
     no_dropout(monkeypatch)
-    run = Run(RunConfig(task=task, batch_size=4, max_train_examples=n, **COMMON), tmp_path / "r")
+    run = Run(RunConfig(task=task, batch_size=bs, max_train_examples=n, **COMMON), tmp_path / "r")
     run.build()
     model, t = run.model, run.task
     model.eval()
@@ -152,16 +150,18 @@ def test_shares_sum_to_the_global_batch_gradient(_needs_data, tmp_path, monkeypa
         g = torch.Generator().manual_seed(0)
         obj = dpo.DPOObjective(run, ps, -10 + torch.rand(len(ps), generator=g), -10 + torch.rand(len(ps), generator=g), {})
 
-    t.world_size = 1  # one process, batch 8: the global batches
-    t.cfg.batch_size = 8
+    t.world_size = 1  # one process with batch 2 x bs: the global batches
+    t.cfg.batch_size = 2 * bs
     whole = list(obj.batches(1))
     t.world_size = 2
-    t.cfg.batch_size = 4
+    t.cfg.batch_size = bs
     per_rank = []
     for r in (0, 1):
         t.rank = r
         per_rank.append(list(obj.batches(1)))
-    assert sorted(len(b.batch.index if stage == "dpo" else b.index) for b in whole) == [n - 8, 8]
+    assert sorted(len(b.batch.index if stage == "dpo" else b.index) for b in whole) == [n - 2 * bs, 2 * bs]
+    if task == "sonnet":
+        assert len({len(s) for s in t.train_ids}) == n
     assert len(per_rank[0]) == len(per_rank[1]) == len(whole) == obj.n_batches()
     for i, full in enumerate(whole):
         model.zero_grad()

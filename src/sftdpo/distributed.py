@@ -59,8 +59,9 @@ def init_from_env() -> dict:
         return {}
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        if 0 < local_world_size <= torch.cuda.device_count():  # a GPU per rank (else all gloo, all alike)
             torch.cuda.set_device(local_rank)
             # gloo too, for CPU tensors (object broadcasts, a --device cpu run on a GPU machine)
             dist.init_process_group("cpu:gloo,cuda:nccl", timeout=TIMEOUT)
@@ -124,14 +125,6 @@ def reduce_batch_stats(loss: torch.Tensor, logs: dict, n_tokens: int, share: flo
     dist.all_reduce(vec)
     vals = vec.tolist()
     return vals[0], dict(zip(keys, vals[1:-1])), int(round(vals[-1]))
-
-
-def sum_over_ranks(x: float) -> float:
-    if not is_distributed():
-        return x
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item()
 
 
 def broadcast_from_main(obj: Any) -> Any:

@@ -85,7 +85,7 @@ from safetensors.torch import load_file, save_file
 from . import stats
 from .config import RunConfig, SftdpoError, cache_dir
 from .models import autocast
-from .tasks import Batch, bucketed_batches, last_token_logits, pad_batch
+from .tasks import Batch, bucketed_batches, last_token_logits, pad_batch, target_logprobs
 
 log = logging.getLogger("sftdpo")
 
@@ -154,14 +154,12 @@ def sequence_logps(model, batch: Batch, reduction: str = "sum") -> torch.Tensor:
     response positions, -100 at prompt and padding positions (as SFT's labels)."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean' (got {reduction!r})")
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-    target = batch.labels[:, 1:]
-    mask = target != -100
-    tok = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.masked_fill(~mask, 0).reshape(-1),
-                           reduction="none").view_as(target)
-    total = (tok * mask).sum(-1)
+    # the LM head runs on response positions only (not on prompt or padding positions)
+    logp, rows = target_logprobs(model, batch.input_ids, batch.attention_mask, batch.labels)
+    n = batch.input_ids.size(0)
+    total = torch.zeros(n, dtype=logp.dtype, device=logp.device).index_add(0, rows, logp)
     if reduction == "mean":
-        return total / mask.sum(-1).clamp(min=1)
+        return total / torch.bincount(rows, minlength=n).clamp(min=1).to(total.dtype)
     return total
 
 

@@ -15,9 +15,10 @@ whose SFT trajectory is the same (same config except regime, hand-off and DPO se
 identity `training.Run.prefix_key` uses) form a group; one run of the group produces the prefix
 (the SFT-only run if the group has one, otherwise the staged run with the latest hand-off, whose
 SFT stage passes every hand-off of the group) and the other runs of the group are dispatched only
-once it finished. If the producer fails, the waiting runs are released anyway and train their own
-SFT stage: same results, just not shared. Runs without a prefix (DPO from the base model, other
-groups) run in parallel.
+once it finished. If the producer fails, the waiting run with the longest SFT stage takes its place
+(it trains the SFT stage itself and exports the prefix) and the others wait for that one. Runs
+without a shared prefix (SFT-only and DPO runs of other groups, DPO from the base model) run in
+parallel.
 
 Failures: a run whose task raised, whose training subprocess failed or whose Ray worker died
 (max_retries=0) is marked 'failed' with its error line; its epoch checkpoints stay in its run
@@ -102,6 +103,20 @@ def plan_prefix_waits(todo: list[tuple[str, RunConfig]], done: Iterable[RunConfi
     return waits
 
 
+def after_failure(waits: dict[str, str], failed: str, waiting: list[tuple[str, RunConfig]]) -> None:
+    """The producer `failed` (its prefix may be missing): the first waiting run of its group with
+    the longest SFT stage becomes the producer and the others wait for it, so the prefix is still
+    trained once (and never exported by two runs at the same time)."""
+    waiters = [(n, c) for n, c in waiting if waits.get(n) == failed]
+    if not waiters:
+        return
+    new, _ = max(waiters, key=lambda nc: _producer_rank(nc[1]))
+    del waits[new]
+    for n, _ in waiters:
+        if n != new:
+            waits[n] = new
+
+
 # -- the Ray side -------------------------------------------------------------------------------
 
 def run_task(run_dir: str, prefix_dir: str, prefix_epochs: list[int]) -> tuple[bool, str | None]:
@@ -140,15 +155,25 @@ def error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"[:500]
 
 
-def _check_resources(ray, cpus: float, gpus: float) -> None:
+def _check_resources(ray, cpus: float, gpus: float, local: bool) -> None:
+    """A run that fits no node would wait forever: an error on the local cluster we started (it
+    never grows), a warning on a cluster that may still add nodes (autoscaler, `ray start`)."""
     fits = False
     for node in ray.nodes():
         if node.get("Alive"):
             res = node.get("Resources", {})
             fits |= res.get("CPU", 0) >= cpus and res.get("GPU", 0) >= gpus
-    if not fits:
-        print(f"sftdpo: warning: no node of the Ray cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s) for a run "
-              "(--cpus-per-run/--gpus-per-run); the runs wait until such a node joins", file=sys.stderr, flush=True)
+    if fits:
+        return
+    msg = f"no node of the Ray cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s) for a run (--cpus-per-run/--gpus-per-run)"
+    if local:
+        raise SftdpoError(f"{msg}: the local Ray cluster has {_total(ray)}; lower them or give --address of a larger cluster")
+    print(f"sftdpo: warning: {msg}; the runs wait until such a node joins", file=sys.stderr, flush=True)
+
+
+def _total(ray) -> str:
+    res = ray.cluster_resources()
+    return f"{res.get('CPU', 0):g} CPU(s) and {res.get('GPU', 0):g} GPU(s)"
 
 
 def run_ray(study, store, todo: list[tuple[str, RunConfig]], *, address: str | None = None,
@@ -165,12 +190,13 @@ def run_ray(study, store, todo: list[tuple[str, RunConfig]], *, address: str | N
     if not todo:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    started = False
+    started = local = False
     if not ray.is_initialized():
         try:
             if address:
                 ray.init(address=address, logging_level=logging.WARNING)
             else:  # a local cluster on this machine, for the duration of the study
+                local = True
                 ray.init(address="local", num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                          include_dashboard=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as e:
@@ -178,7 +204,7 @@ def run_ray(study, store, todo: list[tuple[str, RunConfig]], *, address: str | N
             raise SftdpoError(f"could not start or reach {where}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
         started = True
     try:
-        _check_resources(ray, cpus_per_run, gpus_per_run)
+        _check_resources(ray, cpus_per_run, gpus_per_run, local)
         _dispatch(ray, study, store, todo, cpus_per_run, gpus_per_run, record)
     finally:
         if started:
@@ -233,6 +259,7 @@ def _dispatch(ray, study, store, todo, cpus: float, gpus: float, record) -> None
                 else:
                     store.set_status(c.hash(), "failed", err)
                     print(f"[{index[name]}/{n}] {name} FAILED: {err}", flush=True)
+                    after_failure(waits, name, waiting)
                 finished.add(name)
     except BaseException:  # KeyboardInterrupt included: stop what runs, say so in the store
         for ref, (name, c, _) in inflight.items():

@@ -449,8 +449,9 @@ def _die_with_parent() -> None:
 def _test_die_hook(run_dir: Path) -> None:
     """Crash-recovery test hook: SFTDPO_TEST_DIE_AFTER_EPOCH=N kills this worker with SIGKILL right
     after it saved the checkpoint of epoch N (only runs whose directory name contains
-    SFTDPO_TEST_DIE_RUN, when set); SFTDPO_TEST_DIE_PARENT=1 kills its parent process first (under
-    the Ray executor: the Ray worker, i.e. the worker dies)."""
+    SFTDPO_TEST_DIE_RUN, when set); SFTDPO_TEST_DIE_PARENT=1 kills its parent process instead (under
+    the Ray executor: the Ray worker, i.e. the worker dies), and this one a minute later if the
+    parent-death signal has not ended it by then."""
     epoch = os.environ.get("SFTDPO_TEST_DIE_AFTER_EPOCH")
     if not epoch or os.environ.get("SFTDPO_TEST_DIE_RUN", "") not in run_dir.name:
         return
@@ -466,6 +467,7 @@ def _test_die_hook(run_dir: Path) -> None:
             sys.stderr.flush()
             if os.environ.get("SFTDPO_TEST_DIE_PARENT") == "1":
                 os.kill(os.getppid(), signal.SIGKILL)
+                time.sleep(60)  # under Ray the parent-death signal ends this process first (tests check)
             os.kill(os.getpid(), signal.SIGKILL)
 
     training.Run.save_checkpoint = save_then_die

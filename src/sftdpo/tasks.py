@@ -82,6 +82,75 @@ def last_token_logits(model, batch: Batch) -> torch.Tensor:
     return model.get_output_embeddings()(h).float()
 
 
+# Output-layer settings under which logits are not just `hidden @ W.T (+ b)`: such models take the plain path.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+_HEAD_CHUNK_ROWS = 512  # rows per chunk of the fp32 softmax statistics (bounds the fp32 temporaries)
+
+
+class _TargetLogProb(torch.autograd.Function):
+    """log p(target) for each row of `hidden @ weight.T (+ bias)`, with the (N, vocab) logits held once,
+    in the compute dtype (bf16 under autocast), and turned into their own gradient in place in the
+    backward. The plain path (`cross_entropy` on `logits.float()`) also keeps an fp32 copy of the
+    logits, an fp32 log-softmax and several (N, vocab) gradient buffers. Same math: the matrix
+    products run in the compute dtype as autocast runs a Linear, the softmax statistics in fp32.
+    Single backward only (the saved logits are overwritten)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, compute_dtype):  # noqa: D102
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+            logits = h @ w.t()
+            if bias is not None:
+                logits += bias.to(compute_dtype)
+            lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+            for s in range(0, logits.size(0), _HEAD_CHUNK_ROWS):
+                lse[s : s + _HEAD_CHUNK_ROWS] = torch.logsumexp(logits[s : s + _HEAD_CHUNK_ROWS].float(), dim=-1)
+            out = logits.gather(1, target[:, None]).squeeze(1).float() - lse
+        ctx.save_for_backward(h, w, lse, target)
+        ctx.logits = logits
+        ctx.has_bias, ctx.hidden_dtype, ctx.weight_dtype = bias is not None, hidden.dtype, weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        h, w, lse, target = ctx.saved_tensors
+        logits, ctx.logits = ctx.logits, None
+        grad = grad.float()
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, logits.size(0), _HEAD_CHUNK_ROWS):
+                e = s + _HEAD_CHUNK_ROWS
+                g = grad[s:e, None]
+                d = logits[s:e].float().sub_(lse[s:e, None]).exp_().mul_(-g)  # -g * softmax
+                d.scatter_add_(1, target[s:e, None], g)  # + g at the target
+                logits[s:e] = d
+            grad_h = (logits @ w).to(ctx.hidden_dtype) if ctx.needs_input_grad[0] else None
+            grad_w = (logits.t() @ h).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+            grad_b = logits.float().sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_h, grad_w, grad_b, None, None
+
+
+def target_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, row) of every target token: position t predicts labels[:, t + 1] where that is not -100.
+    Runs the decoder, then the LM head on the target positions only (not on padding or prompt
+    positions), without materialising fp32 logits (see _TargetLogProb). Equal to log-softmax of the
+    plain forward's logits up to float rounding."""
+    target = labels[:, 1:]
+    mask = target != -100
+    rows = mask.nonzero()[:, 0]
+    head = model.get_output_embeddings()
+    config = model.config
+    plain = type(head) is not torch.nn.Linear or any(getattr(config, k, None) is not None for k in _LOGIT_TRANSFORMS)
+    if plain:  # an adapted or transformed output layer: the model's own forward
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask].float()
+        return torch.log_softmax(logits, dim=-1).gather(1, target[mask][:, None]).squeeze(1), rows
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    h = hidden[:, :-1][mask]
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    return _TargetLogProb.apply(h, head.weight, head.bias, target[mask], dtype), rows
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
@@ -219,11 +288,10 @@ class SonnetTask(Task):
         return [len(s) - 1 for s in self.train_ids]  # target tokens: every position but the first
 
     def sft_loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """Causal LM loss over the sonnet's tokens; padding masked out (labels -100)."""
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        logits = out.logits[:, :-1].float()
-        target = batch.labels[:, 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100), {}
+        """Causal LM loss over the sonnet's tokens (mean over target tokens); padding masked out (labels
+        -100). The LM head runs on target positions only (target_logprobs)."""
+        logp, _ = target_logprobs(model, batch.input_ids, batch.attention_mask, batch.labels)
+        return -logp.mean(), {}
 
     def prompt_text(self, s: Sonnet) -> str:
         return s.prompt(SONNET_PROMPT_LINES) + "\n"

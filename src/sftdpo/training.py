@@ -129,6 +129,12 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Callable[
     return f
 
 
+def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused on every device: on CPU the fused kernel is several times faster than the
+    multi-tensor (foreach) one and gives the same updates up to float rounding."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -399,8 +405,7 @@ class Run:
             self.stage_info[stage] = obj.describe()
             lr = self.cfg.lr if stage == "sft" else self.cfg.dpo_lr
             params = [p for p in self.model.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=self.cfg.weight_decay,
-                                    fused=self.device.type == "cuda")
+            opt = make_optimizer(params, lr, self.cfg.weight_decay)
             steps_per_epoch = math.ceil(obj.n_batches() / self.cfg.grad_accum)
             # SFT's schedule spans the whole budget (see the module docstring); DPO's its own epochs
             budget = self.cfg.epochs if stage == "sft" else last - first + 1

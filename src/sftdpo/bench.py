@@ -1,0 +1,861 @@
+"""`sftdpo bench`: sftdpo's training, DPO and generation speed beside TRL and a CS224N-style loop.
+
+Every line of the table is one measurement: what was measured, sftdpo's figure, the peer's figure and
+the ratio (sftdpo / peer; for the FFT-vs-LoRA lines FFT / LoRA, for the MFU lines achieved / peak).
+
+  sft/paraphrase, sft/sonnet      train tokens/s (non-padding tokens) vs TRL SFTTrainer
+  dpo/<task>/ref-model            pairs/s vs TRL DPOTrainer with a reference model (TRL's default handling)
+  dpo/<task>/precomputed-ref      pairs/s vs TRL DPOTrainer(precompute_ref_log_probs=True)
+  lora/step-time, lora/peak-memory, lora/trainable-params
+                                  FFT vs LoRA r=8 (a finding, not a race)
+  generate/sonnet                 generated tokens/s: batched KV-cache generation vs a CS224N-style loop
+  mfu/bf16, mfu/fp32              training FLOP/s (6 x params x tokens/s) vs the measured matmul peak
+
+Method (same for both sides of every line):
+  * Same model weights (one load, deep-copied for each measurement), same tokenizer, same training
+    examples (a fixed subset: batch x (warm-up + steps) examples from the data directory), same seed,
+    same batch size, same precision (bf16 autocast with fp32 master weights where the hardware has it).
+  * sftdpo's steps run through its real code paths: the task's `sft_loss` (SFT) and `DPOObjective.loss`
+    with reference log-probs from `compute_reference_logps` (DPO), in the training loop's step (autocast
+    forward, backward, gradient clipping, AdamW, LR schedule, zero_grad, loss.item()).
+  * TRL runs its own `train()`; a TrainerCallback times each step from on_step_begin to on_step_end, so
+    data loading and setup are excluded on both sides. No eval, no saving, no logging. Gradient
+    checkpointing off (TRL's default is on; sftdpo does not checkpoint).
+  * The first steps are warm-up and are not timed; a figure is the median of the timed steps.
+  * DPO with precomputed reference log-probs: the precompute pass over the whole pair set is timed
+    once and counted in the throughput of one epoch on both sides:
+    pairs/s = 1 / (median step time / batch + precompute time / pairs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .config import RunConfig, SftdpoError
+from .models import autocast, count_params, load_model, resolve_device, resolve_precision
+
+log = logging.getLogger("sftdpo")
+
+WARMUP_STEPS = 2
+# batch sizes per task and device type (GPUs get bigger batches, as a user would use)
+BATCH = {"cpu": {"paraphrase": 8, "sonnet": 4}, "cuda": {"paraphrase": 32, "sonnet": 16}}
+GEN = {"cpu": dict(prompts=8, loop_prompts=3, new_tokens=48), "cuda": dict(prompts=32, loop_prompts=4, new_tokens=96)}
+TARGETS = {
+    "sft/paraphrase": 1.5, "sft/sonnet": 1.5,
+    "dpo/paraphrase/ref-model": 4.0, "dpo/paraphrase/precomputed-ref": 2.0,
+    "dpo/sonnet/precomputed-ref": 1.3,
+    "generate/sonnet": 10.0,
+    "mfu/bf16": 0.5, "mfu/fp32": 0.5,
+}
+
+
+# ================================================================================================
+# Small helpers
+# ================================================================================================
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+@dataclass
+class Line:
+    """One row of the table."""
+
+    name: str
+    what: str
+    unit: str
+    sftdpo: float | None
+    peer: float | None
+    peer_name: str
+    ratio: float | None = None
+    target: float | None = None
+    met: bool | None = None
+    details: dict = field(default_factory=dict)
+
+    def finish(self) -> "Line":
+        if self.ratio is None and self.sftdpo is not None and self.peer:
+            self.ratio = self.sftdpo / self.peer
+        self.target = TARGETS.get(self.name) if self.target is None else self.target
+        if self.target is not None and self.ratio is not None:
+            self.met = bool(self.ratio >= self.target)
+        return self
+
+
+def machine_description(device: torch.device) -> dict:
+    d: dict[str, Any] = {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                         "cpus": os.cpu_count(), "python": platform.python_version()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                d["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+        flags = Path("/proc/cpuinfo").read_text()
+        d["cpu_bf16"] = "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    if device.type == "cuda":
+        d["gpu"] = torch.cuda.get_device_name(device)
+    for name in ("transformers", "peft", "trl", "accelerate", "datasets"):
+        try:
+            from importlib.metadata import version
+
+            d[name] = version(name)
+        except Exception:  # noqa: BLE001 - not installed
+            pass
+    return d
+
+
+# ================================================================================================
+# Models and data
+# ================================================================================================
+
+
+def load_bench_model(name: str, seed: int = 0):
+    """(model, tokenizer, weights note). `gpt2` falls back to a randomly initialised GPT-2 (124M) with the
+    GPT-2 tokenizer from the data directory when the hub is out of reach: speed does not depend on weights."""
+    try:
+        model, tok = load_model(name, seed=seed)
+        return model, tok, "pretrained" if name not in ("tiny-gpt2", "tiny-llama") else "random init (tiny)"
+    except SftdpoError:
+        if name not in ("gpt2", "gpt2-random"):
+            raise
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .models import _gpt2_tokenizer, prepare_tokenizer
+
+    tok = _gpt2_tokenizer()
+    config = GPT2Config(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    prepare_tokenizer(tok)
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok, "random init (GPT-2 124M config; hub unreachable)"
+
+
+def bench_config(task: str, model: str, batch: int, n_train: int, device: torch.device, precision: str) -> RunConfig:
+    return RunConfig(task=task, model=model, batch_size=batch, max_train_examples=n_train, max_dev_examples=64,
+                     device=device.type if device.type == "cpu" else str(device), precision=precision, seed=0).validate()
+
+
+def build_task(cfg: RunConfig, tok, cache: dict):
+    """Tasks built from the real data directory (data files read once per bench run)."""
+    from .data import load_paraphrase_data, load_sonnet_data
+    from .tasks import ParaphraseTask, SonnetTask
+
+    if cfg.task not in cache:
+        cache[cfg.task] = load_paraphrase_data(cfg.train, cfg.dev) if cfg.task == "paraphrase" else load_sonnet_data(cfg.train, cfg.dev)
+    data = cache[cfg.task]
+    return ParaphraseTask(cfg, tok, data) if cfg.task == "paraphrase" else SonnetTask(cfg, tok, data)
+
+
+def sonnet_bench_pairs(task) -> list[dict]:
+    """Preference pairs for timing sonnet DPO without spending minutes sampling: prompt = a training
+    sonnet's first 3 lines, chosen = its true continuation, rejected = the next training sonnet's
+    continuation (real text of realistic length; speed does not depend on which text is rejected)."""
+    n = len(task.train)
+    return [{"prompt": task.prompt_text(s), "chosen": s.continuation(3),
+             "rejected": task.train[(i + 1) % n].continuation(3), "number": s.number} for i, s in enumerate(task.train)]
+
+
+# ================================================================================================
+# sftdpo's side: the training loop's step over an objective
+# ================================================================================================
+
+
+def sftdpo_steps(model, obj, *, device: torch.device, precision: str, lr: float, n_steps: int,
+                 max_grad_norm: float = 1.0) -> list[dict]:
+    """Run the objective's first `n_steps` batches of epoch 1 through training.Run.train_epoch's step
+    (autocast forward of obj.loss, backward, clip, training.make_optimizer's AdamW, LR schedule,
+    zero_grad, loss.item()). Returns one record per step: seconds, tokens, rows, loss."""
+    from .training import lr_lambda, make_optimizer
+
+    model.train(obj.train_mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, lr, 0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(n_steps, 1), 0.1, "linear"))
+    out: list[dict] = []
+    opt.zero_grad(set_to_none=True)
+    for i, batch in enumerate(obj.batches(1)):
+        if i >= n_steps:
+            break
+        batch = batch.to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        with autocast(device, precision):
+            loss, _ = obj.loss(model, batch)
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.item()
+        _sync(device)
+        rows = batch.ref_chosen.numel() if hasattr(batch, "ref_chosen") else batch.input_ids.size(0)
+        out.append({"s": time.perf_counter() - t0, "tokens": obj.n_tokens(batch), "rows": rows, "loss": value})
+    return out
+
+
+def summarise_steps(steps: list[dict], warmup: int) -> dict:
+    timed = steps[warmup:]
+    if not timed:
+        raise SftdpoError("no timed steps: use --steps >= 1")
+    return {
+        "timed_steps": len(timed), "warmup_steps": warmup,
+        "median_step_s": median([s["s"] for s in timed]),
+        "tokens_per_s": median([s["tokens"] / s["s"] for s in timed]),
+        "rows_per_s": median([s["rows"] / s["s"] for s in timed]),
+        "mean_tokens_per_step": sum(s["tokens"] for s in timed) / len(timed),
+        "total_tokens_per_s": sum(s["tokens"] for s in timed) / sum(s["s"] for s in timed),
+        "step_s": [round(s["s"], 4) for s in timed],
+    }
+
+
+def sft_objective(task):
+    from .training import SFTObjective
+
+    return SFTObjective(task)
+
+
+def sftdpo_dpo_objective(model, task, cfg: RunConfig, device: torch.device, precision: str):
+    """(DPOObjective, precompute seconds): pairs as a DPO run builds them and the reference log-probs
+    from compute_reference_logps (the pass a run makes once before its DPO stage)."""
+    from . import dpo
+
+    if task.name == "paraphrase":
+        ps = dpo.paraphrase_pair_set(task)
+    else:
+        ps = dpo.sonnet_pair_set(task, sonnet_bench_pairs(task))
+    _sync(device)
+    t0 = time.perf_counter()
+    ref_c, ref_r = dpo.compute_reference_logps(model, task, ps, cfg, device, precision, adapter_disabled=False)
+    _sync(device)
+    pre_s = time.perf_counter() - t0
+    run = SimpleNamespace(cfg=cfg, task=task)
+    return dpo.DPOObjective(run, ps, ref_c, ref_r, {"bench": True}), pre_s
+
+
+# ================================================================================================
+# TRL's side
+# ================================================================================================
+
+
+def trl_available() -> str | None:
+    """None when TRL and datasets import, else why not."""
+    try:
+        import datasets  # noqa: F401
+        import trl  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"TRL not installed ({type(e).__name__}): pip install -e .[bench]"
+    return None
+
+
+def _trl_quiet():
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except Exception:  # noqa: BLE001
+        pass
+    for name in ("trl", "transformers", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _step_timer(device: torch.device):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.t0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            _sync(device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            _sync(device)
+            self.times.append(time.perf_counter() - self.t0)
+
+    return StepTimer()
+
+
+def _trl_args(device: torch.device, precision: str, batch: int, max_steps: int, lr: float, seed: int, out: str,
+              compile: bool = False) -> dict:
+    return dict(
+        output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_steps=max_steps,
+        learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        bf16=precision == "bf16", fp16=False, use_cpu=device.type == "cpu", gradient_checkpointing=False,
+        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+        seed=seed, data_seed=seed, dataloader_num_workers=0, torch_compile=compile,
+    )
+
+
+def _silence(trainer) -> None:
+    """No end-of-training summary printed by the Trainer (logging is off; it prints one anyway)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+
+def _recording_collator(collator, counts: list[int]):
+    def collate(examples):
+        out = collator(examples)
+        counts.append(int(out["attention_mask"].sum()) if "attention_mask" in out else int(out["input_ids"].numel()))
+        return out
+
+    return collate
+
+
+def trl_sft(model, tok, task, *, device, precision, batch, n_steps, lr, seed, compile=False) -> dict:
+    """TRL SFTTrainer on the same token ids: paraphrase as prompt+completion (completion-only loss: the
+    answer token), sonnets as language modelling (loss on every token, as sftdpo's sonnet SFT)."""
+    _trl_quiet()
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    if task.name == "paraphrase":
+        ids = [p + [lab] for p, lab in zip(task.train_ids, task.train_labels)]
+        ds = Dataset.from_dict({"input_ids": ids, "completion_mask": [[0] * (len(i) - 1) + [1] for i in ids]})
+        completion_only = True
+    else:
+        ds = Dataset.from_dict({"input_ids": [list(s) for s in task.train_ids]})
+        completion_only = None
+    timer = _step_timer(device)
+    counts: list[int] = []
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = SFTConfig(**_trl_args(device, precision, batch, n_steps, lr, seed, out, compile),
+                         completion_only_loss=completion_only, max_length=task.cfg.max_length, packing=False)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[timer])
+        trainer.data_collator = _recording_collator(trainer.data_collator, counts)
+        _silence(trainer)
+        trainer.train()
+    steps = [{"s": s, "tokens": c, "rows": batch} for s, c in zip(timer.times, counts)]
+    return {"steps": steps, "settings": {"completion_only_loss": completion_only, "gradient_checkpointing": False,
+                                         "optim": args.optim, "bf16": args.bf16, "loss_type": args.loss_type}}
+
+
+def trl_dpo(model, ref_model, tok, task, pairs: list[dict], *, device, precision, batch, n_steps, lr, beta, seed,
+            precompute: bool, precompute_batch: int) -> dict:
+    """TRL DPOTrainer on the same pairs (prompt/chosen/rejected text; TRL appends end-of-text to each
+    response, as sftdpo's sonnet pairs have). With precompute, the precompute pass is timed as a whole."""
+    _trl_quiet()
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    class TimedDPOTrainer(DPOTrainer):
+        precompute_s = 0.0
+
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = super()._precompute_ref_logps(dataset, name, batch_size)
+            _sync(device)
+            TimedDPOTrainer.precompute_s += time.perf_counter() - t0
+            return out
+
+    ds = Dataset.from_dict({k: [p[k] for p in pairs] for k in ("prompt", "chosen", "rejected")})
+    timer = _step_timer(device)
+    with tempfile.TemporaryDirectory() as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        args = DPOConfig(**_trl_args(device, precision, batch, n_steps, lr, seed, out), beta=beta,
+                         loss_type=["sigmoid"], max_length=task.cfg.max_length,
+                         precompute_ref_log_probs=precompute, precompute_ref_batch_size=precompute_batch if precompute else None)
+        trainer = TimedDPOTrainer(model=model, ref_model=None if precompute else ref_model, args=args, train_dataset=ds,
+                                  processing_class=tok, callbacks=[timer])
+        _silence(trainer)
+        trainer.train()
+    steps = [{"s": s, "tokens": 0, "rows": batch} for s in timer.times]
+    return {"steps": steps, "precompute_s": TimedDPOTrainer.precompute_s if precompute else 0.0,
+            "settings": {"precompute_ref_log_probs": precompute, "precompute_ref_batch_size": precompute_batch if precompute else None,
+                         "reference": "precomputed" if precompute else "separate frozen copy of the initial model (ref_model)",
+                         "gradient_checkpointing": False, "optim": args.optim, "bf16": args.bf16}}
+
+
+def paraphrase_text_pairs(task) -> list[dict]:
+    dec = task.tok.decode
+    other = {task.yes_id: task.no_id, task.no_id: task.yes_id}
+    return [{"prompt": task.prompt(e), "chosen": dec([lab]), "rejected": dec([other[lab]])}
+            for e, lab in zip(task.train, task.train_labels)]
+
+
+# ================================================================================================
+# Generation: batched KV-cache generation vs the CS224N loop
+# ================================================================================================
+
+
+@torch.no_grad()
+def cs224n_generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int, eos_token_id: int,
+                    device: torch.device, precision: str) -> list[int]:
+    """The CS224N sonnet generation loop, greedy: one prompt at a time; each new token re-runs the whole
+    sequence through the model (no KV cache, logits at every position) and keeps the argmax of the last
+    position; stops at end of text. Returns the new token ids (end of text excluded)."""
+    model.eval()
+    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        with autocast(device, precision):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, -1, :]
+        nxt = int(torch.argmax(logits.float(), dim=-1))
+        if nxt == eos_token_id:
+            break
+        new.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+        mask = torch.cat([mask, torch.ones((1, 1), dtype=mask.dtype, device=device)], dim=1)
+    return new
+
+
+class _RecordingModel:
+    """Passes SonnetTask.generate's calls through to the model and keeps the token ids it generated."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.outputs: list[tuple[int, torch.Tensor]] = []
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def generate(self, **kw):
+        out = self.model.generate(**kw)
+        self.outputs.append((kw["input_ids"].size(1), out.detach().cpu()))
+        return out
+
+
+def sftdpo_generate_ids(task, model, prompts: Sequence[str], *, device, precision, max_new_tokens: int,
+                        batch_size: int) -> list[list[int]]:
+    """Greedy continuations through SonnetTask.generate (batched, left-padded, KV cache), as token ids."""
+    rec = _RecordingModel(model)
+    task.generate(rec, list(prompts), device, precision, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                  num_samples=1, seed=0, batch_size=batch_size)
+    eos = task.tok.eos_token_id
+    out: list[list[int]] = []
+    for width, gen in rec.outputs:
+        for row in gen[:, width:].tolist():
+            out.append(row[: row.index(eos)] if eos in row else row)
+    return out
+
+
+# ================================================================================================
+# FFT vs LoRA (a child process per configuration: a clean peak-memory reading)
+# ================================================================================================
+
+
+def _param_child(spec: dict) -> dict:
+    """Runs in a fresh process: build the model and the paraphrase task, apply LoRA if asked, time SFT steps."""
+    logging.disable(logging.WARNING)
+    import warnings as _w
+
+    _w.simplefilter("ignore")
+    device = torch.device(spec["device"])
+    model, tok, _ = load_bench_model(spec["model"])
+    cfg = bench_config("paraphrase", spec["model"], spec["batch"], spec["n_train"], device, spec["precision"])
+    cfg = RunConfig.from_dict({**cfg.to_dict(), "param": spec["param"], "lora_rank": 8}).validate()
+    task = build_task(cfg, tok, {})
+    if spec["param"] == "lora":
+        from .models import apply_lora
+
+        model = apply_lora(model, cfg)
+    model.to(device)
+    trainable, total = count_params(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    steps = sftdpo_steps(model, sft_objective(task), device=device, precision=spec["precision"], lr=cfg.lr,
+                         n_steps=spec["warmup"] + spec["steps"])
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"summary": summarise_steps(steps, spec["warmup"]), "trainable": trainable, "total": total,
+            "peak_memory_mb": peak, "memory_before_training_mb": before, "training_memory_mb": peak - before}
+
+
+def run_param_child(spec: dict) -> dict:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
+        return ex.submit(_param_child, spec).result()
+
+
+# ================================================================================================
+# Matmul peak
+# ================================================================================================
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 7) -> float:
+    """Median GFLOP/s of an n x n x n matrix product (2 n^3 FLOPs) at `dtype`, after warm-up."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / median(ts) / 1e9
+
+
+# ================================================================================================
+# The bench
+# ================================================================================================
+
+
+class Bench:
+    def __init__(self, model_name: str, *, steps: int, device: torch.device, only: Sequence[str] = (),
+                 compile: bool = False, warmup: int = WARMUP_STEPS) -> None:
+        self.name, self.steps, self.device, self.only, self.compile = model_name, steps, device, list(only), compile
+        self.warmup = warmup
+        self.precision = resolve_precision("auto", device)
+        self.lines: list[Line] = []
+        self.notes: dict[str, Any] = {}
+        self.data_cache: dict = {}
+        self.batch = BATCH["cuda" if device.type == "cuda" else "cpu"]
+        self.gen = GEN["cuda" if device.type == "cuda" else "cpu"]
+        self.trl_missing = trl_available()
+        t0 = time.perf_counter()
+        model, self.tok, self.weights = load_bench_model(model_name)
+        model.eval()
+        self.pristine = model  # never trained: each measurement trains a deep copy
+        self.n_params = count_params(model)[1]
+        self.notes["model_load_s"] = time.perf_counter() - t0
+        self._sonnet_sft_bf16: dict | None = None
+
+    # -- selection --------------------------------------------------------------------------------
+    def wanted(self, *names: str) -> bool:
+        return not self.only or any(o in n for o in self.only for n in names)
+
+    def add(self, line: Line) -> None:
+        line.finish()
+        self.lines.append(line)
+        r = f"{line.ratio:.2f}x" if line.ratio is not None else "n/a"
+        log.info("  %-32s sftdpo %-12s peer %-12s %s", line.name, _fmt(line.sftdpo), _fmt(line.peer), r)
+
+    def fresh_model(self):
+        m = copy.deepcopy(self.pristine).to(self.device)
+        return m
+
+    def task(self, task: str, batch: int | None = None, precision: str | None = None):
+        b = batch or self.batch[task]
+        cfg = bench_config(task, self.name, b, b * (self.warmup + self.steps), self.device, precision or self.precision)
+        return cfg, build_task(cfg, self.tok, self.data_cache)
+
+    # -- lines ------------------------------------------------------------------------------------
+    def run(self) -> list[Line]:
+        for task in ("paraphrase", "sonnet"):
+            if self.wanted(f"sft/{task}") or (task == "sonnet" and self.wanted("mfu/bf16")):
+                self.sft(task, with_trl=self.wanted(f"sft/{task}"))
+        for task in ("paraphrase", "sonnet"):
+            if self.wanted(f"dpo/{task}/ref-model", f"dpo/{task}/precomputed-ref"):
+                self.dpo(task)
+        if self.wanted("lora/step-time", "lora/peak-memory", "lora/trainable-params"):
+            self.fft_vs_lora()
+        if self.wanted("generate/sonnet"):
+            self.generation()
+        if self.wanted("mfu/bf16", "mfu/fp32"):
+            self.mfu()
+        if self.compile and self.wanted("sft/sonnet/compiled"):
+            self.sft_compiled("sonnet")
+        return self.lines
+
+    def sft(self, task_name: str, with_trl: bool = True) -> None:
+        cfg, task = self.task(task_name)
+        n = self.warmup + self.steps
+        torch.manual_seed(0)
+        ours = summarise_steps(sftdpo_steps(self.fresh_model(), sft_objective(task), device=self.device,
+                                            precision=self.precision, lr=cfg.lr, n_steps=n), self.warmup)
+        if task_name == "sonnet" and self.precision == "bf16":
+            self._sonnet_sft_bf16 = ours
+        if not with_trl:
+            return
+        peer, details = None, {"sftdpo": ours, "batch": cfg.batch_size, "examples": len(task.train_ids), "precision": self.precision}
+        if self.trl_missing:
+            details["trl"] = self.trl_missing
+        else:
+            torch.manual_seed(0)
+            res = trl_sft(self.fresh_model(), self.tok, task, device=self.device, precision=self.precision,
+                          batch=cfg.batch_size, n_steps=n, lr=cfg.lr, seed=cfg.seed)
+            trl = summarise_steps(res["steps"], self.warmup)
+            peer = trl["tokens_per_s"]
+            details["trl"] = {**trl, **res["settings"]}
+        what = ("SFT paraphrase (cloze, loss on the answer token)" if task_name == "paraphrase"
+                else "SFT sonnets (causal LM loss on every token)")
+        self.add(Line(f"sft/{task_name}", f"{what}: train tokens/s (non-padding), B={cfg.batch_size}, {self.precision}",
+                      "tokens/s", ours["tokens_per_s"], peer, "TRL SFTTrainer", details=details))
+
+    def sft_compiled(self, task_name: str) -> None:
+        cfg, task = self.task(task_name)
+        n = self.warmup + self.steps
+        model = self.fresh_model()
+        cmodel = torch.compile(model, dynamic=True)
+        ours = summarise_steps(sftdpo_steps(cmodel, sft_objective(task), device=self.device, precision=self.precision,
+                                            lr=cfg.lr, n_steps=n), self.warmup)
+        peer, details = None, {"sftdpo": ours, "note": "torch.compile(dynamic=True) on both sides"}
+        if not self.trl_missing:
+            res = trl_sft(self.fresh_model(), self.tok, task, device=self.device, precision=self.precision,
+                          batch=cfg.batch_size, n_steps=n, lr=cfg.lr, seed=cfg.seed, compile=True)
+            trl = summarise_steps(res["steps"], self.warmup)
+            peer = trl["tokens_per_s"]
+            details["trl"] = trl
+        self.add(Line(f"sft/{task_name}/compiled", f"SFT sonnets with torch.compile: train tokens/s, B={cfg.batch_size}",
+                      "tokens/s", ours["tokens_per_s"], peer, "TRL SFTTrainer (torch_compile)", details=details))
+
+    def dpo(self, task_name: str) -> None:
+        cfg, task = self.task(task_name)
+        n = self.warmup + self.steps
+        torch.manual_seed(0)
+        model = self.fresh_model()
+        obj, pre_s = sftdpo_dpo_objective(model, task, cfg, self.device, self.precision)
+        ours = summarise_steps(sftdpo_steps(model, obj, device=self.device, precision=self.precision, lr=cfg.dpo_lr,
+                                            n_steps=n), self.warmup)
+        n_pairs = len(obj.ps)
+        ours_pps = 1.0 / (ours["median_step_s"] / cfg.batch_size + pre_s / n_pairs)
+        ours_d = {**ours, "precompute_s": pre_s, "pairs": n_pairs, "pairs_per_s_cached_reference": cfg.batch_size / ours["median_step_s"],
+                  "reference": "precomputed once (compute_reference_logps), counted over one epoch"}
+        pre_bs = cfg.eval_batch_size if task_name == "paraphrase" else cfg.batch_size
+        pairs = paraphrase_text_pairs(task) if task_name == "paraphrase" else sonnet_bench_pairs(task)
+        what = ("DPO paraphrase (yes/no label pairs)" if task_name == "paraphrase"
+                else "DPO sonnets (true vs other continuation)")
+        for variant, precompute in (("ref-model", False), ("precomputed-ref", True)):
+            name = f"dpo/{task_name}/{variant}"
+            if not self.wanted(name):
+                continue
+            peer, details = None, {"sftdpo": ours_d, "batch": cfg.batch_size, "pairs": n_pairs, "precision": self.precision}
+            if self.trl_missing:
+                details["trl"] = self.trl_missing
+            else:
+                torch.manual_seed(0)
+                ref = None if precompute else self.fresh_model().eval()
+                res = trl_dpo(self.fresh_model(), ref, self.tok, task, pairs, device=self.device, precision=self.precision,
+                              batch=cfg.batch_size, n_steps=n, lr=cfg.dpo_lr, beta=cfg.beta, seed=cfg.seed,
+                              precompute=precompute, precompute_batch=pre_bs)
+                trl = summarise_steps(res["steps"], self.warmup)
+                peer = 1.0 / (trl["median_step_s"] / cfg.batch_size + res["precompute_s"] / len(pairs))
+                details["trl"] = {**trl, "precompute_s": res["precompute_s"], **res["settings"]}
+                del ref
+            label = "TRL DPOTrainer, reference model" if not precompute else "TRL DPOTrainer, precompute_ref_log_probs"
+            self.add(Line(name, f"{what}: pairs/s over one epoch, B={cfg.batch_size}, {self.precision}", "pairs/s",
+                          ours_pps, peer, label, details=details))
+
+    def fft_vs_lora(self) -> None:
+        b = self.batch["paraphrase"]
+        spec = dict(model=self.name, device=str(self.device), precision=self.precision, batch=b,
+                    n_train=b * (self.warmup + self.steps), warmup=self.warmup, steps=self.steps)
+        fft = run_param_child({**spec, "param": "fft"})
+        lora = run_param_child({**spec, "param": "lora"})
+        details = {"fft": fft, "lora": lora, "task": "SFT paraphrase", "lora": lora,
+                   "lora_config": "r=8, alpha=16, attention projections", "memory": (
+                       "CUDA: torch max_memory_allocated; CPU: peak resident set of a fresh process per configuration "
+                       "(training_memory_mb: its growth during training)")}
+        self.add(Line("lora/step-time", f"SFT paraphrase step time, FFT vs LoRA r=8, B={b}, {self.precision}", "s/step",
+                      fft["summary"]["median_step_s"], lora["summary"]["median_step_s"], "sftdpo LoRA r=8", details=details))
+        self.add(Line("lora/peak-memory", "peak memory during training, FFT vs LoRA r=8", "MiB",
+                      fft["peak_memory_mb"], lora["peak_memory_mb"], "sftdpo LoRA r=8",
+                      details={"fft_training_memory_mb": fft["training_memory_mb"],
+                               "lora_training_memory_mb": lora["training_memory_mb"]}))
+        self.add(Line("lora/trainable-params", "trainable parameters, FFT vs LoRA r=8", "params",
+                      float(fft["trainable"]), float(lora["trainable"]), "sftdpo LoRA r=8",
+                      details={"total_params": fft["total"]}))
+
+    def generation(self) -> None:
+        from .tasks import SonnetTask
+
+        cfg, task = self.task("sonnet")
+        assert isinstance(task, SonnetTask)
+        prompts = [task.prompt_text(s) for s in task.dev][: self.gen["prompts"]]
+        m = self.gen["new_tokens"]
+        model = self.fresh_model().eval()
+        eos = self.tok.eos_token_id
+        # warm-up, then repeated measurements of the whole batched call
+        sftdpo_generate_ids(task, model, prompts[:2], device=self.device, precision=self.precision, max_new_tokens=4,
+                            batch_size=len(prompts))
+        runs = []
+        for _ in range(3):
+            _sync(self.device)
+            t0 = time.perf_counter()
+            ids = sftdpo_generate_ids(task, model, prompts, device=self.device, precision=self.precision,
+                                      max_new_tokens=m, batch_size=len(prompts))
+            _sync(self.device)
+            dt = time.perf_counter() - t0
+            runs.append((sum(map(len, ids)) / dt, dt, sum(map(len, ids))))
+        ours = median([r[0] for r in runs])
+        # the loop: one prompt at a time (per-prompt rates; median)
+        loop_prompts = prompts[: self.gen["loop_prompts"]]
+        cs224n_generate(model, self.tok(loop_prompts[0], add_special_tokens=False).input_ids, max_new_tokens=2,
+                        eos_token_id=eos, device=self.device, precision=self.precision)
+        loop = []
+        for p in loop_prompts:
+            pid = self.tok(p, add_special_tokens=False).input_ids
+            _sync(self.device)
+            t0 = time.perf_counter()
+            new = cs224n_generate(model, pid, max_new_tokens=m, eos_token_id=eos, device=self.device, precision=self.precision)
+            _sync(self.device)
+            dt = time.perf_counter() - t0
+            loop.append((len(new) / dt, dt, len(new)))
+        peer = median([r[0] for r in loop])
+        self.add(Line("generate/sonnet", f"sonnet generation, greedy, {m} new tokens, {self.precision}: generated tokens/s",
+                      "tokens/s", ours, peer, "CS224N loop (no KV cache, one prompt at a time)",
+                      details={"sftdpo": {"prompts": len(prompts), "batch": len(prompts), "runs": runs,
+                                          "method": "SonnetTask.generate: left-padded batch, HF generate with KV cache"},
+                               "loop": {"prompts": len(loop_prompts), "runs": loop,
+                                        "method": "re-runs the whole sequence for every new token (CS224N SonnetGPT.generate)"}}))
+
+    def mfu(self) -> None:
+        peaks = {}
+        for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            if self.wanted(f"mfu/{name}"):
+                peaks[name] = matmul_peak_gflops(self.device, dtype)
+        convention = ("achieved = 6 x N x tokens/s, N = all parameters (tied embeddings once; attention-score FLOPs "
+                      "not counted), tokens/s = sftdpo SFT sonnets FFT (LM head at every position)")
+        if "bf16" in peaks and self.precision == "bf16":
+            s = self._sonnet_sft_bf16
+            if s is None:
+                cfg, task = self.task("sonnet")
+                s = summarise_steps(sftdpo_steps(self.fresh_model(), sft_objective(task), device=self.device,
+                                                 precision="bf16", lr=cfg.lr, n_steps=self.warmup + self.steps), self.warmup)
+            achieved = 6 * self.n_params * s["tokens_per_s"] / 1e9
+            self.add(Line("mfu/bf16", "training MFU, bf16 autocast: achieved GFLOP/s vs measured bf16 matmul peak",
+                          "GFLOP/s", achieved, peaks["bf16"], "bf16 matmul peak",
+                          details={"convention": convention, "params": self.n_params, "tokens_per_s": s["tokens_per_s"]}))
+        if "fp32" in peaks:
+            cfg, task = self.task("sonnet", precision="fp32")
+            steps = max(2, self.steps // 2)
+            s = summarise_steps(sftdpo_steps(self.fresh_model(), sft_objective(task), device=self.device,
+                                             precision="fp32", lr=cfg.lr, n_steps=1 + steps), 1)
+            achieved = 6 * self.n_params * s["tokens_per_s"] / 1e9
+            self.add(Line("mfu/fp32", "training MFU, fp32: achieved GFLOP/s vs measured fp32 matmul peak",
+                          "GFLOP/s", achieved, peaks["fp32"], "fp32 matmul peak",
+                          details={"convention": convention, "params": self.n_params, "tokens_per_s": s["tokens_per_s"],
+                                   "timed_steps": steps, "tf32": torch.backends.cuda.matmul.allow_tf32}))
+
+
+# ================================================================================================
+# Output
+# ================================================================================================
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    if abs(x) >= 1:
+        return f"{x:.2f}"
+    return f"{x:.3g}"
+
+
+def format_table(result: dict) -> str:
+    out = []
+    for model, block in result["models"].items():
+        out.append(f"model {model} ({block['weights']}, {block['params'] / 1e6:.1f}M params) on {block['device_name']}, "
+                   f"precision {block['precision']}, {block['steps']} timed steps after {block['warmup']} warm-up")
+        out.append(f"{'line':32s} {'sftdpo':>10s} {'peer':>10s} {'ratio':>8s} {'target':>7s}  peer / unit")
+        for ln in block["lines"]:
+            ratio = f"{ln['ratio']:.2f}x" if ln["ratio"] is not None else "n/a"
+            tgt = f">={ln['target']:g}" if ln["target"] is not None else ""
+            mark = {True: " ok", False: " MISS", None: ""}[ln["met"]] if ln["target"] is not None else ""
+            out.append(f"{ln['name']:32s} {_fmt(ln['sftdpo']):>10s} {_fmt(ln['peer']):>10s} {ratio:>8s} {tgt:>7s}{mark:5s} "
+                       f"{ln['peer_name']} / {ln['unit']}")
+        out.append("")
+    return "\n".join(out)
+
+
+def format_markdown(result: dict) -> str:
+    out = []
+    m = result["machine"]
+    for model, block in result["models"].items():
+        out.append(f"**{model}** ({block['weights']}, {block['params'] / 1e6:.1f}M params), {block['device_name']}, "
+                   f"{block['precision']}, median of {block['steps']} timed steps after {block['warmup']} warm-up, "
+                   f"bench wall time {block['wall_s']:.0f} s\n")
+        out.append("| line | what | sftdpo | peer | ratio | target |")
+        out.append("| --- | --- | ---: | ---: | ---: | --- |")
+        for ln in block["lines"]:
+            ratio = f"{ln['ratio']:.2f}x" if ln["ratio"] is not None else "n/a"
+            tgt = ""
+            if ln["target"] is not None:
+                tgt = f"≥ {ln['target']:g} " + {True: "met", False: "**not met**", None: ""}[ln["met"]]
+            out.append(f"| `{ln['name']}` | {ln['what']} ({ln['unit']}; peer: {ln['peer_name']}) | {_fmt(ln['sftdpo'])} | "
+                       f"{_fmt(ln['peer'])} | {ratio} | {tgt} |")
+        out.append("")
+    out.append("Machine: " + ", ".join(f"{k}={v}" for k, v in m.items()))
+    return "\n".join(out)
+
+
+def run_bench(models: Sequence[str], *, steps: int, device: str = "auto", only: Sequence[str] = (),
+              compile: bool = False, warmup: int = WARMUP_STEPS) -> dict:
+    dev = resolve_device(device)
+    if steps < 1:
+        raise SftdpoError("--steps must be >= 1")
+    result: dict[str, Any] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_description(dev),
+                              "argv": sys.argv, "method": __doc__.split("Method")[1].strip(), "models": {}}
+    for name in models:
+        t0 = time.perf_counter()
+        log.info("bench %s on %s", name, dev)
+        b = Bench(name, steps=steps, device=dev, only=only, compile=compile, warmup=warmup)
+        lines = b.run()
+        result["models"][name] = {
+            "weights": b.weights, "params": b.n_params, "precision": b.precision, "steps": steps, "warmup": b.warmup,
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else result["machine"].get("cpu_model", "cpu"),
+            "batch": b.batch, "generation": b.gen, "wall_s": time.perf_counter() - t0, "notes": b.notes,
+            "lines": [asdict(ln) for ln in lines],
+        }
+        del b
+    return result
+
+
+def cli_bench(ns) -> int:
+    models = ns.model or ["smollm2-135m"]
+    result = run_bench(models, steps=ns.steps, device=ns.device, only=ns.only, compile=ns.compile)
+    print(format_table(result))
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    md = out.with_suffix(".md")
+    md.write_text(format_markdown(result) + "\n")
+    print(f"wrote {out} and {md}")
+    return 0
