@@ -212,16 +212,29 @@ def find_in_data_dirs(rel: str) -> Path | None:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers. Checked up front because huggingface_hub retries a
-    dead network for most of a minute before giving up; offline we go straight to the local cache."""
+    """Whether the Hugging Face hub (or the HTTPS proxy) answers. Checked up front because
+    huggingface_hub and datasets retry a dead network for most of a minute; offline we go straight
+    to the local cache. The probe runs in a thread so a hanging DNS lookup cannot stall us either."""
+    import contextlib
     import socket
+    import threading
+    from urllib.parse import urlparse
 
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if any(os.environ.get(v, "").strip().lower() in ("1", "on", "yes", "true")
+           for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return False
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":")[0]
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+    target = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY")
+              or os.environ.get("all_proxy") or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    url = urlparse(target if "://" in target else "http://" + target)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def probe() -> None:
+        with contextlib.suppress(OSError):
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1)
+    return bool(ok)

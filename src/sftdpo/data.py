@@ -13,20 +13,16 @@ import contextlib
 import csv
 import hashlib
 import logging
-import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import tarfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NoReturn, TypeVar
-from urllib.parse import urlparse
 
-from .config import SftdpoError, cache_dir, data_dirs
+from .config import SftdpoError, cache_dir, data_dirs, hub_reachable
 
 log = logging.getLogger("sftdpo")
 T = TypeVar("T")
@@ -206,32 +202,6 @@ def read_qqp(path: str | Path, fmt: str | None = None) -> tuple[list[ParaphraseE
 
 # -- GLUE QQP from the Hugging Face hub ----------------------------------------------------------
 
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """TCP probe of the hub (or the HTTPS proxy). Without it `datasets` retries for ~25 s when offline.
-
-    Runs in a thread so that a hanging DNS lookup cannot stall us either.
-    """
-    target = (os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY")
-              or os.environ.get("all_proxy") or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    url = urlparse(target if "://" in target else "http://" + target)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    ok: list[bool] = []
-
-    def probe() -> None:
-        with contextlib.suppress(OSError):
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 1)
-    return bool(ok)
-
-
 @contextlib.contextmanager
 def _hub_offline(on: bool) -> Iterator[None]:
     """Force offline mode (cache only) in-process: both libraries read HF_HUB_OFFLINE once, at import."""
@@ -255,8 +225,7 @@ def load_glue_qqp(split: str) -> list[ParaphraseExample]:
     Offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE set, or the hub unreachable) only the cache is
     tried, so a machine without network fails in seconds instead of retrying for minutes.
     """
-    offline = any(_env_true(v) for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    offline = offline or not _hub_reachable()
+    offline = not hub_reachable()
     why = "offline and not in the Hugging Face cache" if offline else "download failed"
     try:
         import datasets

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import SftdpoError
+from .config import DECODING_FIELDS, DPO_FIELDS, LORA_FIELDS, SftdpoError
 from .stats import bootstrap_ci, paired_bootstrap
 from .store import Store
 
@@ -50,10 +50,7 @@ TEST_METRICS = {"paraphrase": [("accuracy", "accuracy (%)", 100.0), ("macro_f1",
                 "sonnet": [("chrf", "chrF", 1.0)]}
 
 NON_CONDITION = ("seed", "log_every", "eval_batch_size")
-DPO_FIELDS = {"beta", "loss_type", "dpo_lr", "pairs", "pairs_n", "pairs_top_k", "pairs_temperatures",
-              "label_smoothing", "logp_reduction"}
-LORA_FIELDS = {"lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "use_rslora", "use_dora"}
-DECODING_FIELDS = {"temperature", "top_p", "max_new_tokens", "num_samples"}
+DPO_FIELDS, LORA_FIELDS, DECODING_FIELDS = set(DPO_FIELDS), set(LORA_FIELDS), set(DECODING_FIELDS)
 REGIME_ORDER = {"sft": 0, "dpo": 1, "sft-dpo": 2}
 
 
