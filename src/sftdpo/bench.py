@@ -6,6 +6,8 @@ the ratio (sftdpo / peer; for the FFT-vs-LoRA lines FFT / LoRA, for the MFU line
   sft/paraphrase, sft/sonnet      train tokens/s (non-padding tokens) vs TRL SFTTrainer
   dpo/<task>/ref-model            pairs/s vs TRL DPOTrainer with a reference model (TRL's default handling)
   dpo/<task>/precomputed-ref      pairs/s vs TRL DPOTrainer(precompute_ref_log_probs=True)
+  dpo/<task>/cached-ref           pairs/s with sftdpo's reference log-probs already cached (a study's later
+                                  runs) vs TRL DPOTrainer with a reference model
   lora/step-time, lora/peak-memory, lora/trainable-params
                                   FFT vs LoRA r=8 (a finding, not a race)
   generate/sonnet                 generated tokens/s: batched KV-cache generation vs a CS224N-style loop
@@ -54,13 +56,13 @@ from .models import autocast, count_params, load_model, resolve_device, resolve_
 
 log = logging.getLogger("sftdpo")
 
-WARMUP_STEPS = 2
+WARMUP_STEPS = {"cpu": 1, "cuda": 3}  # untimed first steps (allocator, kernel selection; CUDA: cuBLAS and caching)
 # batch sizes per task and device type (GPUs get bigger batches, as a user would use)
-BATCH = {"cpu": {"paraphrase": 8, "sonnet": 4}, "cuda": {"paraphrase": 32, "sonnet": 16}}
-GEN = {"cpu": dict(prompts=8, loop_prompts=3, new_tokens=48), "cuda": dict(prompts=32, loop_prompts=4, new_tokens=96)}
+BATCH = {"cpu": {"paraphrase": 8, "sonnet": 4}, "cuda": {"paraphrase": 32, "sonnet": 8}}
+GEN = {"cpu": dict(prompts=8, loop_prompts=2, new_tokens=48), "cuda": dict(prompts=32, loop_prompts=4, new_tokens=96)}
 TARGETS = {
     "sft/paraphrase": 1.5, "sft/sonnet": 1.5,
-    "dpo/paraphrase/ref-model": 4.0, "dpo/paraphrase/precomputed-ref": 2.0,
+    "dpo/paraphrase/ref-model": 4.0, "dpo/paraphrase/precomputed-ref": 2.0, "dpo/paraphrase/cached-ref": 4.0,
     "dpo/sonnet/precomputed-ref": 1.3,
     "generate/sonnet": 10.0,
     "mfu/bf16": 0.5, "mfu/fp32": 0.5,
@@ -485,6 +487,9 @@ def _param_child(spec: dict) -> dict:
     _w.simplefilter("ignore")
     device = torch.device(spec["device"])
     model, tok, _ = load_bench_model(spec["model"])
+    from .training import choose_attention
+
+    choose_attention(model, device)
     cfg = bench_config("paraphrase", spec["model"], spec["batch"], spec["n_train"], device, spec["precision"])
     cfg = RunConfig.from_dict({**cfg.to_dict(), "param": spec["param"], "lora_rank": 8}).validate()
     task = build_task(cfg, tok, {})
@@ -546,9 +551,9 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int | None =
 
 class Bench:
     def __init__(self, model_name: str, *, steps: int, device: torch.device, only: Sequence[str] = (),
-                 compile: bool = False, warmup: int = WARMUP_STEPS) -> None:
+                 compile: bool = False, warmup: int | None = None) -> None:
         self.name, self.steps, self.device, self.only, self.compile = model_name, steps, device, list(only), compile
-        self.warmup = warmup
+        self.warmup = WARMUP_STEPS["cuda" if device.type == "cuda" else "cpu"] if warmup is None else warmup
         self.precision = resolve_precision("auto", device)
         self.lines: list[Line] = []
         self.notes: dict[str, Any] = {}
@@ -558,7 +563,12 @@ class Bench:
         self.trl_missing = trl_available()
         t0 = time.perf_counter()
         model, self.tok, self.weights = load_bench_model(model_name)
+        from .training import choose_attention
+
+        choose_attention(model, device)  # as training.Run.build; the same model for both sides of a line
         model.eval()
+        self.notes["attention"] = model.config._attn_implementation + (
+            "" if device.type != "cuda" or torch.backends.cuda.cudnn_sdp_enabled() else " (cuDNN SDPA backend off)")
         self.pristine = model  # never trained: each measurement trains a deep copy
         self.n_params = count_params(model)[1]
         self.notes["model_load_s"] = time.perf_counter() - t0
@@ -589,7 +599,7 @@ class Bench:
             if self.wanted(f"sft/{task}") or (task == "sonnet" and self.wanted("mfu/bf16")):
                 self.sft(task, with_trl=self.wanted(f"sft/{task}"))
         for task in ("paraphrase", "sonnet"):
-            if self.wanted(f"dpo/{task}/ref-model", f"dpo/{task}/precomputed-ref"):
+            if self.wanted(f"dpo/{task}/ref-model", f"dpo/{task}/precomputed-ref", f"dpo/{task}/cached-ref"):
                 self.dpo(task)
         if self.wanted("lora/step-time", "lora/peak-memory", "lora/trainable-params"):
             self.fft_vs_lora()
@@ -630,10 +640,10 @@ class Bench:
         cfg, task = self.task(task_name)
         n = self.warmup + self.steps
         model = self.fresh_model()
-        cmodel = torch.compile(model, dynamic=True)
-        ours = summarise_steps(sftdpo_steps(cmodel, sft_objective(task), device=self.device, precision=self.precision,
+        model.get_decoder().compile(dynamic=True)  # the losses call the decoder, then the head on chosen positions
+        ours = summarise_steps(sftdpo_steps(model, sft_objective(task), device=self.device, precision=self.precision,
                                             lr=cfg.lr, n_steps=n), self.warmup)
-        peer, details = None, {"sftdpo": ours, "note": "torch.compile(dynamic=True) on both sides"}
+        peer, details = None, {"sftdpo": ours, "note": "sftdpo: decoder.compile(dynamic=True); TRL: torch_compile=True"}
         if not self.trl_missing:
             res = trl_sft(self.fresh_model(), self.tok, task, device=self.device, precision=self.precision,
                           batch=cfg.batch_size, n_steps=n, lr=cfg.lr, seed=cfg.seed, compile=True)
@@ -661,7 +671,7 @@ class Bench:
                 else "DPO sonnets (true vs other continuation)")
         for variant, precompute in (("ref-model", False), ("precomputed-ref", True)):
             name = f"dpo/{task_name}/{variant}"
-            if not self.wanted(name):
+            if not self.wanted(name) and not (variant == "ref-model" and self.wanted(f"dpo/{task_name}/cached-ref")):
                 continue
             peer, details = None, {"sftdpo": ours_d, "batch": cfg.batch_size, "pairs": n_pairs, "precision": self.precision}
             if self.trl_missing:
@@ -677,8 +687,14 @@ class Bench:
                 details["trl"] = {**trl, "precompute_s": res["precompute_s"], **res["settings"]}
                 del ref
             label = "TRL DPOTrainer, reference model" if not precompute else "TRL DPOTrainer, precompute_ref_log_probs"
-            self.add(Line(name, f"{what}: pairs/s over one epoch, B={cfg.batch_size}, {self.precision}", "pairs/s",
-                          ours_pps, peer, label, details=details))
+            self.add(Line(name, f"{what}: pairs/s over one epoch, reference pass counted, B={cfg.batch_size}, "
+                                f"{self.precision}", "pairs/s", ours_pps, peer, label, details=details))
+            if not precompute:
+                # a study's later runs on the same backbone and pairs read the reference log-probs from sftdpo's cache
+                self.add(Line(f"dpo/{task_name}/cached-ref", f"{what}: pairs/s with the reference log-probs from sftdpo's "
+                              f"cache (no reference pass), B={cfg.batch_size}, {self.precision}", "pairs/s",
+                              ours_d["pairs_per_s_cached_reference"], peer, label,
+                              details={"sftdpo": "see the ref-model line", "trl": "see the ref-model line"}))
 
     def fft_vs_lora(self) -> None:
         b = self.batch["paraphrase"]
@@ -705,7 +721,7 @@ class Bench:
 
         cfg, task = self.task("sonnet")
         assert isinstance(task, SonnetTask)
-        prompts = [task.prompt_text(s) for s in task.dev][: self.gen["prompts"]]
+        prompts = [task.prompt_text(s) for s in list(task.dev) + list(task.train)][: self.gen["prompts"]]
         m = self.gen["new_tokens"]
         model = self.fresh_model().eval()
         eos = self.tok.eos_token_id
@@ -827,7 +843,7 @@ def format_markdown(result: dict) -> str:
 
 
 def run_bench(models: Sequence[str], *, steps: int, device: str = "auto", only: Sequence[str] = (),
-              compile: bool = False, warmup: int = WARMUP_STEPS) -> dict:
+              compile: bool = False, warmup: int | None = None) -> dict:
     dev = resolve_device(device)
     if steps < 1:
         raise SftdpoError("--steps must be >= 1")

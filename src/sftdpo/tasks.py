@@ -84,7 +84,14 @@ def last_token_logits(model, batch: Batch) -> torch.Tensor:
 
 # Output-layer settings under which logits are not just `hidden @ W.T (+ b)`: such models take the plain path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
-_HEAD_CHUNK_ROWS = 512  # rows per chunk of the fp32 softmax statistics (bounds the fp32 temporaries)
+# rows per chunk of the fp32 softmax statistics: on CPU few enough to stay in cache (~30% faster than
+# big chunks), on GPUs many (each chunk costs kernel launches)
+_HEAD_CHUNK_ROWS = {"cpu": 32}
+_HEAD_CHUNK_ROWS_DEFAULT = 4096
+
+
+def _head_chunk(device: torch.device) -> int:
+    return _HEAD_CHUNK_ROWS.get(device.type, _HEAD_CHUNK_ROWS_DEFAULT)
 
 
 class _TargetLogProb(torch.autograd.Function):
@@ -103,8 +110,9 @@ class _TargetLogProb(torch.autograd.Function):
             if bias is not None:
                 logits += bias.to(compute_dtype)
             lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
-            for s in range(0, logits.size(0), _HEAD_CHUNK_ROWS):
-                lse[s : s + _HEAD_CHUNK_ROWS] = torch.logsumexp(logits[s : s + _HEAD_CHUNK_ROWS].float(), dim=-1)
+            chunk = _head_chunk(logits.device)
+            for s in range(0, logits.size(0), chunk):
+                lse[s : s + chunk] = torch.logsumexp(logits[s : s + chunk].float(), dim=-1)
             out = logits.gather(1, target[:, None]).squeeze(1).float() - lse
         ctx.save_for_backward(h, w, lse, target)
         ctx.logits = logits
@@ -117,8 +125,9 @@ class _TargetLogProb(torch.autograd.Function):
         logits, ctx.logits = ctx.logits, None
         grad = grad.float()
         with torch.autocast(h.device.type, enabled=False):
-            for s in range(0, logits.size(0), _HEAD_CHUNK_ROWS):
-                e = s + _HEAD_CHUNK_ROWS
+            chunk = _head_chunk(logits.device)
+            for s in range(0, logits.size(0), chunk):
+                e = s + chunk
                 g = grad[s:e, None]
                 d = logits[s:e].float().sub_(lse[s:e, None]).exp_().mul_(-g)  # -g * softmax
                 d.scatter_add_(1, target[s:e, None], g)  # + g at the target

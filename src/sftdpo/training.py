@@ -135,6 +135,18 @@ def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimi
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
+def choose_attention(model, device: torch.device) -> None:
+    """Attention kernels for these tasks' short, variable-length batches. CPU: eager attention instead
+    of SDPA (SDPA's CPU flash kernel is the slower of the two here: its backward took ~15% of an SFT
+    step on 160-token sonnets; eager makes the step ~12% faster). CUDA: SDPA without its cuDNN
+    backend, which builds a plan for every new sequence length (~0.1 s each on an H100; length-bucketed
+    batches and generation meet a new length at nearly every step). Call before LoRA."""
+    if device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation("eager")
+    elif device.type == "cuda" and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -224,6 +236,7 @@ class Run:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.model, self.tok = load_model(cfg.model, seed=cfg.seed)
+        choose_attention(self.model, self.device)
         self.task = make_task(cfg, self.tok)
         self.task.rank, self.task.world_size = self.rank, self.world_size  # each rank trains on its share of every batch
         if cfg.param == "lora":
