@@ -97,3 +97,14 @@ def test_dry_run_lists_runs_without_training(spec, tmp_path, capsys):
     run_study(spec, tmp_path / "s", dry_run=True)
     text = capsys.readouterr().out
     assert "2 runs" in text and "CPU-h" in text and not (tmp_path / "s" / "study.db").exists()
+
+
+def test_demo_without_qqp_data_says_how_to_provide_it(tmp_path, monkeypatch):
+    from sftdpo.study import qqp_available
+
+    monkeypatch.setenv("SFTDPO_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("SFTDPO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    why = qqp_available()
+    assert why and "\n" not in why and "SFTDPO_DATA_DIR" in why and "--train/--dev" in why
