@@ -58,7 +58,7 @@ log = logging.getLogger("sftdpo")
 
 WARMUP_STEPS = {"cpu": 1, "cuda": 3}  # untimed first steps (allocator, kernel selection; CUDA: cuBLAS and caching)
 # batch sizes per task and device type (GPUs get bigger batches, as a user would use)
-BATCH = {"cpu": {"paraphrase": 8, "sonnet": 4}, "cuda": {"paraphrase": 32, "sonnet": 8}}
+BATCH = {"cpu": {"paraphrase": 8, "sonnet": 4, "dpo-sonnet": 3}, "cuda": {"paraphrase": 32, "sonnet": 8}}
 GEN = {"cpu": dict(prompts=8, loop_prompts=2, new_tokens=48), "cuda": dict(prompts=32, loop_prompts=4, new_tokens=96)}
 TARGETS = {
     "sft/paraphrase": 1.5, "sft/sonnet": 1.5,
@@ -503,15 +503,26 @@ def _param_child(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) / 2**20
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        before = _rss_mb("VmRSS")
+        with contextlib.suppress(OSError):  # reset this process's peak RSS (VmHWM) to its current RSS
+            Path("/proc/self/clear_refs").write_text("5")
     steps = sftdpo_steps(model, sft_objective(task), device=device, precision=spec["precision"], lr=cfg.lr,
                          n_steps=spec["warmup"] + spec["steps"])
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = _rss_mb("VmHWM")
     return {"summary": summarise_steps(steps, spec["warmup"]), "trainable": trainable, "total": total,
             "peak_memory_mb": peak, "memory_before_training_mb": before, "training_memory_mb": peak - before}
+
+
+def _rss_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process in MiB. Not getrusage's ru_maxrss: that survives execve, so a
+    spawned child would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_param_child(spec: dict) -> dict:
@@ -589,6 +600,7 @@ class Bench:
         return m
 
     def task(self, task: str, batch: int | None = None, precision: str | None = None):
+        """(config, task) with a fixed subset of batch x (warm-up + steps) training examples."""
         b = batch or self.batch[task]
         cfg = bench_config(task, self.name, b, b * (self.warmup + self.steps), self.device, precision or self.precision)
         return cfg, build_task(cfg, self.tok, self.data_cache)
@@ -654,7 +666,7 @@ class Bench:
                       "tokens/s", ours["tokens_per_s"], peer, "TRL SFTTrainer (torch_compile)", details=details))
 
     def dpo(self, task_name: str) -> None:
-        cfg, task = self.task(task_name)
+        cfg, task = self.task(task_name, batch=self.batch.get(f"dpo-{task_name}"))
         n = self.warmup + self.steps
         torch.manual_seed(0)
         model = self.fresh_model()
@@ -704,8 +716,8 @@ class Bench:
         lora = run_param_child({**spec, "param": "lora"})
         details = {"fft": fft, "lora": lora, "task": "SFT paraphrase", "lora": lora,
                    "lora_config": "r=8, alpha=16, attention projections", "memory": (
-                       "CUDA: torch max_memory_allocated; CPU: peak resident set of a fresh process per configuration "
-                       "(training_memory_mb: its growth during training)")}
+                       "CUDA: torch max_memory_allocated; CPU: peak resident set (VmHWM) during training of a fresh "
+                       "process per configuration (training_memory_mb: its growth over the loaded model and data)")}
         self.add(Line("lora/step-time", f"SFT paraphrase step time, FFT vs LoRA r=8, B={b}, {self.precision}", "s/step",
                       fft["summary"]["median_step_s"], lora["summary"]["median_step_s"], "sftdpo LoRA r=8", details=details))
         self.add(Line("lora/peak-memory", "peak memory during training, FFT vs LoRA r=8", "MiB",
