@@ -1,13 +1,15 @@
 """`sftdpo bench` and the optimised paths it measures: each optimisation gives the plain path's numbers.
 
 Tolerances: fp32 paths agree to 1e-5 (relative) with the plain computation; bf16 autocast losses
-agree with fp32 to 1e-2 (relative); greedy KV-cache generation equals the no-cache loop exactly
+agree with fp32 to 1e-2 (relative); greedy KV-cache generation equals the no-cache loop exactly;
+the top-p nucleus from the top-k candidates keeps exactly HF's TopPLogitsWarper tokens
 (tiny models, fp32). Tiny models and the fixture data only, except the smoke test of the bench
 itself, which uses the data directory's files like the bench does.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -275,6 +277,49 @@ def test_kv_cache_greedy_generation_equals_the_no_cache_loop(tiny):
                                      precision="fp32")
         assert got == loop
         assert len(loop) > 0
+
+
+def test_lora_decodes_merged_with_the_same_tokens_and_leaves_the_model_untouched(tiny):
+    from sftdpo.models import apply_lora
+    from sftdpo.tasks import decode, merged_for_decoding
+
+    name, model, tok = tiny
+    cfg, task = make("sonnet", name, tok, param="lora", lora_targets="all-linear")
+    lora = apply_lora(copy.deepcopy(model), cfg).eval()
+    with torch.no_grad():  # a non-zero adapter (B starts at zero)
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(n)))
+    before = {n: p.clone() for n, p in lora.state_dict().items()}
+    prompts = [task.prompt_text(s) for s in task.train[:4]]
+    merged = task.generate_ids(lora, prompts, CPU, "fp32", temperature=0.0, top_p=1.0, max_new_tokens=12)
+    ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    unmerged = []
+    for i in ids:  # the adapter applied layer by layer, one prompt at a time
+        unmerged += decode(lora, torch.tensor([i]), torch.ones(1, len(i), dtype=torch.long), max_new_tokens=12,
+                           temperature=0.0, top_p=1.0, eos_id=tok.eos_token_id)
+    assert merged == unmerged and any(merged)
+    assert all(torch.equal(before[n], p) for n, p in lora.state_dict().items())  # no merge/unmerge drift
+    assert merged_for_decoding(lora) is not lora
+    with lora.disable_adapter():
+        assert merged_for_decoding(lora) is lora  # adapter off: the base model decodes as is
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.01])  # peaked: the first candidates hold top_p; flat: more are needed
+@pytest.mark.parametrize("top_p", [0.5, 0.9])
+def test_nucleus_keeps_the_same_tokens_as_hf_top_p(scale, top_p):
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from sftdpo.tasks import TOP_P_CANDIDATES, nucleus
+
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * scale  # no ties at the edge
+    p, idx = nucleus(logits, top_p)
+    hf = TopPLogitsWarper(top_p)(None, logits.clone())
+    for r in range(logits.size(0)):
+        ours = set(idx[r][p[r] > 0].tolist())
+        assert ours == set(torch.nonzero(hf[r] > -float("inf")).flatten().tolist())
+        assert torch.allclose(p[r][p[r] > 0], logits[r].softmax(-1)[idx[r][p[r] > 0]])
+    assert (p > 0).sum(-1).max() > TOP_P_CANDIDATES[0] if scale < 1 else (p > 0).sum(-1).max() < TOP_P_CANDIDATES[0]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sftdpo import data as D
-from sftdpo.config import SftdpoError
+from sftdpo.config import RunConfig, SftdpoError
 
 FIX = Path(__file__).parent / "fixtures" / "data"
 QQP = FIX / "qqp"
@@ -262,6 +262,19 @@ def test_subsample() -> None:
     assert D.subsample(items[:3], fraction=0.01) != [] and D.subsample([], fraction=0.5) == []
     with pytest.raises(SftdpoError):
         D.subsample(items, fraction=0)
+
+
+def test_subsample_balanced_by_label() -> None:
+    items = list(range(100))
+    odd = lambda i: i % 10 == 0  # noqa: E731  (10% positives, like a skewed label)
+    b = D.subsample(items, n=12, seed=3, label=odd)
+    assert sum(map(odd, b)) == 6 and len(b) == 12 and b == sorted(b)
+    assert set(D.subsample(items, n=8, seed=3, label=odd)) <= set(b)  # nested in larger budgets
+    assert sum(map(odd, D.subsample(items, n=40, seed=3, label=odd))) == 10  # capped by the rarer label: 10 + 10
+    assert len(D.subsample(items, n=40, seed=3, label=odd)) == 20
+    assert D.subsample(items, n=12, seed=3) != b  # without label: a plain random prefix
+    with pytest.raises(SftdpoError, match="balance-labels only applies"):
+        RunConfig(task="sonnet", balance_labels=True).validate()
 
 
 # -- real files (SFTDPO_DATA_DIR) --------------------------------------------------------------

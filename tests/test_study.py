@@ -34,6 +34,15 @@ def test_grid_expansion_resets_irrelevant_fields_and_hashes_uniquely():
     assert [c.hash() for _, c in expand(spec, {"seed": 5})] != hashes
 
 
+def test_fields_a_run_never_reads_do_not_split_it():
+    spec = {"name": "t", "defaults": {"epochs": 2, "model": "tiny-llama", "balance_labels": True},
+            "grid": {"task": ["paraphrase", "sonnet"], "regime": ["sft", "dpo"], "lr": [1e-5, 1e-4]}}
+    runs = expand(spec)
+    # DPO-only runs have no SFT stage (lr unused); sonnets have no labels to balance
+    assert len([c for _, c in runs if c.regime == "dpo"]) == 2 and len(runs) == 2 + 2 * 2
+    assert all(c.balance_labels == (c.task == "paraphrase") for _, c in runs)
+
+
 def test_shipped_specs_expand():
     quick = expand(load_spec("quick"))
     assert {c.task for _, c in quick} == {"paraphrase", "sonnet"}
@@ -43,6 +52,11 @@ def test_shipped_specs_expand():
     assert {c.lora_rank for _, c in paper if c.param == "lora"} == {4, 8, 16}
     assert {c.data_fraction for _, c in paper} == {0.01, 0.1, 1.0} and {c.seed for _, c in paper} == {0, 1, 2}
     assert all(c.model == "gpt2" and c.epochs == 15 for _, c in paper)
+    # the README's small-size check: a 2-epoch budget collapses SFT@3 and SFT@9 into SFT@1
+    small = expand(load_spec("paper"), {"model": "tiny-gpt2", "epochs": 2, "handoff_epoch": 1})
+    assert {c.handoff_epoch for _, c in small if c.regime == "sft-dpo"} == {1} and len(small) < len(paper)
+    with pytest.raises(SftdpoError, match="--set epochs=2 --set handoff_epoch=1"):
+        expand(load_spec("paper"), {"epochs": 2})
 
 
 def test_bad_spec_is_one_clear_error(tmp_path):

@@ -38,7 +38,6 @@ import logging
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -443,35 +442,11 @@ def cs224n_generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int, eo
     return new
 
 
-class _RecordingModel:
-    """Passes SonnetTask.generate's calls through to the model and keeps the token ids it generated."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self.outputs: list[tuple[int, torch.Tensor]] = []
-
-    def eval(self):
-        self.model.eval()
-        return self
-
-    def generate(self, **kw):
-        out = self.model.generate(**kw)
-        self.outputs.append((kw["input_ids"].size(1), out.detach().cpu()))
-        return out
-
-
 def sftdpo_generate_ids(task, model, prompts: Sequence[str], *, device, precision, max_new_tokens: int,
                         batch_size: int) -> list[list[int]]:
-    """Greedy continuations through SonnetTask.generate (batched, left-padded, KV cache), as token ids."""
-    rec = _RecordingModel(model)
-    task.generate(rec, list(prompts), device, precision, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
-                  num_samples=1, seed=0, batch_size=batch_size)
-    eos = task.tok.eos_token_id
-    out: list[list[int]] = []
-    for width, gen in rec.outputs:
-        for row in gen[:, width:].tolist():
-            out.append(row[: row.index(eos)] if eos in row else row)
-    return out
+    """Greedy continuations through SonnetTask.generate_ids (batched, left-padded, KV cache), as token ids."""
+    return task.generate_ids(model, list(prompts), device, precision, temperature=0.0, top_p=1.0,
+                             max_new_tokens=max_new_tokens, num_samples=1, seed=0, batch_size=batch_size)
 
 
 # ================================================================================================
@@ -487,7 +462,7 @@ def _param_child(spec: dict) -> dict:
     _w.simplefilter("ignore")
     device = torch.device(spec["device"])
     model, tok, _ = load_bench_model(spec["model"])
-    from .training import choose_attention
+    from .training import choose_attention, rss_mb
 
     choose_attention(model, device)
     cfg = bench_config("paraphrase", spec["model"], spec["batch"], spec["n_train"], device, spec["precision"])
@@ -503,7 +478,7 @@ def _param_child(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device) / 2**20
     else:
-        before = _rss_mb("VmRSS")
+        before = rss_mb("VmRSS")
         with contextlib.suppress(OSError):  # reset this process's peak RSS (VmHWM) to its current RSS
             Path("/proc/self/clear_refs").write_text("5")
     steps = sftdpo_steps(model, sft_objective(task), device=device, precision=spec["precision"], lr=cfg.lr,
@@ -511,18 +486,9 @@ def _param_child(spec: dict) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
-        peak = _rss_mb("VmHWM")
+        peak = rss_mb("VmHWM")
     return {"summary": summarise_steps(steps, spec["warmup"]), "trainable": trainable, "total": total,
             "peak_memory_mb": peak, "memory_before_training_mb": before, "training_memory_mb": peak - before}
-
-
-def _rss_mb(field: str) -> float:
-    """VmRSS / VmHWM of this process in MiB. Not getrusage's ru_maxrss: that survives execve, so a
-    spawned child would report the parent's peak."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_param_child(spec: dict) -> dict:
@@ -768,7 +734,7 @@ class Bench:
         self.add(Line("generate/sonnet", f"sonnet generation, greedy, {m} new tokens, {self.precision}: generated tokens/s",
                       "tokens/s", ours, peer, "CS224N loop (no KV cache, one prompt at a time)",
                       details={"sftdpo": {"prompts": len(prompts), "batch": len(prompts), "runs": runs,
-                                          "method": "SonnetTask.generate: left-padded batch, HF generate with KV cache"},
+                                          "method": "SonnetTask.generate_ids: left-padded batch, KV cache, decode loop"},
                                "loop": {"prompts": len(loop_prompts), "runs": loop,
                                         "method": "re-runs the whole sequence for every new token (CS224N SonnetGPT.generate)"}}))
 

@@ -64,6 +64,9 @@ class RunConfig:
     max_train_examples: int | None = None
     max_dev_examples: int | None = None
     data_fraction: float = 1.0
+    # paraphrase: equal yes/no counts in the training subset; for small-budget runs (the paper trains
+    # on the natural split, ~37% duplicates)
+    balance_labels: bool = False
     label_words: str = "yes,no"  # paraphrase answer words (positive,negative); each must be one token
     max_length: int = 512  # tokens per training sequence (prompt + answer); longer ones are truncated from the left of the prompt
     seed: int = 0
@@ -125,6 +128,8 @@ class RunConfig:
             bad("--batch-size and --grad-accum must be >= 1")
         if not 0 < self.data_fraction <= 1:
             bad(f"--data-fraction must be in (0, 1] (got {self.data_fraction})")
+        if self.balance_labels and self.task != "paraphrase":
+            bad("--balance-labels only applies to --task paraphrase")
         if self.logp_reduction not in ("sum", "mean"):
             bad(f"--logp-reduction must be sum or mean (got {self.logp_reduction!r})")
         if self.schedule not in ("linear", "cosine", "constant"):

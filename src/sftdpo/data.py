@@ -18,9 +18,10 @@ import re
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NoReturn, TypeVar
+from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 from .config import SftdpoError, cache_dir, data_dirs, hub_reachable
 
@@ -535,11 +536,14 @@ def write_cs224n_generations(path: str | Path, items: list[tuple[int, str]]) -> 
 # ================================================================================================
 
 
-def subsample(items: list[T], n: int | None = None, fraction: float = 1.0, seed: int = 0) -> list[T]:
+def subsample(items: list[T], n: int | None = None, fraction: float = 1.0, seed: int = 0,
+              label: Callable[[T], Any] | None = None) -> list[T]:
     """Seeded random subset, in the original order: `fraction` of the items, then at most `n`.
 
     Both cuts take a prefix of one seeded permutation, so smaller subsets are nested in larger
-    ones (a data-fraction study adds data rather than resampling it).
+    ones (a data-fraction study adds data rather than resampling it). With `label`, the second cut
+    keeps equal counts per label (the first ones of each in the permutation), so a few-hundred-example
+    run does not spend its few steps learning the majority class.
     """
     if not 0 < fraction <= 1:
         raise SftdpoError(f"data fraction must be in (0, 1] (got {fraction})")
@@ -548,10 +552,24 @@ def subsample(items: list[T], n: int | None = None, fraction: float = 1.0, seed:
     k = len(items)
     if fraction < 1 and items:
         k = max(1, round(k * fraction))  # never round a non-empty set down to nothing
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    if label is not None:
+        pool = order[:k]
+        counts = Counter(label(items[i]) for i in pool)
+        quota = min(counts.values(), default=0)
+        if n is not None and counts:
+            quota = min(quota, n // len(counts))
+        taken: Counter = Counter()
+        keep = []
+        for i in pool:
+            c = label(items[i])
+            if taken[c] < quota:
+                taken[c] += 1
+                keep.append(i)
+        return [items[i] for i in sorted(keep)]
     if n is not None:
         k = min(k, n)
     if k == len(items):
         return list(items)
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
     return [items[i] for i in sorted(order[:k])]

@@ -80,12 +80,16 @@ def normalise(cfg: dict) -> dict:
         irrelevant += DPO_FIELDS
     if out.get("regime") != "sft-dpo":
         irrelevant.append("handoff_epoch")
+    if out.get("regime") == "dpo":
+        irrelevant.append("lr")  # the SFT learning rate; a DPO-only run has no SFT stage
     if out.get("param", "fft") == "fft":
         irrelevant += LORA_FIELDS
     if out.get("task") == "paraphrase":
         irrelevant += [*DECODING_FIELDS, "pairs", "pairs_n", "pairs_top_k", "pairs_temperatures"]
     elif out.get("pairs") in ("v1",):
         irrelevant += ["pairs_n", "pairs_top_k", "pairs_temperatures"]
+    if out.get("task") == "sonnet":
+        irrelevant.append("balance_labels")
     if out.get("pairs") == "v2":
         irrelevant.append("pairs_top_k")
     for f in irrelevant:
@@ -115,7 +119,10 @@ def expand(spec: dict, overrides: dict | None = None) -> list[tuple[str, RunConf
         try:
             rc = RunConfig.from_dict(normalise(cfg)).validate()
         except (SftdpoError, TypeError) as e:
-            raise SftdpoError(f"study spec {spec.get('name')}: grid point {_short(cfg)} is invalid: {e}") from None
+            hint = ""
+            if "--handoff-epoch" in str(e) and "epochs" in (overrides or {}) and "handoff_epoch" not in (overrides or {}):
+                hint = " (a shorter budget needs its hand-off too, e.g. --set epochs=2 --set handoff_epoch=1)"
+            raise SftdpoError(f"study spec {spec.get('name')}: grid point {_short(cfg)} is invalid: {e}{hint}") from None
         runs.setdefault(rc.hash(), (run_name(rc), rc))
     return list(runs.values())
 
@@ -226,15 +233,71 @@ def worker_command(run_dir: Path, prefix_dir: Path, prefix_epochs: Iterable[int]
             "--prefix-epochs", ",".join(map(str, sorted(prefix_epochs)))]
 
 
-def execute_run(run_dir: Path, prefix_dir: Path, prefix_epochs: Iterable[int]) -> tuple[bool, str | None]:
-    """Train one run in a subprocess; (ok, error line). stderr streams through to the user."""
+def execute_run(run_dir: Path, prefix_dir: Path, prefix_epochs: Iterable[int], *, fork: bool = False) -> tuple[bool, str | None]:
+    """Train one run in its own process; (ok, error line). Either way a crash, an OOM kill or kill -9
+    ends that run only. With `fork` (the local executor, where the OS has fork) the process is forked
+    from this one after torch and transformers are imported (`preload_worker`) rather than started
+    afresh: ~5 s less per run, a minute of the quick study."""
     log_path = run_dir / "train.log"
-    with log_path.open("a") as logf:
-        proc = subprocess.run(worker_command(run_dir, prefix_dir, prefix_epochs), stdout=logf, stderr=subprocess.PIPE, text=True)
-        logf.write(proc.stderr)
-    if proc.returncode == 0 and (run_dir / "summary.json").exists():
+    if fork:
+        import multiprocessing
+
+        err_path = run_dir / "train.err"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        proc = multiprocessing.get_context("fork").Process(
+            target=_forked_worker, args=(run_dir, prefix_dir, sorted(prefix_epochs), log_path, err_path))
+        proc.start()
+        proc.join()
+        stderr = err_path.read_text(errors="replace") if err_path.exists() else ""
+        with log_path.open("a") as logf:
+            logf.write(stderr)
+        err_path.unlink(missing_ok=True)
+        code = proc.exitcode if proc.exitcode is not None else 1
+    else:
+        with log_path.open("a") as logf:
+            cp = subprocess.run(worker_command(run_dir, prefix_dir, prefix_epochs), stdout=logf, stderr=subprocess.PIPE, text=True)
+            logf.write(cp.stderr)
+        stderr, code = cp.stderr, cp.returncode
+    if code == 0 and (run_dir / "summary.json").exists():
         return True, None
-    return False, last_error_line(proc.stderr, proc.returncode)
+    return False, last_error_line(stderr, code)
+
+
+def can_fork() -> bool:
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def preload_worker() -> None:
+    """What every run imports, imported once in the process the local executor forks runs from."""
+    from transformers.models.gpt2 import modeling_gpt2  # noqa: F401  (the offline backbones' classes)
+    from transformers.models.llama import modeling_llama  # noqa: F401
+
+    from . import dpo, training  # noqa: F401
+
+
+def _forked_worker(run_dir: Path, prefix_dir: Path, prefix_epochs: list[int], log_path: Path, err_path: Path) -> None:
+    """A forked run process: stdout to the run's train.log, stderr to a file the parent reads back."""
+    out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    err = os.open(err_path, os.O_WRONLY | os.O_TRUNC | os.O_CREAT)
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    # the parent's sys.stdout/stderr may not be fds 1/2 (a pytest capture, a notebook): rebind them
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    code = 1
+    try:
+        code = _worker_main([str(run_dir), "--prefix-dir", str(prefix_dir), "--prefix-epochs", ",".join(map(str, prefix_epochs))])
+    except BaseException:  # noqa: BLE001  (reported like the subprocess's traceback would be)
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # not the parent's atexit handlers
 
 
 def last_error_line(stderr: str, code: int) -> str:
@@ -294,12 +357,15 @@ class Study:
         return sorted(todo, key=lambda nc: {"sft": 0, "sft-dpo": 1, "dpo": 2}[nc[1].regime])
 
     def run_local(self, store: Store, todo: list[tuple[str, RunConfig]]) -> None:
+        fork = can_fork()
+        if fork and todo:
+            preload_worker()
         for i, (name, c) in enumerate(todo, 1):
             h = c.hash()
             store.set_status(h, "running")
             t0 = time.perf_counter()
             print(f"[{i}/{len(todo)}] {name} ...", flush=True)
-            ok, err = execute_run(self.run_dir(name), self.prefix_dir, self.prefix_epochs)
+            ok, err = execute_run(self.run_dir(name), self.prefix_dir, self.prefix_epochs, fork=fork)
             if ok:
                 try:
                     record(store, h, self.run_dir(name))
@@ -482,7 +548,7 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--prefix-dir")
     p.add_argument("--prefix-epochs", default="")
     ns = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     run_dir = Path(ns.run_dir)

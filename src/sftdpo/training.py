@@ -16,6 +16,7 @@ run: the hand-off is a point on the SFT trajectory, and studies can share that p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -104,6 +105,16 @@ def peak_memory_mb(device: torch.device) -> float:
     """CUDA: peak allocated by torch. CPU: the process's peak resident set (includes the runtime)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    return rss_mb("VmHWM")
+
+
+def rss_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process in MiB. Not getrusage's ru_maxrss where /proc has them: that
+    survives execve, so a spawned run process would report its parent's peak if that was higher."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -158,6 +169,18 @@ def save_weights(model, path: Path) -> None:
     save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """copytree with hard links where the file system allows. Checkpoint files are written once (a new
+    directory, then renamed) and never changed in place, so a shared SFT prefix costs no copy."""
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link)
 
 
 def load_weights(model, path: Path) -> None:
@@ -331,7 +354,7 @@ class Run:
                     for name in ("last", "best"):
                         shutil.rmtree(self.ckpt(name), ignore_errors=True)
                         if (src / name).exists():
-                            shutil.copytree(src / name, self.ckpt(name))
+                            link_tree(src / name, self.ckpt(name))
                     shutil.copy(src / "metrics.jsonl", self.out / "metrics.jsonl")
                 barrier()
                 self.prefix_reused = k
@@ -348,9 +371,9 @@ class Run:
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        shutil.copytree(self.ckpt("last"), tmp / "last")
+        link_tree(self.ckpt("last"), tmp / "last")
         if self.ckpt("best").exists():
-            shutil.copytree(self.ckpt("best"), tmp / "best")
+            link_tree(self.ckpt("best"), tmp / "best")
         shutil.copy(self.out / "metrics.jsonl", tmp / "metrics.jsonl")
         os.replace(tmp, final)
 
@@ -363,8 +386,9 @@ class Run:
             return
         last = self.ckpt("last")
         save_weights(self.model, last.with_name("last.new"))
+        final = state.epoch >= self.cfg.epochs  # nothing left to resume: no optimizer state (1 GB for FFT)
         torch.save({
-            "state": state.__dict__, "optimizer": opt.state_dict() if opt else None,
+            "state": state.__dict__, "optimizer": opt.state_dict() if opt and not final else None,
             "scheduler": sched.state_dict() if sched else None, "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }, last.with_name("last.new") / STATE_FILE)
