@@ -107,6 +107,29 @@ def test_study_runs_records_skips_reuses_prefix_and_survives_a_failure(spec, cac
     assert (out / "report" / "report.md").exists()
 
 
+def test_a_run_killed_in_the_study_resumes_to_the_uninterrupted_result(spec, cache, tmp_path, monkeypatch):
+    """kill -9 of a run's process (the local executor forks it from its fork server, which may be
+    older than this test: the run must see the environment of now) is one failed run; the next
+    study invocation resumes it from its epoch checkpoint and ends where an uninterrupted run does."""
+    one = dict(spec, grid={"regime": ["sft"]})
+    run_study(one, tmp_path / "ref", report=False)
+    monkeypatch.setenv("SFTDPO_TEST_DIE_AFTER_EPOCH", "1")
+    out = tmp_path / "killed"
+    run_study(one, out, report=False)
+    with Store(out / "study.db") as store:
+        (r,) = store.runs()
+        assert r["status"] == "failed" and "-9" in r["error"]
+    monkeypatch.delenv("SFTDPO_TEST_DIE_AFTER_EPOCH")
+    run_study(one, out, report=False)
+    with Store(out / "study.db") as store, Store(tmp_path / "ref" / "study.db") as ref:
+        (r,), (want,) = store.runs(), ref.runs()
+        assert r["status"] == "done" and r["summary"]["dev/accuracy"] == want["summary"]["dev/accuracy"]
+        def results(st, h):  # timings (eval_s, train_s) aside
+            return [{k: v for k, v in e["metrics"].items() if not k.endswith("_s")} for e in st.epochs(h)]
+
+        assert results(store, r["run_hash"]) == results(ref, want["run_hash"])
+
+
 def test_dry_run_lists_runs_without_training(spec, tmp_path, capsys):
     run_study(spec, tmp_path / "s", dry_run=True)
     text = capsys.readouterr().out
