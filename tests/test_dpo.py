@@ -202,6 +202,8 @@ def test_reference_logps_cache_hit_and_invalidation(tmp_path, monkeypatch):
     b = built(cfg, tmp_path / "b").objective("dpo")  # same weights, same data, another run
     assert len(calls) == 1 and b.describe()["reference_cache_hit"]
     torch.testing.assert_close(a.ref_chosen, b.ref_chosen, atol=0, rtol=0)
+    lora = built(make_cfg("paraphrase", param="lora"), tmp_path / "lora").objective("dpo")  # adapter-disabled base
+    assert len(calls) == 1 and lora.describe()["reference_cache_hit"]  # == the FFT backbone's reference
     run = built(cfg, tmp_path / "c")  # different weights
     with torch.no_grad():
         next(run.model.parameters()).add_(0.01)

@@ -623,9 +623,10 @@ def make_dpo_objective(run) -> DPOObjective:
                      "unique_prompts": unique_prompts(pairs), "train_sonnets": len(task.train),
                      "pairs_top_k": header.get("top_k"), "pairs_generated": header.get("generated_pairs", len(pairs))})
     data_hash = ps.data_hash()
+    # no adapter_disabled here: a disabled LoRA layer runs its base layer alone, so the adapter-disabled
+    # base and the plain backbone (same fingerprint) share their reference log-probs
     key_fields = {"cache_version": CACHE_VERSION, "task": task.name, "model": cfg.model, "weights": fingerprint,
-                  "adapter_disabled": adapter_disabled, "data": data_hash, "reduction": cfg.logp_reduction,
-                  "precision": run.precision}
+                  "data": data_hash, "reduction": cfg.logp_reduction, "precision": run.precision}
     ref_key = _hash_json(key_fields)[:24]
     cache_file = cache_dir() / "reflogps" / f"{ref_key}.safetensors"
     hit = False

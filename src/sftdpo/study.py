@@ -284,6 +284,11 @@ def _forked_worker(run_dir: Path, prefix_dir: Path, prefix_epochs: list[int], lo
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    import threading
+
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: os._exit would leak its semaphore
     out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     err = os.open(err_path, os.O_WRONLY | os.O_TRUNC | os.O_CREAT)
     os.dup2(out, 1)
