@@ -44,11 +44,13 @@ class Builder:
             correct = np.arange(N_DEV) < round(final * N_DEV)  # deterministic: better runs are right on a superset
             outs = [(f"q{i}", r if c else str(1 - int(r)), r) for i, (r, c) in enumerate(zip(REFS, correct))]
             summary = {"dev/accuracy": final, "dev/macro_f1": final - 0.01, "dev/f1_positive": final - 0.02,
-                       "best/dev/accuracy": final, "best/dev/macro_f1": final - 0.01, "best_epoch": cfg.epochs}
+                       "best/dev/accuracy": final, "best/dev/macro_f1": final - 0.01, "best_epoch": cfg.epochs,
+                       "init/dev/accuracy": 0.5, "init/dev/macro_f1": 0.4}
         else:
             outs = [(f"s{j}", t if rng.random() < final else t[::-1], t) for j, t in enumerate(TRUE_SONNETS)]
             summary = {"dev/chrf": final * scale, "dev/chrf_continuation": final * scale - 5,
-                       "best/dev/chrf": final * scale, "best_epoch": cfg.epochs, "sonnet_source": "cs224n-sonnets"}
+                       "best/dev/chrf": final * scale, "best_epoch": cfg.epochs, "sonnet_source": "cs224n-sonnets",
+                       "init/dev/chrf": 30.0, "init/dev/chrf_continuation": 12.0}
         lora = cfg.param == "lora"
         summary.update({"wall_clock_s": wall * cfg.epochs, "wall_clock_per_epoch_s": wall, "train_tokens_per_s": 5000.0,
                         "peak_memory_mb": 900.0 if lora else 1500.0, "trainable_params": 300_000 if lora else 124_000_000,
@@ -99,6 +101,11 @@ def test_report_tables_numbers_and_paper_column(study):
     assert "85.50 ± 0.71" in lora and "87.70 / 87.00" in lora and "-2.20 / -2.50" in lora
     staged = next(l for l in md.splitlines() if l.startswith("| gpt2 | SFT@2→DPO | FFT |"))
     assert "| — | — |" in staged  # the paper's staged run is SFT@9→DPO: no reference for k=2
+    # the baseline to beat: each backbone's untrained (epoch 0) metrics head its table
+    untrained = next(l for l in md.splitlines() if l.startswith("| gpt2 | untrained (epoch 0) |"))
+    assert "50.00 ± 0.00" in untrained and "40.00 ± 0.00" in untrained
+    untrained = next(l for l in md.splitlines() if l.startswith("| smollm2-135m | untrained (epoch 0) |"))
+    assert "30.00 ± 0.00" in untrained and "12.00 ± 0.00" in untrained
     # sonnets on another backbone: no paper comparison
     assert "n/a (backbone smollm2-135m, paper: gpt2)" in md
     lora_sonnet = next(l for l in md.splitlines() if l.startswith("| smollm2-135m | SFT | — | LoRA r=4 |"))

@@ -69,6 +69,8 @@ def _relevant(cfg: dict, f: str) -> bool:
     """Whether a config field can matter for this run (pairs for SFT or LoRA rank for FFT cannot)."""
     if f in DPO_FIELDS:
         return cfg.get("regime") != "sft"
+    if f == "lr":  # the SFT learning rate; DPO-only runs have no SFT stage
+        return cfg.get("regime") != "dpo"
     if f in LORA_FIELDS:
         return cfg.get("param") == "lora"
     if f in DECODING_FIELDS:
@@ -351,13 +353,24 @@ def _paper_cells(task: str, cond: Condition, keys: list[tuple[str, str, float]])
 
 # -- tables ------------------------------------------------------------------------------------
 
+def untrained_rows(conds: list[Condition], keys: list[tuple[str, str, float]], blanks: int) -> list[list[Cell]]:
+    """One row per backbone: its dev metrics before training (epoch 0, `init/...` in the summaries;
+    the same for every run of a backbone on the same dev set and decoding), the baseline to beat."""
+    rows = []
+    for model in dict.fromkeys(c.cfg.get("model") for c in conds):
+        c = next((c for c in conds if c.cfg.get("model") == model and c.stat(f"init/{keys[0][0]}") is not None), None)
+        if c is not None:
+            rows.append([model, "untrained (epoch 0)", *[""] * blanks, *(c.stat(f"init/{k}", s) for k, _, s in keys)])
+    return rows
+
+
 def table_a(study: Study) -> Table | None:
     conds = study.main_conditions("paraphrase")
     if not conds:
         return None
     keys = TASK_METRICS["paraphrase"]
     sett = _settings(conds, SHOWN)
-    rows = []
+    rows = [r + ["", ""] for r in untrained_rows(conds, keys, 2)]
     for c in conds:
         paper, delta = _paper_cells("paraphrase", c, keys)
         rows.append([c.cfg.get("model"), regime_label(c.cfg), param_label(c.cfg), sett[id(c)],
@@ -373,7 +386,7 @@ def _sonnet_rows(study: Study, conds: list[Condition], with_temp: bool) -> tuple
     keys = TASK_METRICS["sonnet"]
     shown = SHOWN | {"pairs"} | ({"temperature"} if with_temp else set())
     sett = _settings(conds, shown)
-    rows = []
+    rows = [] if with_temp else [r + ["", ""] for r in untrained_rows(conds, keys, 3)]
     for c in conds:
         pairs = c.cfg.get("pairs", "") if c.cfg.get("regime") != "sft" else "—"
         row: list[Cell] = [c.cfg.get("model"), regime_label(c.cfg), pairs, param_label(c.cfg), sett[id(c)]]

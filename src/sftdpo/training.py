@@ -171,16 +171,18 @@ def save_weights(model, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def link_tree(src: Path, dst: Path) -> None:
-    """copytree with hard links where the file system allows. Checkpoint files are written once (a new
-    directory, then renamed) and never changed in place, so a shared SFT prefix costs no copy."""
-    def link(s: str, d: str) -> None:
-        try:
-            os.link(s, d)
-        except OSError:
-            shutil.copy2(s, d)
+def link_file(src: str | Path, dst: str | Path) -> None:
+    """A hard link where the file system allows, else a copy. Checkpoint files are written once (a new
+    directory, then renamed) and never changed in place, so linking them is safe: a shared SFT prefix
+    or a best checkpoint that is also the last costs no copy (an FFT checkpoint is 0.5-1.6 GB)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
-    shutil.copytree(src, dst, copy_function=link)
+
+def link_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, copy_function=link_file)
 
 
 def load_weights(model, path: Path) -> None:
@@ -385,7 +387,13 @@ class Run:
         if not self.is_main:
             return
         last = self.ckpt("last")
-        save_weights(self.model, last.with_name("last.new"))
+        best = self.ckpt("best") / WEIGHTS_FILE
+        if state.best_epoch == state.epoch and best.exists():  # saved a moment ago: the same weights, linked
+            shutil.rmtree(last.with_name("last.new"), ignore_errors=True)
+            last.with_name("last.new").mkdir(parents=True)
+            link_file(best, last.with_name("last.new") / WEIGHTS_FILE)
+        else:
+            save_weights(self.model, last.with_name("last.new"))
         final = state.epoch >= self.cfg.epochs  # nothing left to resume: no optimizer state (1 GB for FFT)
         torch.save({
             "state": state.__dict__, "optimizer": opt.state_dict() if opt and not final else None,
