@@ -394,8 +394,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch
 
 def merged_for_decoding(model):
     """A LoRA model with its (enabled) adapter merged into a copy of its weights, else the model itself.
-    A decode step is launch-bound on CPU, and unmerged LoRA adds two small matmuls per adapted layer:
-    merged, it runs twice as fast. The trained model is left untouched (no merge/unmerge drift)."""
+    A decode step is launch-bound on CPU, and unmerged LoRA adds two small matmuls per adapted layer
+    to every step. The trained model is left untouched (no merge/unmerge drift)."""
     if not hasattr(model, "merge_and_unload"):
         return model
     from peft.tuners.tuners_utils import BaseTunerLayer
