@@ -681,7 +681,7 @@ class Bench:
                     n_train=b * (self.warmup + steps), warmup=self.warmup, steps=steps)
         fft = run_param_child({**spec, "param": "fft"})
         lora = run_param_child({**spec, "param": "lora"})
-        details = {"fft": fft, "lora": lora, "task": "SFT paraphrase", "lora": lora,
+        details = {"fft": fft, "lora": lora, "task": "SFT paraphrase",
                    "lora_config": "r=8, alpha=16, attention projections", "memory": (
                        "CUDA: torch max_memory_allocated; CPU: peak resident set (VmHWM) during training of a fresh "
                        "process per configuration (training_memory_mb: its growth over the loaded model and data)")}

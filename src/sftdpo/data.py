@@ -555,15 +555,14 @@ def subsample(items: list[T], n: int | None = None, fraction: float = 1.0, seed:
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     if label is not None:
-        pool = order[:k]
-        counts = Counter(label(items[i]) for i in pool)
+        labels = {i: label(items[i]) for i in order[:k]}  # in permutation order
+        counts = Counter(labels.values())
         quota = min(counts.values(), default=0)
         if n is not None and counts:
             quota = min(quota, n // len(counts))
         taken: Counter = Counter()
         keep = []
-        for i in pool:
-            c = label(items[i])
+        for i, c in labels.items():
             if taken[c] < quota:
                 taken[c] += 1
                 keep.append(i)

@@ -228,9 +228,13 @@ def record(store: Store, run_hash: str, run_dir: Path) -> None:
     store.finish_run(run_hash, summary, environment(summary), outputs)
 
 
+def worker_args(run_dir: Path, prefix_dir: Path, prefix_epochs: Iterable[int]) -> list[str]:
+    """The run process's arguments (`_worker_main`), forked or started afresh."""
+    return [str(run_dir), "--prefix-dir", str(prefix_dir), "--prefix-epochs", ",".join(map(str, sorted(prefix_epochs)))]
+
+
 def worker_command(run_dir: Path, prefix_dir: Path, prefix_epochs: Iterable[int]) -> list[str]:
-    return [sys.executable, "-m", "sftdpo.study", "worker", str(run_dir), "--prefix-dir", str(prefix_dir),
-            "--prefix-epochs", ",".join(map(str, sorted(prefix_epochs)))]
+    return [sys.executable, "-m", "sftdpo.study", "worker", *worker_args(run_dir, prefix_dir, prefix_epochs)]
 
 
 def execute_run(run_dir: Path, prefix_dir: Path, prefix_epochs: Iterable[int], *, fork: bool = False) -> tuple[bool, str | None]:
@@ -243,7 +247,7 @@ def execute_run(run_dir: Path, prefix_dir: Path, prefix_epochs: Iterable[int], *
     if fork:
         err_path = run_dir / "train.err"
         proc = _fork_context().Process(
-            target=_forked_worker, args=(run_dir, prefix_dir, sorted(prefix_epochs), log_path, err_path, dict(os.environ), os.getcwd()))
+            target=_forked_worker, args=(worker_args(run_dir, prefix_dir, prefix_epochs), log_path, err_path, dict(os.environ), os.getcwd()))
         proc.start()
         proc.join()
         stderr = err_path.read_text(errors="replace") if err_path.exists() else ""
@@ -277,8 +281,7 @@ def _fork_context():
     return ctx
 
 
-def _forked_worker(run_dir: Path, prefix_dir: Path, prefix_epochs: list[int], log_path: Path, err_path: Path,
-                   env: dict[str, str], cwd: str) -> None:
+def _forked_worker(argv: list[str], log_path: Path, err_path: Path, env: dict[str, str], cwd: str) -> None:
     """A forked run process: the study's environment and directory (not the fork server's, which
     started earlier), stdout to the run's train.log, stderr to a file the parent reads back."""
     os.environ.clear()
@@ -298,7 +301,7 @@ def _forked_worker(run_dir: Path, prefix_dir: Path, prefix_epochs: list[int], lo
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     code = 1
     try:
-        code = _worker_main([str(run_dir), "--prefix-dir", str(prefix_dir), "--prefix-epochs", ",".join(map(str, prefix_epochs))])
+        code = _worker_main(argv)
     except BaseException:  # noqa: BLE001  (reported like the subprocess's traceback would be)
         import traceback
 
