@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 FIX = Path(__file__).parent / "fixtures" / "data"
 SONNET_FILES = dict(train=str(FIX / "sonnets" / "sonnets.txt"), dev=str(FIX / "sonnets" / "TRUE_sonnets_held_out_dev.txt"))
@@ -51,3 +52,60 @@ def write_synthetic_qqp(path: Path, n: int, seed: int = 0) -> Path:
             rows.append(f"{i} q{i}\tHow do I {a}?\tWhy do people {b}?\t0.0")
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+# -- tiny models on small data written for the tests (the paths compared in test_ops/test_dpo) ---------
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, dict]:
+    """Twelve sonnets of 5 to 10 lines (so batches need padding) and 16 QQP pairs, written for these tests."""
+    d = tmp_path_factory.mktemp("tiny-data")
+    lines = [ln.strip() for ln in (FIX / "sonnets" / "sonnets.txt").read_text().splitlines()
+             if ln.strip() and not ln.strip().isdigit()][3:]
+    chunks = []
+    for i in range(12):
+        n = 5 + (i * 7) % 6
+        chunks.append(f"{i + 1}\n\n" + "\n".join(lines[(i + j) % len(lines)] for j in range(n)))
+    (d / "sonnets.txt").write_text("Header\n\n" + "\n\n".join(chunks) + "\n")
+    (d / "dev.txt").write_text("Header\n\n" + "\n\n".join(chunks[:3]) + "\n")
+    write_synthetic_qqp(d / "train.csv", 16, seed=1)
+    write_synthetic_qqp(d / "dev.csv", 8, seed=2)
+    return {"paraphrase": dict(train=str(d / "train.csv"), dev=str(d / "dev.csv")),
+            "sonnet": dict(train=str(d / "sonnets.txt"), dev=str(d / "dev.txt"))}
+
+
+@pytest.fixture(params=["tiny-gpt2", "tiny-llama"])
+def tiny(request, cache):
+    """(name, model, tokenizer) of a seeded tiny model in eval mode (dropout off: paths compared on one function)."""
+    from sftdpo.models import load_model
+
+    if request.param == "tiny-gpt2":
+        require_tiny_gpt2()
+    model, tok = load_model(request.param, seed=1)
+    model.eval()
+    return request.param, model, tok
+
+
+def make_tiny_task(data: dict, task: str, model: str, tok, **kw):
+    """(config, task) for a tiny model on `tiny_data`."""
+    from sftdpo.config import RunConfig
+    from sftdpo.tasks import make_task
+
+    cfg = RunConfig(task=task, model=model, batch_size=4, max_train_examples=12, max_dev_examples=4, device="cpu",
+                    precision="fp32", **{**data[task], **kw})
+    return cfg, make_task(cfg, tok)
+
+
+def plain_token_logps(model, batch) -> torch.Tensor:
+    """The plain path: the model's full forward, fp32 log-softmax over every position, (B, L-1), 0 where ignored."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    target = batch.labels[:, 1:]
+    mask = target != -100
+    lp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+    return lp * mask
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max-norm relative difference |a - b|_max / |b|_max."""
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))

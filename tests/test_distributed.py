@@ -21,11 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sftdpo import dpo, training
+from sftdpo.objectives.dpo import DPOObjective
+from sftdpo.objectives.dpo.pairs import paraphrase_pair_set
+from sftdpo.objectives.sft import SFTObjective
+from sftdpo.train import loop as training
 from sftdpo.config import RunConfig, SftdpoError, find_in_data_dirs
 from sftdpo.distributed import init_from_env, shard
 from sftdpo.models import load_model
-from sftdpo.training import Run, SFTObjective
+from sftdpo.train.loop import Run
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 COMMON = dict(model="tiny-gpt2", precision="fp32", device="cpu", max_dev_examples=16, eval_batch_size=8, log_every=2)
@@ -34,7 +37,7 @@ COMMON = dict(model="tiny-gpt2", precision="fp32", device="cpu", max_dev_example
 ENTRY = """
 import os, sys
 import torch
-from sftdpo import training
+from sftdpo.train import loop as training
 from sftdpo.cli import main
 from sftdpo.distributed import barrier
 
@@ -147,9 +150,9 @@ def test_shares_sum_to_the_global_batch_gradient(_needs_data, tmp_path, monkeypa
     if stage == "sft":
         obj = SFTObjective(t)
     else:
-        ps = dpo.paraphrase_pair_set(t)
+        ps = paraphrase_pair_set(t)
         g = torch.Generator().manual_seed(0)
-        obj = dpo.DPOObjective(run, ps, -10 + torch.rand(len(ps), generator=g), -10 + torch.rand(len(ps), generator=g), {})
+        obj = DPOObjective(run.cfg, t, ps, -10 + torch.rand(len(ps), generator=g), -10 + torch.rand(len(ps), generator=g), {})
 
     t.world_size = 1  # one process with batch 2 x bs: the global batches
     t.cfg.batch_size = 2 * bs

@@ -12,10 +12,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sftdpo import dpo
+from sftdpo.bench import sonnet_bench_pairs
 from sftdpo.config import RunConfig, SftdpoError
 from sftdpo.models import autocast, load_model
-from sftdpo.training import Run, trainable_state
+from sftdpo.objectives import StageContext
+from sftdpo.objectives.dpo import build_dpo_objective, dpo_loss, loss as dpo_loss_module, pairs as dpo_pairs
+from sftdpo.objectives.dpo import reference as dpo_reference
+from sftdpo.objectives.dpo.pairs import (collate_sequence_pairs, paraphrase_pair_set, prompt_batch, read_pairs,
+                                         select_top_k, sonnet_pair_set, unique_prompts)
+from sftdpo.objectives.dpo.reference import compute_reference_logps
+from sftdpo.ops.batching import pad_batch
+from sftdpo.ops.logprobs import next_token_logps, sequence_logps
+from sftdpo.models import weights_fingerprint
+from sftdpo.tasks import make_task
+from sftdpo.train.checkpoint import trainable_state
+from sftdpo.train.loop import Run
+
+from conftest import make_tiny_task, plain_token_logps, rel
+
+CPU = torch.device("cpu")
 
 FIX = Path(__file__).parent / "fixtures" / "data"
 DATA = {
@@ -68,11 +83,11 @@ def perturb_adapter(model, seed=1):
 
 def all_pair_logps(model, task):
     """Paraphrase (chosen, rejected) log-probs of every training pair, in pair order."""
-    ps = dpo.paraphrase_pair_set(task)
-    b, yes = dpo._paraphrase_batch(task, ps, list(range(len(ps))))
+    ps = paraphrase_pair_set(task)
+    b, chosen, rejected = prompt_batch(task, ps, list(range(len(ps))))
     with torch.no_grad():
         model.eval()
-        return dpo.paraphrase_pair_logps(model, b, task.yes_id, task.no_id, yes)
+        return next_token_logps(model, b, chosen, rejected)
 
 
 # -- the loss ----------------------------------------------------------------------------------
@@ -90,7 +105,7 @@ def test_loss_matches_hand_computation(loss_type):
         "hinge": [max(0.0, 1 - beta * d) for d in deltas],
         "robust": [(-(1 - eps) * math.log(sig(beta * d)) + eps * math.log(sig(-beta * d))) / (1 - 2 * eps) for d in deltas],
     }[loss_type]
-    loss, m = dpo.dpo_loss(pc, pr, rc, rr, beta, loss_type, eps if loss_type == "robust" else 0.0)
+    loss, m = dpo_loss(pc, pr, rc, rr, beta, loss_type, eps if loss_type == "robust" else 0.0)
     assert loss.item() == pytest.approx(sum(per) / 2, abs=1e-6)
     # rewards: beta * (policy - ref); chosen rewards 0.5, -0.5; rejected -0.25, 0.25
     assert m["rewards/chosen"].item() == pytest.approx(0.0)
@@ -99,13 +114,13 @@ def test_loss_matches_hand_computation(loss_type):
     assert m["rewards/accuracies"].item() == pytest.approx(0.5)
     assert m["logps/chosen"].item() == pytest.approx(-2.5)
     assert m["logps/rejected"].item() == pytest.approx(-2.5)
-    assert set(m) == set(dpo.METRIC_NAMES)
+    assert set(m) == set(dpo_loss_module.METRIC_NAMES)
 
 
 def test_label_smoothing_only_for_robust():
     x = torch.zeros(1)
     with pytest.raises(ValueError):
-        dpo.dpo_loss(x, x, x, x, 0.1, "sigmoid", 0.1)
+        dpo_loss(x, x, x, x, 0.1, "sigmoid", 0.1)
 
 
 # -- the start-of-DPO invariant ----------------------------------------------------------------
@@ -132,12 +147,12 @@ def test_paraphrase_single_forward_equals_two_forwards(tmp_path):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     model.eval()
-    ps = dpo.paraphrase_pair_set(task)
+    ps = paraphrase_pair_set(task)
     rows = list(range(len(ps)))
-    b, yes = dpo._paraphrase_batch(task, ps, rows)
+    b, chosen, rejected = prompt_batch(task, ps, rows)
     calls = []
     hook = model.get_decoder().register_forward_hook(lambda *a: calls.append(1))
-    pc, pr = dpo.paraphrase_pair_logps(model, b, task.yes_id, task.no_id, yes)
+    pc, pr = next_token_logps(model, b, chosen, rejected)
     hook.remove()
     assert len(calls) == 1  # one decoder pass gives both responses' log-probs
     # two separate full forwards: prompt + chosen token, prompt + rejected token
@@ -152,11 +167,11 @@ def test_paraphrase_single_forward_equals_two_forwards(tmp_path):
     torch.testing.assert_close(pc, two[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(pr, two[1], atol=1e-5, rtol=0)
     # and through sequence_logps (the sonnet path) on the concatenated rows
-    seq = dpo.sequence_logps(model, dpo.collate_sequence_pairs(ps, rows, task.pad_id), "sum")
+    seq = sequence_logps(model, collate_sequence_pairs(ps, rows, task.pad_id), "sum")
     torch.testing.assert_close(seq, torch.cat(two), atol=1e-5, rtol=0)
     ref_c, ref_r = torch.randn(len(rows)), torch.randn(len(rows))
-    one_loss, _ = dpo.dpo_loss(pc, pr, ref_c, ref_r, 0.1)
-    two_loss, _ = dpo.dpo_loss(two[0], two[1], ref_c, ref_r, 0.1)
+    one_loss, _ = dpo_loss(pc, pr, ref_c, ref_r, 0.1)
+    two_loss, _ = dpo_loss(two[0], two[1], ref_c, ref_r, 0.1)
     assert one_loss.item() == pytest.approx(two_loss.item(), abs=1e-6)
 
 
@@ -194,8 +209,8 @@ def test_sft_lora_dpo_reference_is_the_adapter_at_handoff(tmp_path):
 
 def test_reference_logps_cache_hit_and_invalidation(tmp_path, monkeypatch):
     calls = []
-    real = dpo.compute_reference_logps
-    monkeypatch.setattr(dpo, "compute_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dpo_reference.compute_reference_logps
+    monkeypatch.setattr(dpo_reference, "compute_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = make_cfg("paraphrase")
     a = built(cfg, tmp_path / "a").objective("dpo")
     assert len(calls) == 1 and not a.describe()["reference_cache_hit"]
@@ -224,25 +239,27 @@ def test_sonnet_pairs_are_cached_and_v3_reuses_v2_generations(tmp_path, monkeypa
     calls = []
     real = run.task.generate
     monkeypatch.setattr(run.task, "generate", lambda *a, **k: calls.append(k["temperature"]) or real(*a, **k))
-    pairs, path = dpo.build_sonnet_pairs(run.task, run.model, run.cfg, run.device, run.precision)
+    build = lambda cfg: dpo_pairs.build_sonnet_pairs(run.task, run.model, cfg, run.device, run.precision,  # noqa: E731
+                                                      fingerprint=weights_fingerprint(run.model, cfg))
+    pairs, path = build(run.cfg)
     assert calls == [0.7, 1.3]  # samples 0, 2 at 0.7 and sample 1 at 1.3
     assert len(pairs) == 4 and path.exists() and path.parent == Path(tmp_path / "cache" / "pairs")
-    header, stored = dpo.read_pairs(path)
+    header, stored = read_pairs(path)
     assert stored == pairs and header["version"] == "v3" and header["top_k"] == 4 and header["generated_pairs"] == 9
-    assert header["unique_prompts"] == dpo.unique_prompts(pairs) and header["fingerprint"]
+    assert header["unique_prompts"] == unique_prompts(pairs) and header["fingerprint"]
     gaps = [p["gap"] for p in pairs]
     assert gaps == sorted(gaps, reverse=True)
-    again, path2 = dpo.build_sonnet_pairs(run.task, run.model, run.cfg, run.device, run.precision)
+    again, path2 = build(run.cfg)
     assert path2 == path and again == pairs and len(calls) == 2  # no generation the second time
     more = RunConfig.from_dict({**run.cfg.to_dict(), "pairs_top_k": 6})
-    six, _ = dpo.build_sonnet_pairs(run.task, run.model, more, run.device, run.precision)
+    six, _ = build(more)
     assert len(six) == 6 and six[:4] == pairs and len(calls) == 2  # other K: v2's generations reused
     v2 = RunConfig.from_dict({**run.cfg.to_dict(), "pairs": "v2"})
-    all_pairs, _ = dpo.build_sonnet_pairs(run.task, run.model, v2, run.device, run.precision)
+    all_pairs, _ = build(v2)
     assert len(all_pairs) == 9 and [p["temperature"] for p in all_pairs[:3]] == [0.7, 1.3, 0.7]
     with torch.no_grad():  # other generating weights: generate again
         next(run.model.parameters()).add_(0.01)
-    dpo.build_sonnet_pairs(run.task, run.model, run.cfg, run.device, run.precision)
+    build(run.cfg)
     assert len(calls) == 4
 
 
@@ -254,14 +271,14 @@ def test_v3_selection_order_and_unique_prompts():
                 "sample_index": j, "gap": gap}
 
     pairs = [pair(0, 0, 50.0), pair(0, 1, 90.0), pair(1, 0, 90.0), pair(1, 1, 70.0), pair(2, 0, 90.0), pair(2, 1, 10.0)]
-    order = [(p["prompt_index"], p["sample_index"]) for p in dpo.select_top_k(pairs, 6)]
+    order = [(p["prompt_index"], p["sample_index"]) for p in select_top_k(pairs, 6)]
     assert order == [(0, 1), (1, 0), (2, 0), (1, 1), (0, 0), (2, 1)]
     shuffled = [pairs[i] for i in (5, 3, 1, 0, 4, 2)]  # input order does not matter
-    assert dpo.select_top_k(shuffled, 4) == dpo.select_top_k(pairs, 4)
-    top2 = dpo.select_top_k(pairs, 2)
-    assert dpo.unique_prompts(top2) == 2
-    assert dpo.unique_prompts(dpo.select_top_k([pair(0, j, 99.0 - j) for j in range(4)] + [pair(1, 0, 1.0)], 3)) == 1
-    assert dpo.select_top_k(pairs, 10) == dpo.select_top_k(pairs, 6)
+    assert select_top_k(shuffled, 4) == select_top_k(pairs, 4)
+    top2 = select_top_k(pairs, 2)
+    assert unique_prompts(top2) == 2
+    assert unique_prompts(select_top_k([pair(0, j, 99.0 - j) for j in range(4)] + [pair(1, 0, 1.0)], 3)) == 1
+    assert select_top_k(pairs, 10) == select_top_k(pairs, 6)
 
 
 # -- the hand-off and resuming mid-DPO ---------------------------------------------------------
@@ -308,8 +325,8 @@ def test_handoff_and_resume_mid_dpo(tmp_path, monkeypatch):
     shutil.rmtree(broken / "dpo")
 
     calls = []
-    real = dpo.compute_reference_logps
-    monkeypatch.setattr(dpo, "compute_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dpo_reference.compute_reference_logps
+    monkeypatch.setattr(dpo_reference, "compute_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
     resumed = Run(cfg, part).train()
     assert calls == []  # the reference came from the run directory, not from the current weights
     assert resumed["stages"]["dpo"]["reused_from_run_dir"]
@@ -332,3 +349,65 @@ def test_dpo_lr_zero_leaves_weights_bit_identical(tmp_path):
     assert before.keys() == after.keys()
     for k in before:
         assert torch.equal(before[k].view(torch.int32), after[k].view(torch.int32)), k
+
+
+# -- optimised DPO paths against full forwards (tiny-gpt2 and tiny-llama) ---------------------------
+
+def test_single_forward_paraphrase_pair_logps_equal_two_full_forwards(tiny, tiny_data):
+    name, model, tok = tiny
+    cfg, task = make_tiny_task(tiny_data, "paraphrase", name, tok)
+    ps = paraphrase_pair_set(task)
+    rows = list(range(len(ps)))
+    batch, chosen, rejected = prompt_batch(task, ps, rows)
+    with torch.no_grad():
+        c1, r1 = next_token_logps(model, batch, chosen, rejected)
+        for j, i in enumerate(rows):
+            for resp, got in ((ps.chosen[i], c1[j]), (ps.rejected[i], r1[j])):
+                seq = pad_batch([ps.prompt[i] + resp], task.pad_id, [i])
+                seq.labels = torch.tensor([[-100] * len(ps.prompt[i]) + resp])
+                full = plain_token_logps(model, seq).sum()  # a full forward of prompt + response
+                assert rel(got, full) < 1e-5
+
+
+def test_bucketed_sonnet_pair_batches_equal_per_pair_full_forwards(tiny, tiny_data):
+    name, model, tok = tiny
+    cfg, task = make_tiny_task(tiny_data, "sonnet", name, tok)
+    ps = sonnet_pair_set(task, sonnet_bench_pairs(task))
+    ref_c, ref_r = compute_reference_logps(model, task, ps, cfg, CPU, "fp32", adapter_disabled=False)
+    with torch.no_grad():
+        for i in range(len(ps)):
+            b = collate_sequence_pairs(ps, [i], task.pad_id)
+            lp = plain_token_logps(model, b).sum(-1)
+            assert rel(ref_c[i], lp[0]) < 1e-5 and rel(ref_r[i], lp[1]) < 1e-5
+
+
+def test_mean_reduction_matches_the_plain_path(tiny, tiny_data):
+    name, model, tok = tiny
+    cfg, task = make_tiny_task(tiny_data, "sonnet", name, tok)
+    ps = sonnet_pair_set(task, sonnet_bench_pairs(task))
+    b = collate_sequence_pairs(ps, [0, 1, 2], task.pad_id)
+    with torch.no_grad():
+        got = sequence_logps(model, b, "mean")
+        lp = plain_token_logps(model, b)
+        expected = lp.sum(-1) / (b.labels[:, 1:] != -100).sum(-1)
+    assert rel(got, expected) < 1e-5
+
+
+def test_cached_reference_logps_equal_recomputed_ones(tiny, tiny_data, tmp_path, monkeypatch):
+    name, model, tok = tiny
+    monkeypatch.setenv("SFTDPO_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = RunConfig(task="paraphrase", model=name, regime="dpo", batch_size=4, max_train_examples=12, max_dev_examples=4,
+                    device="cpu", precision="fp32", **tiny_data["paraphrase"])
+    task = make_task(cfg, tok)
+    first = build_dpo_objective(StageContext(cfg, task, model, CPU, "fp32", tmp_path / "run1"))
+    second = build_dpo_objective(StageContext(cfg, task, model, CPU, "fp32", tmp_path / "run2"))
+    assert not first.info["reference_cache_hit"] and second.info["reference_cache_hit"]
+    fresh_c, fresh_r = compute_reference_logps(model, task, second.ps, cfg, CPU, "fp32", adapter_disabled=False)
+    torch.testing.assert_close(second.ref_chosen, fresh_c, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(second.ref_rejected, fresh_r, rtol=1e-6, atol=1e-6)
+    # and the first DPO batch's loss starts at ln 2 (policy == reference) with the cached values
+    obj = second
+    batch = next(iter(obj.batches(1)))
+    with torch.no_grad():
+        loss, _ = obj.loss(model, batch)
+    assert abs(loss.item() - 0.6931471805599453) < 1e-5

@@ -5,7 +5,8 @@ import torch
 
 from sftdpo.config import RunConfig, SftdpoError
 from sftdpo.models import apply_lora, count_params, load_model, single_token_id
-from sftdpo.tasks import last_token_logits, pad_batch
+from sftdpo.ops.batching import pad_batch
+from sftdpo.ops.logprobs import last_token_logits
 
 from conftest import require_tiny_gpt2
 

@@ -16,7 +16,7 @@ import yaml
 
 from sftdpo.cli import main
 from sftdpo.config import RunConfig
-from sftdpo.ray_executor import after_failure, forwarded_env, plan_prefix_waits
+from sftdpo.study.ray import after_failure, forwarded_env, plan_prefix_waits
 from sftdpo.store import Store
 from sftdpo.study import expand, run_study
 
@@ -175,14 +175,14 @@ def by_name(res: dict, prefix: str) -> dict:
 
 
 def worker_processes(run_dir_part: str) -> list[int]:
-    """pids of `python -m sftdpo.study worker` processes whose run directory contains run_dir_part."""
+    """pids of `python -m sftdpo.train.worker` processes whose run directory contains run_dir_part."""
     pids = []
     for p in Path("/proc").glob("[0-9]*"):
         try:
             cmd = (p / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"sftdpo.study" in cmd and any(run_dir_part.encode() in a for a in cmd):
+        if b"sftdpo.train.worker" in cmd and any(run_dir_part.encode() in a for a in cmd):
             pids.append(int(p.name))
     return pids
 

@@ -8,6 +8,7 @@ import yaml
 from sftdpo.config import SftdpoError
 from sftdpo.store import Store
 from sftdpo.study import expand, load_spec, run_study
+from sftdpo.data import qqp_available
 
 from conftest import write_synthetic_qqp
 
@@ -137,8 +138,6 @@ def test_dry_run_lists_runs_without_training(spec, tmp_path, capsys):
 
 
 def test_demo_without_qqp_data_says_how_to_provide_it(tmp_path, monkeypatch):
-    from sftdpo.study import qqp_available
-
     monkeypatch.setenv("SFTDPO_DATA_DIR", str(tmp_path / "empty"))
     monkeypatch.setenv("SFTDPO_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -14,8 +14,9 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from sftdpo.config import RunConfig, SftdpoError
 from sftdpo.data import ParaphraseExample, read_cs224n_sonnets
-from sftdpo.tasks import CS224N_PROMPT, bucketed_batches
-from sftdpo.training import Run, evaluate_run, train
+from sftdpo.ops.batching import bucketed_batches
+from sftdpo.tasks import CS224N_PROMPT
+from sftdpo.train.loop import Run, evaluate_run, train
 
 from conftest import SONNET_FILES, write_synthetic_qqp
 

@@ -17,9 +17,10 @@ Method (same for both sides of every line):
   * Same model weights (one load, deep-copied for each measurement), same tokenizer, same training
     examples (a fixed subset: batch x (warm-up + steps) examples from the data directory), same seed,
     same batch size, same precision (bf16 autocast with fp32 master weights where the hardware has it).
-  * sftdpo's steps run through its real code paths: the task's `sft_loss` (SFT) and `DPOObjective.loss`
-    with reference log-probs from `compute_reference_logps` (DPO), in the training loop's step (autocast
-    forward, backward, gradient clipping, AdamW, LR schedule, zero_grad, loss.item()).
+  * sftdpo's steps are the training loop's own step, `train.step.train_step` (autocast forward of the
+    objective's loss, backward, gradient clipping, AdamW, LR schedule, zero_grad, the loss read back),
+    over the real objectives: `SFTObjective` and `DPOObjective` with reference log-probs from
+    `compute_reference_logps`.
   * TRL runs its own `train()`; a TrainerCallback times each step from on_step_begin to on_step_end, so
     data loading and setup are excluded on both sides. No eval, no saving, no logging. Gradient
     checkpointing off (TRL's default is on; sftdpo does not checkpoint).
@@ -35,7 +36,7 @@ import contextlib
 import copy
 import json
 import logging
-import math
+import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -43,15 +44,30 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.utils import logging as hf_logging
+
 from .config import RunConfig, SftdpoError
-from .models import autocast, count_params, load_model, resolve_device, resolve_precision
+from .data import load_paraphrase_data, load_sonnet_data
+from .models import (_gpt2_tokenizer, apply_lora, autocast, count_params, load_model, prepare_tokenizer, resolve_device,
+                     resolve_precision)
+from .objectives.dpo import DPOObjective
+from .objectives.dpo.pairs import paraphrase_pair_set, sonnet_pair_set
+from .objectives.dpo.reference import compute_reference_logps
+from .objectives.sft import SFTObjective
+from .system import cpu_bf16, cpu_model, rss_mb
+from .tasks import ParaphraseTask, SonnetTask
+from .train.loop import choose_attention
+from .train.step import make_optimizer, make_scheduler, train_step
 
 log = logging.getLogger("sftdpo")
 
@@ -108,25 +124,13 @@ class Line:
 
 def machine_description(device: torch.device) -> dict:
     d: dict[str, Any] = {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                         "cpus": os.cpu_count(), "python": platform.python_version()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                d["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-        flags = Path("/proc/cpuinfo").read_text()
-        d["cpu_bf16"] = "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        pass
+                         "cpus": os.cpu_count(), "python": platform.python_version(), "cpu_model": cpu_model(),
+                         "cpu_bf16": cpu_bf16()}
     if device.type == "cuda":
         d["gpu"] = torch.cuda.get_device_name(device)
     for name in ("transformers", "peft", "trl", "accelerate", "datasets"):
-        try:
-            from importlib.metadata import version
-
+        with contextlib.suppress(PackageNotFoundError):
             d[name] = version(name)
-        except Exception:  # noqa: BLE001 - not installed
-            pass
     return d
 
 
@@ -144,10 +148,6 @@ def load_bench_model(name: str, seed: int = 0):
     except SftdpoError:
         if name not in ("gpt2", "gpt2-random"):
             raise
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from .models import _gpt2_tokenizer, prepare_tokenizer
-
     tok = _gpt2_tokenizer()
     config = GPT2Config(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     with torch.random.fork_rng():
@@ -166,9 +166,6 @@ def bench_config(task: str, model: str, batch: int, n_train: int, device: torch.
 
 def build_task(cfg: RunConfig, tok, cache: dict):
     """Tasks built from the real data directory (data files read once per bench run)."""
-    from .data import load_paraphrase_data, load_sonnet_data
-    from .tasks import ParaphraseTask, SonnetTask
-
     if cfg.task not in cache:
         cache[cfg.task] = load_paraphrase_data(cfg.train, cfg.dev) if cfg.task == "paraphrase" else load_sonnet_data(cfg.train, cfg.dev)
     data = cache[cfg.task]
@@ -191,35 +188,24 @@ def sonnet_bench_pairs(task) -> list[dict]:
 
 def sftdpo_steps(model, obj, *, device: torch.device, precision: str, lr: float, n_steps: int,
                  max_grad_norm: float = 1.0) -> list[dict]:
-    """Run the objective's first `n_steps` batches of epoch 1 through training.Run.train_epoch's step
-    (autocast forward of obj.loss, backward, clip, training.make_optimizer's AdamW, LR schedule,
-    zero_grad, loss.item()). Returns one record per step: seconds, tokens, rows, loss."""
-    from .training import lr_lambda, make_optimizer
-
+    """Time the objective's first `n_steps` batches of epoch 1, each one optimizer step of the training
+    loop's `train_step` (the LR schedule of a run of n_steps steps, 10% warm-up). Returns one record
+    per step: seconds, tokens, rows, loss."""
     model.train(obj.train_mode)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr, 0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(max(n_steps, 1), 0.1, "linear"))
+    sched = make_scheduler(opt, max(n_steps, 1), 0.1, "linear")
     out: list[dict] = []
-    opt.zero_grad(set_to_none=True)
     for i, batch in enumerate(obj.batches(1)):
         if i >= n_steps:
             break
-        batch = batch.to(device)
         _sync(device)
         t0 = time.perf_counter()
-        with autocast(device, precision):
-            loss, _ = obj.loss(model, batch)
-        loss.backward()
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        value = loss.item()
+        (mb,) = train_step(model, obj, [batch], opt, sched, params, device=device, precision=precision,
+                           max_grad_norm=max_grad_norm, accum=1)
         _sync(device)
         rows = batch.ref_chosen.numel() if hasattr(batch, "ref_chosen") else batch.input_ids.size(0)
-        out.append({"s": time.perf_counter() - t0, "tokens": obj.n_tokens(batch), "rows": rows, "loss": value})
+        out.append({"s": time.perf_counter() - t0, "tokens": mb.tokens, "rows": rows, "loss": mb.loss})
     return out
 
 
@@ -238,28 +224,19 @@ def summarise_steps(steps: list[dict], warmup: int) -> dict:
     }
 
 
-def sft_objective(task):
-    from .training import SFTObjective
-
-    return SFTObjective(task)
-
-
 def sftdpo_dpo_objective(model, task, cfg: RunConfig, device: torch.device, precision: str):
     """(DPOObjective, precompute seconds): pairs as a DPO run builds them and the reference log-probs
     from compute_reference_logps (the pass a run makes once before its DPO stage)."""
-    from . import dpo
-
     if task.name == "paraphrase":
-        ps = dpo.paraphrase_pair_set(task)
+        ps = paraphrase_pair_set(task)
     else:
-        ps = dpo.sonnet_pair_set(task, sonnet_bench_pairs(task))
+        ps = sonnet_pair_set(task, sonnet_bench_pairs(task))
     _sync(device)
     t0 = time.perf_counter()
-    ref_c, ref_r = dpo.compute_reference_logps(model, task, ps, cfg, device, precision, adapter_disabled=False)
+    ref_c, ref_r = compute_reference_logps(model, task, ps, cfg, device, precision, adapter_disabled=False)
     _sync(device)
     pre_s = time.perf_counter() - t0
-    run = SimpleNamespace(cfg=cfg, task=task)
-    return dpo.DPOObjective(run, ps, ref_c, ref_r, {"bench": True}), pre_s
+    return DPOObjective(cfg, task, ps, ref_c, ref_r, {"bench": True}), pre_s
 
 
 # ================================================================================================
@@ -288,16 +265,12 @@ def _trl_quiet():
     for name in ("trl", "transformers", "datasets", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        from transformers.utils import logging as hf_logging
-
         hf_logging.set_verbosity_error()
     except Exception:  # noqa: BLE001
         pass
 
 
 def _step_timer(device: torch.device):
-    from transformers import TrainerCallback
-
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.times: list[float] = []
@@ -327,8 +300,6 @@ def _trl_args(device: torch.device, precision: str, batch: int, max_steps: int, 
 
 def _silence(trainer) -> None:
     """No end-of-training summary printed by the Trainer (logging is off; it prints one anyway)."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
 
@@ -409,10 +380,10 @@ def trl_dpo(model, ref_model, tok, task, pairs: list[dict], *, device, precision
 
 
 def paraphrase_text_pairs(task) -> list[dict]:
+    """The DPO run's paraphrase pairs (paraphrase_pair_set) as text, for TRL."""
     dec = task.tok.decode
-    other = {task.yes_id: task.no_id, task.no_id: task.yes_id}
-    return [{"prompt": task.prompt(e), "chosen": dec([lab]), "rejected": dec([other[lab]])}
-            for e, lab in zip(task.train, task.train_labels)]
+    ps = paraphrase_pair_set(task)
+    return [{"prompt": task.prompt(e), "chosen": dec(c), "rejected": dec(r)} for e, c, r in zip(task.train, ps.chosen, ps.rejected)]
 
 
 # ================================================================================================
@@ -457,20 +428,14 @@ def sftdpo_generate_ids(task, model, prompts: Sequence[str], *, device, precisio
 def _param_child(spec: dict) -> dict:
     """Runs in a fresh process: build the model and the paraphrase task, apply LoRA if asked, time SFT steps."""
     logging.disable(logging.WARNING)
-    import warnings as _w
-
-    _w.simplefilter("ignore")
+    warnings.simplefilter("ignore")
     device = torch.device(spec["device"])
     model, tok, _ = load_bench_model(spec["model"])
-    from .training import choose_attention, rss_mb
-
     choose_attention(model, device)
     cfg = bench_config("paraphrase", spec["model"], spec["batch"], spec["n_train"], device, spec["precision"])
     cfg = RunConfig.from_dict({**cfg.to_dict(), "param": spec["param"], "lora_rank": 8}).validate()
     task = build_task(cfg, tok, {})
     if spec["param"] == "lora":
-        from .models import apply_lora
-
         model = apply_lora(model, cfg)
     model.to(device)
     trainable, total = count_params(model)
@@ -481,7 +446,7 @@ def _param_child(spec: dict) -> dict:
         before = rss_mb("VmRSS")
         with contextlib.suppress(OSError):  # reset this process's peak RSS (VmHWM) to its current RSS
             Path("/proc/self/clear_refs").write_text("5")
-    steps = sftdpo_steps(model, sft_objective(task), device=device, precision=spec["precision"], lr=cfg.lr,
+    steps = sftdpo_steps(model, SFTObjective(task), device=device, precision=spec["precision"], lr=cfg.lr,
                          n_steps=spec["warmup"] + spec["steps"])
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
@@ -492,9 +457,6 @@ def _param_child(spec: dict) -> dict:
 
 
 def run_param_child(spec: dict) -> dict:
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
         return ex.submit(_param_child, spec).result()
 
@@ -540,8 +502,6 @@ class Bench:
         self.trl_missing = trl_available()
         t0 = time.perf_counter()
         model, self.tok, self.weights = load_bench_model(model_name)
-        from .training import choose_attention
-
         choose_attention(model, device)  # as training.Run.build; the same model for both sides of a line
         model.eval()
         self.notes["attention"] = model.config._attn_implementation + (
@@ -593,7 +553,7 @@ class Bench:
         cfg, task = self.task(task_name)
         n = self.warmup + self.steps
         torch.manual_seed(0)
-        ours = summarise_steps(sftdpo_steps(self.fresh_model(), sft_objective(task), device=self.device,
+        ours = summarise_steps(sftdpo_steps(self.fresh_model(), SFTObjective(task), device=self.device,
                                             precision=self.precision, lr=cfg.lr, n_steps=n), self.warmup)
         if task_name == "sonnet" and self.precision == "bf16":
             self._sonnet_sft_bf16 = ours
@@ -619,7 +579,7 @@ class Bench:
         n = self.warmup + self.steps
         model = self.fresh_model()
         model.get_decoder().compile(dynamic=True)  # the losses call the decoder, then the head on chosen positions
-        ours = summarise_steps(sftdpo_steps(model, sft_objective(task), device=self.device, precision=self.precision,
+        ours = summarise_steps(sftdpo_steps(model, SFTObjective(task), device=self.device, precision=self.precision,
                                             lr=cfg.lr, n_steps=n), self.warmup)
         peer, details = None, {"sftdpo": ours, "note": "sftdpo: decoder.compile(dynamic=True); TRL: torch_compile=True"}
         if not self.trl_missing:
@@ -696,8 +656,6 @@ class Bench:
                       details={"total_params": fft["total"]}))
 
     def generation(self) -> None:
-        from .tasks import SonnetTask
-
         cfg, task = self.task("sonnet")
         assert isinstance(task, SonnetTask)
         prompts = [task.prompt_text(s) for s in list(task.dev) + list(task.train)][: self.gen["prompts"]]
@@ -749,7 +707,7 @@ class Bench:
             s = self._sonnet_sft_bf16
             if s is None:
                 cfg, task = self.task("sonnet")
-                s = summarise_steps(sftdpo_steps(self.fresh_model(), sft_objective(task), device=self.device,
+                s = summarise_steps(sftdpo_steps(self.fresh_model(), SFTObjective(task), device=self.device,
                                                  precision="bf16", lr=cfg.lr, n_steps=self.warmup + self.steps), self.warmup)
             achieved = 6 * self.n_params * s["tokens_per_s"] / 1e9
             self.add(Line("mfu/bf16", "training MFU, bf16 autocast: achieved GFLOP/s vs measured bf16 matmul peak",
@@ -758,7 +716,7 @@ class Bench:
         if "fp32" in peaks:
             cfg, task = self.task("sonnet", precision="fp32")
             steps = max(2, min(3, self.steps // 2))
-            s = summarise_steps(sftdpo_steps(self.fresh_model(), sft_objective(task), device=self.device,
+            s = summarise_steps(sftdpo_steps(self.fresh_model(), SFTObjective(task), device=self.device,
                                              precision="fp32", lr=cfg.lr, n_steps=1 + steps), 1)
             achieved = 6 * self.n_params * s["tokens_per_s"] / 1e9
             self.add(Line("mfu/fp32", "training MFU, fp32: achieved GFLOP/s vs measured fp32 matmul peak",

@@ -2,6 +2,10 @@
 
 Every `RunConfig` field is a `train` flag (`lora_rank` -> `--lora-rank`), so a config file and
 the command line speak the same names.
+
+Each command imports what it needs when it runs (the one place sftdpo imports inside functions):
+torch, transformers and PEFT take ~8 s to import on a 2-core CPU, and `sftdpo --help` or
+`sftdpo study status` should not wait for them.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .config import RunConfig, SftdpoError
+from .system import setup_logging
 
 log = logging.getLogger("sftdpo")
 
@@ -36,8 +43,6 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per RunConfig field; defaults stay None so only given flags override."""
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
-        if f.name == "extra":
-            continue
         t = hints[f.name]
         args = typing.get_args(t)
         base = next((a for a in args if a is not type(None)), t) if args else t
@@ -71,8 +76,6 @@ def load_config_file(path: str) -> dict:
         raise SftdpoError(f"config file {path} does not exist")
     text = p.read_text()
     if p.suffix in (".yaml", ".yml"):
-        import yaml
-
         d = yaml.safe_load(text)
     else:
         d = json.loads(text)
@@ -84,7 +87,7 @@ def load_config_file(path: str) -> dict:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .training import train
+    from .train.loop import train
 
     cfg = config_from_args(ns)
     out = Path(ns.out or f"runs/{cfg.task}-{cfg.regime}-{cfg.param}-{cfg.hash()}")
@@ -116,7 +119,7 @@ def _print_summary(out: Path, s: dict) -> None:
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
-    from .training import evaluate_run
+    from .train.loop import evaluate_run
 
     res = evaluate_run(ns.run, ns.checkpoint)
     for k, v in res.items():
@@ -126,19 +129,74 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
-    from .study import demo
+    """The README's main job: the `quick` study on the offline default. Without QQP data it says so
+    and runs the sonnet part; it fails only if nothing could run."""
+    from .data import qqp_available
+    from .study.runner import run_study, study_counts
 
-    return demo(out=ns.out)
+    only: list[str] = []
+    why = qqp_available()
+    if why:
+        print(f"sftdpo: paraphrase skipped: {why}", file=sys.stderr)
+        only = ["task=sonnet"]
+    path = run_study("quick", Path(ns.out), only=only)
+    counts = study_counts(path)
+    print(f"results: {path}/runs/ (index {path}/study.db), report: {path}/report/report.md")
+    return 0 if counts.get("done") else 1
 
 
-def cmd_study(ns: argparse.Namespace) -> int:
-    from . import study
+def cmd_study_run(ns: argparse.Namespace) -> int:
+    from .study.runner import run_study, study_counts
+    from .study.spec import parse_set
 
-    if ns.study_cmd == "run":
-        return study.cli_run(ns)
-    if ns.study_cmd == "status":
-        return study.cli_status(ns)
-    return study.cli_report(ns)
+    overrides = parse_set(ns.set or [])
+    if ns.model:
+        overrides["model"] = ns.model
+    opts = {"address": ns.address, "gpus_per_run": ns.gpus_per_run, "cpus_per_run": ns.cpus_per_run} \
+        if ns.executor == "ray" else {}
+    out = run_study(ns.spec, ns.out, only=ns.only, overrides=overrides, dry_run=ns.dry_run, executor=ns.executor,
+                    report=not ns.no_report, **opts)
+    if ns.dry_run:
+        return 0
+    counts = study_counts(out)
+    return 0 if counts.get("done", 0) and not counts.get("failed", 0) else (1 if not counts.get("done") else 3)
+
+
+def cmd_study_status(ns: argparse.Namespace) -> int:
+    from .store import Store
+    from .study.index import epoch_records, index_study
+
+    if not (Path(ns.dir) / "runs").is_dir():
+        raise SftdpoError(f"{ns.dir} is not a study directory (no runs/)")
+    with Store(index_study(Path(ns.dir))) as store:
+        runs = store.runs()
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    print(f"{ns.dir}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for r in runs:
+        extra = ""
+        if r["status"] == "done" and r.get("summary"):
+            s = r["summary"]
+            extra = " ".join(f"{k.removeprefix('dev/')}={s[k]:.4f}" for k in s if k.startswith("dev/"))
+        elif r["status"] == "failed":
+            extra = r.get("error") or ""
+        elif r["status"] in ("running", "pending"):
+            epochs = epoch_records(Path(r["run_dir"]))
+            extra = f"epoch {epochs[-1]['epoch']} done" if epochs else ""
+        print(f"  {r['status']:8s} {r['name']:60s} {extra}")
+    return 0
+
+
+def cmd_study_report(ns: argparse.Namespace) -> int:
+    from .report import write_report
+    from .study.index import index_study
+
+    if not (Path(ns.dir) / "runs").is_dir():
+        raise SftdpoError(f"{ns.dir} is not a study directory (no runs/)")
+    index_study(Path(ns.dir))
+    print(write_report(Path(ns.dir)))
+    return 0
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
@@ -182,11 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--gpus-per-run", type=float, default=0.0)
     sr.add_argument("--cpus-per-run", type=float, default=1.0)
     sr.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+    sr.set_defaults(func=cmd_study_run)
     st = ss.add_parser("status", help="runs done/running/pending/failed")
     st.add_argument("dir")
+    st.set_defaults(func=cmd_study_status)
     rp = ss.add_parser("report", help="write report.md, tables and figures")
     rp.add_argument("dir")
-    s.set_defaults(func=cmd_study)
+    rp.set_defaults(func=cmd_study_report)
+
 
     b = sub.add_parser("bench", help="speed benchmark against TRL and a CS224N-style loop")
     b.add_argument("--model", action="append", help="smollm2-135m (default), tiny-gpt2, gpt2, ... (repeatable)")
@@ -201,9 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if ns.quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "httpx", "urllib3", "huggingface_hub", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    setup_logging(logging.WARNING if ns.quiet else logging.INFO)
     try:
         return ns.func(ns)
     except SftdpoError as e:

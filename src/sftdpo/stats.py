@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from sacrebleu.metrics import CHRF
+from sklearn.metrics import accuracy_score, f1_score
 
 from .config import SftdpoError
 
@@ -55,44 +56,35 @@ def _check_pair(pred: Sequence[Any], ref: Sequence[Any]) -> tuple[list[str], lis
 
 
 def accuracy(pred: Sequence[Any], ref: Sequence[Any]) -> float:
-    """Fraction of exact label matches (0..1)."""
+    """Fraction of exact label matches (0..1), scikit-learn's accuracy_score."""
     p, r = _check_pair(pred, ref)
-    return sum(a == b for a, b in zip(p, r)) / len(p)
+    return float(accuracy_score(r, p))
+
+
+def macro_f1(pred: Sequence[Any], ref: Sequence[Any]) -> float:
+    """Unweighted mean F1 over the labels seen in pred or ref: scikit-learn's
+    f1_score(average="macro"), with 0 for a class that is never predicted."""
+    p, r = _check_pair(pred, ref)
+    return float(f1_score(r, p, average="macro", zero_division=0))
+
+
+def f1_positive(pred: Sequence[Any], ref: Sequence[Any], positive: str = "1") -> float:
+    """F1 of the positive (paraphrase) class; 0.0 when it is neither predicted nor present."""
+    p, r = _check_pair(pred, ref)
+    return float(f1_score(r, p, labels=[str(positive)], average=None, zero_division=0)[0])
 
 
 def _f1_from_confusion(conf: np.ndarray) -> np.ndarray:
-    """Per-label F1 = 2tp / (2tp + fp + fn) from a [..., pred, ref] confusion array; NaN for
-    labels absent from both predictions and references (sklearn leaves those out)."""
+    """Per-label F1 = 2tp / (2tp + fp + fn) from a [..., pred, ref] confusion array; NaN for labels
+    absent from both predictions and references (scikit-learn leaves those out). For the paired
+    bootstrap only: 1000 resamples of 40k dev examples as confusion-count sums took 1.7 s, where the
+    2000 f1_score calls would take ~370 s (0.18 s each; this project's 2-core CPU, AMD EPYC)."""
     tp = np.diagonal(conf, axis1=-2, axis2=-1)
     fp = conf.sum(axis=-1) - tp  # predicted as label, reference differs
     fn = conf.sum(axis=-2) - tp
     denom = 2 * tp + fp + fn
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), np.nan)
-
-
-def _confusion(p: list[str], r: list[str], labels: list[str]) -> np.ndarray:
-    ix = {lab: i for i, lab in enumerate(labels)}
-    conf = np.zeros((len(labels), len(labels)))
-    np.add.at(conf, ([ix[x] for x in p], [ix[x] for x in r]), 1)
-    return conf
-
-
-def macro_f1(pred: Sequence[Any], ref: Sequence[Any]) -> float:
-    """Unweighted mean F1 over the labels seen in pred or ref; equals sklearn
-    f1_score(average="macro") including its zero for a class that is never predicted."""
-    p, r = _check_pair(pred, ref)
-    labels = sorted(set(p) | set(r))
-    return float(np.nanmean(_f1_from_confusion(_confusion(p, r, labels))))
-
-
-def f1_positive(pred: Sequence[Any], ref: Sequence[Any], positive: str = "1") -> float:
-    """F1 of the positive (paraphrase) class; 0.0 when it is neither predicted nor present."""
-    p, r = _check_pair(pred, ref)
-    tp = sum(a == positive and b == positive for a, b in zip(p, r))
-    fp = sum(a == positive and b != positive for a, b in zip(p, r))
-    fn = sum(a != positive and b == positive for a, b in zip(p, r))
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
 
 def corpus_chrf(hyps: Sequence[str], refs: Sequence[str]) -> float:
@@ -105,8 +97,12 @@ def corpus_chrf(hyps: Sequence[str], refs: Sequence[str]) -> float:
 
 
 def chrf_statistics(hyps: Sequence[str], refs: Sequence[str]) -> tuple[CHRF, np.ndarray]:
-    """Per-segment chrF sufficient statistics (n_segments x 3*order) from sacreBLEU itself;
-    corpus chrF of any subset/multiset is chrf._compute_f_score(sum of its rows)."""
+    """Per-segment chrF sufficient statistics (n_segments x 3*order) from sacreBLEU itself; corpus
+    chrF of any subset/multiset is chrf._compute_f_score(sum of its rows). sacreBLEU's public API
+    has no per-segment statistics: scoring each resample with the public corpus_score took 21.5 ms
+    per call on the 12 dev sonnets, 43 s per comparison of 1000 resamples, against 0.2 s here; its
+    public PairedTest reports a different (Moses) p-value and no interval of the difference. The
+    identity resample equals the public corpus_score exactly (tests/test_stats.py)."""
     chrf = CHRF()
     stats = chrf._extract_corpus_statistics(list(hyps), [list(refs)])
     return chrf, np.asarray(stats, dtype=np.float64)

@@ -1,8 +1,9 @@
-"""The study's results store (study_dir/study.db, SQLite).
+"""The study's index (study_dir/study.db, SQLite): the run directories' results in one queryable file.
 
-Only the driver process writes; workers report back to it. Every update is one transaction,
+The run directories are the only truth (study/index.py builds this index from them and can always
+rebuild it); nothing is written here that is not on disk there. Every update is one transaction,
 so a crash leaves each run either before or after an update, never half-written; WAL mode lets
-`sftdpo report` read while a study is running.
+`sftdpo study report` read while a study is running.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ CREATE TABLE IF NOT EXISTS epochs (
     metrics_json TEXT NOT NULL,
     wall_s REAL,
     PRIMARY KEY (run_hash, stage, epoch)
+);
+CREATE TABLE IF NOT EXISTS sources (
+    run_hash TEXT PRIMARY KEY,
+    stamp TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS dev_outputs (
     run_hash TEXT NOT NULL REFERENCES runs(run_hash),
@@ -178,6 +183,40 @@ class Store:
             # serialised after the inserts on purpose: a bad summary must roll those back too
             con.execute("UPDATE runs SET summary_json = ?, env_json = ?, status = 'done', error = NULL, "
                         "finished_at = ? WHERE run_hash = ?", (_dumps(summary), _dumps(env), _now(), run_hash))
+
+    def index_run(self, run_hash: str, *, name: str, config: dict, run_dir: str, order: int, status: str,
+                  error: str | None, started_at: str | None, finished_at: str | None, summary: dict | None,
+                  env: dict | None, epochs: list[tuple[str, int, dict, float | None]],
+                  outputs: list[tuple[str, str, str]], stamp: str) -> None:
+        """Replace everything known of a run by what its directory holds now, in one transaction."""
+        if status not in STATUSES:
+            raise SftdpoError(f"store: status {status!r} is not one of {', '.join(STATUSES)}")
+        with self._tx() as con:
+            for table in ("epochs", "dev_outputs"):
+                con.execute(f"DELETE FROM {table} WHERE run_hash = ?", (run_hash,))  # noqa: S608 - fixed names
+            con.execute(
+                "INSERT INTO runs (run_hash, name, config_json, run_dir, ord, status, error, started_at, finished_at, "
+                "summary_json, env_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(run_hash) DO UPDATE SET "
+                "name = excluded.name, config_json = excluded.config_json, run_dir = excluded.run_dir, ord = excluded.ord, "
+                "status = excluded.status, error = excluded.error, started_at = excluded.started_at, "
+                "finished_at = excluded.finished_at, summary_json = excluded.summary_json, env_json = excluded.env_json",
+                (run_hash, name, _dumps(config), run_dir, int(order), status, error, started_at, finished_at,
+                 None if summary is None else _dumps(summary), None if env is None else _dumps(env)))
+            con.executemany("INSERT OR REPLACE INTO epochs (run_hash, stage, epoch, metrics_json, wall_s) VALUES (?, ?, ?, ?, ?)",
+                            [(run_hash, st, int(ep), _dumps(m), None if w is None else float(w)) for st, ep, m, w in epochs])
+            con.executemany("INSERT INTO dev_outputs (run_hash, example_id, prediction, reference) VALUES (?, ?, ?, ?)",
+                            [(run_hash, str(i), str(p), str(r)) for i, p, r in outputs])
+            con.execute("INSERT OR REPLACE INTO sources (run_hash, stamp) VALUES (?, ?)", (run_hash, stamp))
+
+    def stamps(self) -> dict[str, str]:
+        """run hash -> the stamp of the run directory's files when the run was last indexed."""
+        return {r[0]: r[1] for r in self._read("SELECT run_hash, stamp FROM sources")}
+
+    def remove_runs(self, run_hashes: list[str]) -> None:
+        with self._tx() as con:
+            for h in run_hashes:
+                for table in ("epochs", "dev_outputs", "sources", "runs"):
+                    con.execute(f"DELETE FROM {table} WHERE run_hash = ?", (h,))  # noqa: S608 - fixed names
 
     # -- reads ---------------------------------------------------------------------------------
     def runs(self, status: str | None = None) -> list[dict]:

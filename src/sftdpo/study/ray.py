@@ -1,9 +1,9 @@
 """Run a study's pending runs as Ray tasks: `sftdpo study run SPEC --executor ray`.
 
 Each pending run becomes one Ray task with `--cpus-per-run`/`--gpus-per-run` resources. The task
-runs the same worker subprocess as the local executor (`study.execute_run`, i.e. `python -m
-sftdpo.study worker RUN_DIR`), so isolation, peak-memory accounting and checkpoint/resume are the
-same; it returns `(ok, error)` and the driver, only the driver, writes the study's SQLite store.
+runs the same worker process as the local executor (`study.process.execute_run`, i.e. `python -m
+sftdpo.train.worker RUN_DIR`), so isolation, peak-memory accounting and checkpoint/resume are the
+same; it returns `(ok, error)` to the driver, which records it in the run directory.
 
 Run directories live in the study directory (`--out`), which must be on a path every node sees
 under the same name (NFS, a shared disk); the driver resolves it to an absolute path. Environment
@@ -11,8 +11,8 @@ variables that tell sftdpo and Hugging Face where data and caches are (`SFTDPO_*
 `TRANSFORMERS_*`) travel with every task in its `runtime_env`.
 
 Scheduling: the SFT prefix of staged (sft-dpo) runs is shared through `<study>/prefixes/`. Runs
-whose SFT trajectory is the same (same config except regime, hand-off and DPO settings, the
-identity `training.Run.prefix_key` uses) form a group; one run of the group produces the prefix
+whose SFT trajectory is the same (`RunConfig.trajectory_key`: same config except regime, hand-off
+and DPO settings) form a group; one run of the group produces the prefix
 (the SFT-only run if the group has one, otherwise the staged run with the latest hand-off, whose
 SFT stage passes every hand-off of the group) and the other runs of the group are dispatched only
 once it finished. If the producer fails, the waiting run with the longest SFT stage takes its place
@@ -37,7 +37,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import DPO_FIELDS, RunConfig, SftdpoError
+from ..config import RunConfig, SftdpoError
+from ..system import WORKER_PARENT_PID_ENV as PARENT_PID_ENV
+from .local import OnDone
+from .process import execute_run
 
 RAY_MISSING = "--executor ray needs Ray, which is not installed: pip install 'sftdpo[ray]'"
 
@@ -45,8 +48,6 @@ RAY_MISSING = "--executor ray needs Ray, which is not installed: pip install 'sf
 FORWARD_ENV_PREFIXES = ("SFTDPO_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_")
 # path-valued variables: made absolute, since a Ray worker's working directory is not the driver's
 PATH_ENV = ("SFTDPO_DATA_DIR", "SFTDPO_CACHE_DIR", "HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE")
-# the worker subprocess dies with the Ray worker that started it (see study._worker_main)
-PARENT_PID_ENV = "SFTDPO_WORKER_PARENT_PID"
 
 # a local cluster only passes (ok, error) tuples around: a small object store is plenty
 LOCAL_OBJECT_STORE_BYTES = 200 * 2**20
@@ -63,14 +64,6 @@ def require_ray():
 
 # -- prefix scheduling --------------------------------------------------------------------------
 
-def trajectory_key(c: RunConfig) -> str | None:
-    """Runs with the same key follow the same SFT trajectory, so they can share its prefix
-    checkpoints (training.Run.prefix_key is this key plus the prefix epoch); None: no SFT stage."""
-    if c.sft_epochs == 0:
-        return None
-    return c.hash(("regime", "handoff_epoch", *DPO_FIELDS))
-
-
 def _producer_rank(c: RunConfig) -> tuple[int, int]:
     # the SFT-only run passes every epoch of the trajectory; else the latest hand-off
     return (1, c.epochs) if c.regime == "sft" else (0, c.sft_epochs)
@@ -82,12 +75,12 @@ def plan_prefix_waits(todo: list[tuple[str, RunConfig]], done: Iterable[RunConfi
     producer finished before (in `done`), its prefixes are on disk and nobody waits."""
     groups: dict[str, list[tuple[str, RunConfig]]] = {}
     for name, c in todo:
-        key = trajectory_key(c)
+        key = c.trajectory_key()
         if key is not None:
             groups.setdefault(key, []).append((name, c))
     done_best: dict[str, tuple[int, int]] = {}
     for c in done:
-        key = trajectory_key(c)
+        key = c.trajectory_key()
         if key in groups:
             done_best[key] = max(done_best.get(key, (-1, -1)), _producer_rank(c))
     waits: dict[str, str] = {}
@@ -121,8 +114,6 @@ def after_failure(waits: dict[str, str], failed: str, waiting: list[tuple[str, R
 
 def run_task(run_dir: str, prefix_dir: str, prefix_epochs: list[int]) -> tuple[bool, str | None]:
     """Body of a run's Ray task, on a worker node: train the run in its worker subprocess."""
-    from sftdpo.study import execute_run  # absolute: the worker imports sftdpo as installed on its node
-
     d = Path(run_dir)
     if not (d / "run.json").exists():
         return False, (f"run directory {d} is not visible on node {socket.gethostname()}: "
@@ -176,11 +167,9 @@ def _total(ray) -> str:
     return f"{res.get('CPU', 0):g} CPU(s) and {res.get('GPU', 0):g} GPU(s)"
 
 
-def run_ray(study, store, todo: list[tuple[str, RunConfig]], *, address: str | None = None,
-            gpus_per_run: float = 0.0, cpus_per_run: float = 1.0, **_: Any) -> None:
-    """Dispatch `todo` (from Study.pending) as Ray tasks; record results as they come back."""
-    from .study import record
-
+def run_ray(study, todo: list[tuple[str, RunConfig]], on_done: OnDone, *, address: str | None = None,
+            gpus_per_run: float = 0.0, cpus_per_run: float = 1.0) -> None:
+    """Dispatch `todo` (from StudyDir.pending) as Ray tasks; report each result to `on_done` as it comes back."""
     ray = require_ray()
     gpus_per_run, cpus_per_run = float(gpus_per_run or 0.0), float(1.0 if cpus_per_run is None else cpus_per_run)
     if cpus_per_run < 0 or gpus_per_run < 0:
@@ -205,15 +194,14 @@ def run_ray(study, store, todo: list[tuple[str, RunConfig]], *, address: str | N
         started = True
     try:
         _check_resources(ray, cpus_per_run, gpus_per_run, local)
-        _dispatch(ray, study, store, todo, cpus_per_run, gpus_per_run, record)
+        _dispatch(ray, study, todo, on_done, cpus_per_run, gpus_per_run)
     finally:
         if started:
             ray.shutdown()
 
 
-def _dispatch(ray, study, store, todo, cpus: float, gpus: float, record) -> None:
-    done_cfgs = [RunConfig.from_dict(r["config"]) for r in store.runs("done")]
-    waits = plan_prefix_waits(todo, done_cfgs)
+def _dispatch(ray, study, todo, on_done: OnDone, cpus: float, gpus: float) -> None:
+    waits = plan_prefix_waits(todo, study.done_configs())
     env = forwarded_env()
     task = ray.remote(run_task)
     prefix_dir = str(Path(study.prefix_dir).resolve())
@@ -235,7 +223,6 @@ def _dispatch(ray, study, store, todo, cpus: float, gpus: float, record) -> None
                 ref = task.options(num_cpus=cpus, num_gpus=gpus, max_retries=0, name=name,
                                    runtime_env={"env_vars": env}).remote(
                     str(study.run_dir(name).resolve()), prefix_dir, prefix_epochs)
-                store.set_status(c.hash(), "running")
                 inflight[ref] = (name, c, time.perf_counter())
                 print(f"[{index[name]}/{n}] {name} dispatched", flush=True)
             waiting = still
@@ -249,23 +236,18 @@ def _dispatch(ray, study, store, todo, cpus: float, gpus: float, record) -> None
                     ok, err = ray.get(ref)
                 except Exception as e:  # noqa: BLE001 - worker or node died, task raised, cancelled
                     ok, err = False, error_line(e)
-                if ok:
-                    try:
-                        record(store, c.hash(), study.run_dir(name))
-                    except (OSError, ValueError, KeyError) as e:
-                        ok, err = False, f"results unreadable: {e}"
+                ok, err = on_done(name, ok, err)
                 if ok:
                     print(f"[{index[name]}/{n}] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
                 else:
-                    store.set_status(c.hash(), "failed", err)
                     print(f"[{index[name]}/{n}] {name} FAILED: {err}", flush=True)
                     after_failure(waits, name, waiting)
                 finished.add(name)
-    except BaseException:  # KeyboardInterrupt included: stop what runs, say so in the store
+    except BaseException:  # KeyboardInterrupt included: stop what runs, say so in its run directory
         for ref, (name, c, _) in inflight.items():
             try:
                 ray.cancel(ref, force=True)
             except Exception:  # noqa: BLE001 - best effort
                 pass
-            store.set_status(c.hash(), "failed", "interrupted (the driver stopped): run the study again to resume")
+            on_done(name, False, "interrupted (the driver stopped): run the study again to resume")
         raise

@@ -1,0 +1,181 @@
+"""Direct Preference Optimization: the objective the training loop runs for a run's DPO stage.
+
+  loss.py       the DPO losses and TRL's metrics
+  pairs.py      preference pairs for each task (paraphrase labels; sonnet v1/v2/v3), files, batches
+  reference.py  the reference model and its cached log-probs
+
+A sequence log-probability is the sum of its response tokens' log-probs (`--logp-reduction sum`) or
+their mean (`mean`). TRL's IPO divides the summed log-ratios by the response length; that is exactly
+`--loss-type ipo --logp-reduction mean` here. Dropout is off during DPO (`train_mode = False`), so
+with policy == reference at the start the loss is at its starting value and all rewards are 0.
+
+The run directory keeps its own copy of the stage's inputs (`<run>/dpo/pairs.jsonl`,
+`<run>/dpo/reference.safetensors`, `<run>/dpo/state.json`, written before the first DPO step): a run
+resumed mid-DPO, whose model is no longer the reference, reuses them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ...config import RunConfig, SftdpoError
+from ...files import copy_atomic, write_json_atomic
+from ...models import weights_fingerprint
+from ...ops.logprobs import next_token_logps, sequence_logps
+from ...tasks import Task
+from .. import StageContext
+from .loss import METRIC_NAMES, dpo_loss
+from .pairs import (PairBatch, PairSet, build_sonnet_pairs, collate_sequence_pairs, paraphrase_pair_rows,
+                    paraphrase_pair_set, prompt_batch, read_pairs, sonnet_pair_set, unique_prompts, write_pairs)
+from .reference import cached_reference_logps, load_logps, one_token_responses, reference_name, save_logps
+
+__all__ = ["DPOObjective", "METRIC_NAMES", "build_dpo_objective", "dpo_loss"]
+
+log = logging.getLogger("sftdpo")
+
+
+class DPOObjective:
+    stage = "dpo"
+    train_mode = False  # dropout off: policy == reference exactly at the start
+
+    def __init__(self, cfg: RunConfig, task: Task, ps: PairSet, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+                 info: dict) -> None:
+        self.cfg, self.task = cfg, task
+        self.ps, self.ref_chosen, self.ref_rejected, self.info = ps, ref_chosen, ref_rejected, info
+        self.one_token = one_token_responses(task)
+        self.lengths = ps.lengths(self.one_token)
+
+    def batches(self, epoch: int) -> Iterator[PairBatch]:
+        for rows, share in self.task.train_shards(self.lengths, epoch):  # this rank's part of each batch (distributed.py)
+            idx = torch.tensor(rows)
+            if self.one_token:
+                b, chosen, rejected = prompt_batch(self.task, self.ps, rows)
+                pb = PairBatch(b, self.ref_chosen[idx], self.ref_rejected[idx], chosen, rejected)
+            else:
+                pb = PairBatch(collate_sequence_pairs(self.ps, rows, self.task.pad_id),
+                               self.ref_chosen[idx], self.ref_rejected[idx])
+            pb.batch.share = share
+            yield pb
+
+    def n_batches(self) -> int:
+        return self.task.n_train_batches(len(self.ps))
+
+    def policy_logps(self, model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.one_token:
+            return next_token_logps(model, batch.batch, batch.chosen, batch.rejected)
+        lp = sequence_logps(model, batch.batch, self.cfg.logp_reduction)
+        b = batch.ref_chosen.size(0)
+        return lp[:b], lp[b:]
+
+    def loss(self, model, batch: PairBatch) -> tuple[torch.Tensor, dict]:
+        pc, pr = self.policy_logps(model, batch)
+        return dpo_loss(pc, pr, batch.ref_chosen, batch.ref_rejected, self.cfg.beta, self.cfg.loss_type,
+                        self.cfg.label_smoothing)
+
+    def n_tokens(self, batch: PairBatch) -> int:
+        return batch.n_tokens
+
+    def describe(self) -> dict:
+        return {"objective": "dpo", "loss_type": self.cfg.loss_type, "beta": self.cfg.beta,
+                "label_smoothing": self.cfg.label_smoothing, "logp_reduction": self.cfg.logp_reduction, **self.info}
+
+
+# -- building the stage --------------------------------------------------------------------------
+
+def build_dpo_objective(ctx: StageContext) -> DPOObjective:
+    """The DPO stage's objective: pairs and reference log-probs, persisted in <run>/dpo/ before the
+    first DPO step, and taken from there when the run resumes."""
+    cfg, model = ctx.cfg, ctx.model
+    if cfg.param == "lora" and not hasattr(model, "disable_adapter"):
+        raise SftdpoError("--param lora but the model has no PEFT adapter: cannot build the DPO reference")
+    adapter_disabled = cfg.param == "lora" and cfg.sft_epochs == 0
+    dpo_dir = Path(ctx.out) / "dpo"
+    saved = _read_state(dpo_dir)
+    resumed, mid_dpo = ctx.resumed_epoch, ctx.resumed_epoch is not None and ctx.resumed_epoch > cfg.sft_epochs
+    if mid_dpo and saved is None:
+        raise SftdpoError(
+            f"{ctx.out} resumes after epoch {resumed}, inside the DPO stage, but {dpo_dir} holds no saved pairs and "
+            "reference log-probs; the reference (the model at hand-off) cannot be rebuilt from the current weights. "
+            "Start the run again with a new --out")
+    fingerprint = None
+    if saved is not None and resumed is not None and not mid_dpo:
+        # at the hand-off the current weights ARE the reference: the saved state must be theirs
+        fingerprint = weights_fingerprint(model, cfg, adapter_disabled=adapter_disabled)
+        if saved.get("fingerprint") != fingerprint:
+            log.warning("%s was written for other reference weights (a restarted run?); rebuilding it", dpo_dir)
+            saved = None
+    if saved is not None:
+        return _from_run_dir(ctx, dpo_dir, saved)
+    return _fresh(ctx, dpo_dir, fingerprint or weights_fingerprint(model, cfg, adapter_disabled=adapter_disabled),
+                  adapter_disabled)
+
+
+def _fresh(ctx: StageContext, dpo_dir: Path, fingerprint: str, adapter_disabled: bool) -> DPOObjective:
+    """Build the pairs, get the reference log-probs (cache or computed), persist both in the run dir."""
+    cfg, task, model = ctx.cfg, ctx.task, ctx.model
+    info: dict[str, Any] = {"reference": reference_name(cfg), "reference_fingerprint": fingerprint,
+                            "adapter_disabled": adapter_disabled, "pairs_file": str(dpo_dir / "pairs.jsonl")}
+    if task.name == "paraphrase":
+        ps, pairs_cache = paraphrase_pair_set(task), None
+        info.update({"pairs": len(ps), "pairs_source": "paraphrase train examples (chosen = correct label token)"})
+    else:
+        pairs, pairs_cache = build_sonnet_pairs(task, model, cfg, ctx.device, ctx.precision, fingerprint=fingerprint,
+                                                adapter_disabled=adapter_disabled, write=ctx.is_main)
+        ps = sonnet_pair_set(task, pairs)
+        header = read_pairs(pairs_cache)[0] if pairs_cache.exists() else {}
+        info.update({"pairs": len(ps), "pairs_version": cfg.pairs, "pairs_cache": str(pairs_cache),
+                     "unique_prompts": unique_prompts(pairs), "train_sonnets": len(task.train),
+                     "pairs_top_k": header.get("top_k"), "pairs_generated": header.get("generated_pairs", len(pairs))})
+    t0 = time.perf_counter()
+    ref_c, ref_r, cache = cached_reference_logps(model, task, ps, cfg, ctx.device, ctx.precision, fingerprint=fingerprint,
+                                                 adapter_disabled=adapter_disabled, write=ctx.is_main)
+    if not cache["reference_cache_hit"]:
+        log.info("DPO reference log-probs (%s) for %d pairs in %.1f s", info["reference"], len(ps), time.perf_counter() - t0)
+    key_fields = cache.pop("key_fields")
+    info.update({**cache, "data_hash": ps.data_hash()})
+    if ctx.is_main:  # persist before the first DPO step; state.json last (its presence = complete)
+        if pairs_cache is None:
+            write_pairs(dpo_dir / "pairs.jsonl", {"task": task.name, "pairs": len(ps), "data_hash": ps.data_hash(),
+                                                  "note": "prompt = cloze prompt of train example prompt_index"},
+                        paraphrase_pair_rows(task, ps))
+        else:
+            copy_atomic(pairs_cache, dpo_dir / "pairs.jsonl")
+        save_logps(dpo_dir / "reference.safetensors", ref_c, ref_r, key_fields)
+        write_json_atomic(dpo_dir / "state.json", {**info, "fingerprint": fingerprint, "key_fields": key_fields})
+    return DPOObjective(cfg, task, ps, ref_c, ref_r, info)
+
+
+def _read_state(dpo_dir: Path) -> dict | None:
+    state = dpo_dir / "state.json"
+    return json.loads(state.read_text()) if state.exists() else None
+
+
+def _from_run_dir(ctx: StageContext, dpo_dir: Path, saved: dict) -> DPOObjective:
+    """The pairs and reference log-probs saved in the run directory (a resumed run)."""
+    cfg, task = ctx.cfg, ctx.task
+    reference = reference_name(cfg)
+    if saved.get("reference") != reference:
+        raise SftdpoError(f"{dpo_dir}/state.json names reference {saved.get('reference')!r}, this run needs {reference!r}")
+    if task.name == "paraphrase":
+        ps = paraphrase_pair_set(task)
+    else:
+        ps = sonnet_pair_set(task, read_pairs(dpo_dir / "pairs.jsonl")[1])
+    if ps.data_hash() != saved.get("data_hash"):
+        raise SftdpoError(f"the DPO pairs of this run no longer match {dpo_dir} (data or tokenizer changed); use a new --out")
+    kf = saved.get("key_fields", {})
+    if kf.get("reduction") != cfg.logp_reduction or kf.get("precision") != ctx.precision:
+        raise SftdpoError(f"{dpo_dir} holds reference log-probs for reduction={kf.get('reduction')}, "
+                          f"precision={kf.get('precision')}; this run uses {cfg.logp_reduction}, {ctx.precision}")
+    ref_c, ref_r = load_logps(dpo_dir / "reference.safetensors")
+    if ref_c.numel() != len(ps) or ref_r.numel() != len(ps):
+        raise SftdpoError(f"{dpo_dir}/reference.safetensors has {ref_c.numel()} entries for {len(ps)} pairs")
+    log.info("DPO: reusing the pairs and reference log-probs saved in %s", dpo_dir)
+    info = {k: v for k, v in saved.items() if k not in ("fingerprint", "key_fields")}
+    info["reused_from_run_dir"] = True
+    return DPOObjective(cfg, task, ps, ref_c, ref_r, info)

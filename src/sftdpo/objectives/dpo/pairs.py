@@ -1,0 +1,283 @@
+"""Preference pairs: how they are built for each task, stored, and batched.
+
+Paraphrase: prompt = the cloze prompt of a training example; chosen = the correct label token,
+rejected = the other label token. The two responses are one token each after the same prompt, so
+one forward pass of the prompt gives both log-probs: a paraphrase DPO step costs one SFT step.
+
+Sonnets: prompt = the first 3 lines of a training sonnet; chosen = its true remaining lines;
+rejected = a continuation sampled from the policy at the hand-off (the pretrained backbone for
+DPO-only; with LoRA DPO-only, sampled with the adapter disabled, which is the same function at
+initialisation). The paper does not publish its pair-construction variants in full; these are the
+toolkit's own definitions (`--pairs`):
+
+  v1  one sampled rejection per training sonnet (the sonnets SFT trains on), at --temperature
+      (and --top-p, --max-new-tokens).
+  v2  --pairs-n rejections per prompt, sample j at temperature --pairs-temperatures[j mod len];
+      all pairs kept (n pairs per sonnet).
+  v3  v2's generations, then the top-K pairs by chrF gap, K = --pairs-top-k (default: the number
+      of training sonnets). gap = chrF(chosen, true) - chrF(rejected, true) = 100 - sentence chrF
+      of the rejected continuation against the true one. Biggest gap first; ties broken by prompt
+      order, then sample order (deterministic). A small K can collapse onto few prompts: the number
+      of unique prompts kept is reported (the pair file's header, the stage description).
+
+A sonnet pair set is a JSONL file under `<cache>/pairs/<key>.jsonl` whose first line is a provenance
+header (generating-weights fingerprint, temperature(s), seeds, version, n, top_k, ...) and whose
+other lines are pairs (prompt, chosen, rejected, sonnet number, temperature, gap, ...). The key
+covers the generating weights' fingerprint, the construction parameters and the training data, so
+asking for the same construction again reuses the file (v3 also reuses v2's generations).
+
+As token ids, prompt and response are tokenized separately and concatenated (the response ends
+with end-of-text, as in SFT), so the response boundary is exact. Sonnet batches put chosen and
+rejected sequences in ONE forward pass (2B right-padded rows, chosen rows first), in length-bucketed
+batches over max(len chosen, len rejected).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ... import stats
+from ...config import RunConfig, cache_dir
+from ...files import hash_id_lists, stable_hash, write_text_atomic
+from ...ops.batching import Batch, pad_batch
+from ...tasks import ParaphraseTask, SonnetTask
+
+log = logging.getLogger("sftdpo")
+
+CACHE_VERSION = 1  # bump when the way pairs or reference log-probs are computed changes
+PAIR_SEED_STRIDE = 1000  # sample group g (one temperature) is drawn with seed cfg.seed + 1000 * g
+
+
+@dataclass
+class PairSet:
+    """Token ids of the preference pairs: responses follow the prompt directly."""
+
+    prompt: list[list[int]]
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.prompt)
+
+    def data_hash(self) -> str:
+        return hash_id_lists(self.prompt, self.chosen, self.rejected)
+
+    def lengths(self, one_token_responses: bool) -> list[int]:
+        """What a batch of each pair costs: the prompt (one-token responses are read from the
+        prompt's last position), else prompt + the longer response."""
+        if one_token_responses:
+            return [len(p) for p in self.prompt]
+        return [len(p) + max(len(c), len(r)) for p, c, r in zip(self.prompt, self.chosen, self.rejected)]
+
+
+@dataclass
+class PairBatch:
+    """A DPO batch: the token batch plus the cached reference log-probs of its pairs. With one-token
+    responses (paraphrase) `batch` holds the prompts and `chosen`/`rejected` the answer tokens; else
+    `batch` holds 2B rows (prompt + chosen, then prompt + rejected) and its labels mark the responses."""
+
+    batch: Batch
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    chosen: torch.Tensor | None = None
+    rejected: torch.Tensor | None = None
+
+    def to(self, device: torch.device) -> "PairBatch":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return PairBatch(self.batch.to(device), mv(self.ref_chosen), mv(self.ref_rejected), mv(self.chosen),
+                         mv(self.rejected))
+
+    @property
+    def n_tokens(self) -> int:
+        return self.batch.n_tokens
+
+    @property
+    def share(self) -> float:
+        return self.batch.share
+
+
+# -- paraphrase ----------------------------------------------------------------------------------
+
+def paraphrase_pair_set(task: ParaphraseTask) -> PairSet:
+    """One pair per training example: its prompt, the correct and the wrong label token."""
+    return PairSet(list(task.train_ids), [[lab] for lab in task.train_labels],
+                   [[task.other_label_id(lab)] for lab in task.train_labels])
+
+
+def paraphrase_pair_rows(task: ParaphraseTask, ps: PairSet) -> list[dict]:
+    """The pairs as rows of the run's pairs.jsonl (the prompt is the train example's)."""
+    dec = task.tok.decode
+    return [{"id": e.id, "prompt_index": i, "chosen": dec(c), "rejected": dec(r), "chosen_id": c[0], "rejected_id": r[0]}
+            for i, (e, c, r) in enumerate(zip(task.train, ps.chosen, ps.rejected))]
+
+
+def prompt_batch(task: ParaphraseTask, ps: PairSet, rows: Sequence[int]) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+    """(prompts, chosen tokens, rejected tokens) of one-token-response pairs."""
+    b = task.collate(list(rows))
+    chosen = torch.tensor([ps.chosen[i][0] for i in rows])
+    b.labels = chosen
+    return b, chosen, torch.tensor([ps.rejected[i][0] for i in rows])
+
+
+# -- sequences -----------------------------------------------------------------------------------
+
+def collate_sequence_pairs(ps: PairSet, rows: Sequence[int], pad_id: int) -> Batch:
+    """2B right-padded rows: prompt+chosen for each row, then prompt+rejected; labels mark the
+    response tokens (-100 elsewhere)."""
+    rows = list(rows)
+    resp = [ps.chosen[i] for i in rows] + [ps.rejected[i] for i in rows]
+    prompts = [ps.prompt[i] for i in rows] * 2
+    b = pad_batch([p + r for p, r in zip(prompts, resp)], pad_id, rows + rows)
+    labels = torch.full_like(b.input_ids, -100)
+    for j, (p, r) in enumerate(zip(prompts, resp)):
+        labels[j, len(p): len(p) + len(r)] = torch.tensor(r, dtype=torch.long)
+    b.labels = labels
+    return b
+
+
+def sonnet_pair_set(task: SonnetTask, pairs: list[dict]) -> PairSet:
+    """Tokenize prompt and response separately (response + end-of-text, as SFT) and keep at most
+    --max-length tokens per sequence (the response is cut from the right)."""
+    tok, max_len, eos = task.tok, task.cfg.max_length, task.tok.eos_token_id
+    enc = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    out = PairSet([], [], [])
+    for p in pairs:
+        prompt = enc(p["prompt"])[-(max_len - 1):]
+        room = max_len - len(prompt)
+        out.prompt.append(prompt)
+        out.chosen.append((enc(p["chosen"]) + [eos])[:room])
+        out.rejected.append((enc(p["rejected"]) + [eos])[:room])
+    return out
+
+
+# -- pair files ----------------------------------------------------------------------------------
+
+def write_pairs(path: Path, header: dict, pairs: list[dict]) -> None:
+    lines = [json.dumps({"header": header}, ensure_ascii=False)] + [json.dumps(p, ensure_ascii=False) for p in pairs]
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def read_pairs(path: Path) -> tuple[dict, list[dict]]:
+    """(header, pairs) of a pair file."""
+    header: dict = {}
+    pairs: list[dict] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if "header" in rec and len(rec) == 1:
+                header = rec["header"]
+            else:
+                pairs.append(rec)
+    return header, pairs
+
+
+# -- sonnet pair construction --------------------------------------------------------------------
+
+def select_top_k(pairs: list[dict], k: int) -> list[dict]:
+    """v3 selection: the k pairs with the biggest chrF gap, biggest first; ties broken by prompt order
+    then sample order (`prompt_index`, `sample_index`; list position where absent). Deterministic."""
+    order = sorted(range(len(pairs)), key=lambda i: (-float(pairs[i]["gap"]), pairs[i].get("prompt_index", i),
+                                                      pairs[i].get("sample_index", 0), i))
+    return [pairs[i] for i in order[: max(0, k)]]
+
+
+def unique_prompts(pairs: list[dict]) -> int:
+    return len({(p.get("number"), p["prompt"]) for p in pairs})
+
+
+def _pairs_key(version: str, fingerprint: str, cfg: RunConfig, task: SonnetTask, device: torch.device, precision: str,
+               top_k: int | None) -> tuple[str, dict]:
+    fields: dict[str, Any] = {
+        "cache_version": CACHE_VERSION, "version": version, "model": cfg.model, "fingerprint": fingerprint,
+        "train": stable_hash([[s.number, s.text] for s in task.train], 20), "top_p": cfg.top_p,
+        "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "precision": precision, "device": device.type,
+        "generation_batch_size": cfg.eval_batch_size,
+    }
+    if version == "v1":
+        fields["temperature"] = cfg.temperature
+    else:
+        fields["n"] = cfg.pairs_n
+        fields["temperatures"] = list(cfg.pairs_temperatures)
+    if version == "v3":
+        fields["top_k"] = top_k
+    return f"{version}-{stable_hash(fields, 16)}", fields
+
+
+def _generate_pairs(task: SonnetTask, model, cfg: RunConfig, device: torch.device, precision: str, temps: list[float],
+                    n: int) -> tuple[list[dict], list[int]]:
+    """n samples per training sonnet; sample j at temps[j % len(temps)], one generate call per temperature."""
+    prompts = [task.prompt_text(s) for s in task.train]
+    samples: list[list[tuple[float, str] | None]] = [[None] * n for _ in prompts]
+    seeds = []
+    for g, t in enumerate(temps):
+        js = list(range(g, n, len(temps)))
+        if not js:
+            continue
+        seed = cfg.seed + PAIR_SEED_STRIDE * g
+        seeds.append(seed)
+        gens = task.generate(model, prompts, device, precision, temperature=t, top_p=cfg.top_p,
+                             max_new_tokens=cfg.max_new_tokens, num_samples=len(js), seed=seed,
+                             batch_size=cfg.eval_batch_size)
+        for i, gs in enumerate(gens):
+            for j, text in zip(js, gs):
+                samples[i][j] = (t, text)
+    pairs = []
+    for i, s in enumerate(task.train):
+        chosen = s.continuation(3)
+        for j in range(n):
+            t, rejected = samples[i][j]
+            chrf = stats.corpus_chrf([rejected], [chosen]) if chosen else 0.0
+            pairs.append({"prompt": prompts[i], "chosen": chosen, "rejected": rejected, "number": s.number,
+                          "temperature": t, "prompt_index": i, "sample_index": j, "gap": 100.0 - chrf})
+    return pairs, seeds
+
+
+def build_sonnet_pairs(task: SonnetTask, model, cfg: RunConfig, device: torch.device, precision: str, *,
+                       fingerprint: str, adapter_disabled: bool = False, write: bool = True) -> tuple[list[dict], Path]:
+    """The sonnet pair set for `cfg.pairs`, generated by `model` (whose weights have `fingerprint`;
+    with its adapter disabled if asked), cached as JSONL under <cache>/pairs/<key>.jsonl and reused
+    when the same construction is asked again."""
+    version = cfg.pairs
+    top_k = (cfg.pairs_top_k if cfg.pairs_top_k is not None else len(task.train)) if version == "v3" else None
+    key, fields = _pairs_key(version, fingerprint, cfg, task, device, precision, top_k)
+    path = cache_dir() / "pairs" / f"{key}.jsonl"
+    if path.exists():
+        header, pairs = read_pairs(path)
+        log.info("DPO pairs: reusing %s (%d pairs)", path, len(pairs))
+        return pairs, path
+
+    if version == "v3":
+        gen_cfg = RunConfig.from_dict({**cfg.to_dict(), "pairs": "v2"})
+        gen_pairs, gen_path = build_sonnet_pairs(task, model, gen_cfg, device, precision, fingerprint=fingerprint,
+                                                 adapter_disabled=adapter_disabled, write=write)
+        gen_header, _ = read_pairs(gen_path) if gen_path.exists() else ({}, None)
+        pairs = select_top_k(gen_pairs, top_k)
+        seeds = gen_header.get("seeds")
+        extra = {"generated_from": str(gen_path), "generated_pairs": len(gen_pairs)}
+    else:
+        temps = [cfg.temperature] if version == "v1" else [float(t) for t in cfg.pairs_temperatures]
+        n = 1 if version == "v1" else cfg.pairs_n
+        was_training = model.training
+        t0 = time.perf_counter()
+        with model.disable_adapter() if adapter_disabled else contextlib.nullcontext():
+            pairs, seeds = _generate_pairs(task, model, cfg, device, precision, temps, n)
+        model.train(was_training)
+        log.info("DPO pairs: generated %d rejections in %.1f s", len(pairs), time.perf_counter() - t0)
+        extra = {}
+    header = {**fields, "key": key, "pairs": len(pairs), "unique_prompts": unique_prompts(pairs),
+              "train_sonnets": len(task.train), "seeds": seeds,
+              "generator": "adapter-disabled base" if adapter_disabled else "policy at hand-off",
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+    if write:
+        write_pairs(path, header, pairs)
+    return pairs, path

@@ -1,0 +1,1 @@
+"""Model-level operations that know nothing of tasks or tokenization: batching, log-probs, generation."""

@@ -1,0 +1,249 @@
+"""The report's tables: A (paraphrase), B (sonnets), hand-off, cost, data scale, key comparisons."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from ..config import SftdpoError
+from ..stats import paired_bootstrap
+from .paper import _paper_cells
+from .results import (PRIMARY, SHOWN, TASK_METRICS, TEST_METRICS, Condition, StudyResults, _cond_key, _fmt_value,
+                      _settings, _sort_key, param_label, regime_label)
+from .table import Cell, Table, _stat
+
+# -- tables ------------------------------------------------------------------------------------
+
+def untrained_rows(conds: list[Condition], keys: list[tuple[str, str, float]], blanks: int) -> list[list[Cell]]:
+    """One row per backbone: its dev metrics before training (epoch 0, `init/...` in the summaries;
+    the same for every run of a backbone on the same dev set and decoding), the baseline to beat."""
+    rows = []
+    for model in dict.fromkeys(c.cfg.get("model") for c in conds):
+        c = next((c for c in conds if c.cfg.get("model") == model and c.stat(f"init/{keys[0][0]}") is not None), None)
+        if c is not None:
+            rows.append([model, "untrained (epoch 0)", *[""] * blanks, *(c.stat(f"init/{k}", s) for k, _, s in keys)])
+    return rows
+
+
+def table_a(study: StudyResults) -> Table | None:
+    conds = study.main_conditions("paraphrase")
+    if not conds:
+        return None
+    keys = TASK_METRICS["paraphrase"]
+    sett = _settings(conds, SHOWN)
+    rows = [r + ["", ""] for r in untrained_rows(conds, keys, 2)]
+    for c in conds:
+        paper, delta = _paper_cells("paraphrase", c, keys)
+        rows.append([c.cfg.get("model"), regime_label(c.cfg), param_label(c.cfg), sett[id(c)],
+                     *(c.stat(k, s) for k, _, s in keys), paper, delta])
+    frac = conds[0].cfg.get("data_fraction", 1.0)
+    return Table("table_a_paraphrase", "Table A: paraphrase detection (QQP dev) by regime × parameterization",
+                 ["Model", "Regime", "Param", "Setting", *(t for _, t, _ in keys), "Paper acc / F1", "Δ acc / F1 (ours − paper)"],
+                 rows, [f"Final-epoch dev metrics, data fraction {frac:g}; mean ± std [95% bootstrap CI over seeds] (n seeds).",
+                        "Paper numbers (GPT-2) shown only for the gpt2 backbone; Δ uses our seed mean."]).drop_empty("Setting")
+
+
+def _sonnet_rows(study: StudyResults, conds: list[Condition], with_temp: bool) -> tuple[list[list[Cell]], list[str]]:
+    keys = TASK_METRICS["sonnet"]
+    shown = SHOWN | {"pairs"} | ({"temperature"} if with_temp else set())
+    sett = _settings(conds, shown)
+    rows = [] if with_temp else [r + ["", ""] for r in untrained_rows(conds, keys, 3)]
+    for c in conds:
+        pairs = c.cfg.get("pairs", "") if c.cfg.get("regime") != "sft" else "—"
+        row: list[Cell] = [c.cfg.get("model"), regime_label(c.cfg), pairs, param_label(c.cfg), sett[id(c)]]
+        if with_temp:
+            row.append(_fmt_value(c.cfg.get("temperature")))
+        row += [c.stat(k, s) for k, _, s in keys]
+        if not with_temp:
+            row += list(_paper_cells("sonnet", c, keys[:1]))
+        rows.append(row)
+    return rows, [t for _, t, _ in keys]
+
+
+def table_b(study: StudyResults) -> list[Table]:
+    conds = study.main_conditions("sonnet")
+    if not conds:
+        return []
+    temp = study.reference_temperature()
+    rows, titles = _sonnet_rows(study, conds, with_temp=False)
+    temps = sorted({c.cfg.get("temperature") for c in study.task_conditions("sonnet")})
+    notes = ["chrF (full): generated full sonnet vs the true sonnet (CS224N convention); chrF (continuation): "
+             "only the generated lines after the prompt. sacreBLEU chrF defaults, final epoch.",
+             f"Decoding temperature {_fmt_value(temp)}" + ("; other temperatures in Table B2." if len(temps) > 1 else "."),
+             "Pairs: DPO preference-pair construction (not used by SFT). Paper numbers (GPT-2) only for the gpt2 backbone; "
+             "Δ vs a range is the distance to its nearest end (0 inside)."]
+    out = [Table("table_b_sonnet", "Table B: sonnet continuation chrF by regime × pair construction",
+                 ["Model", "Regime", "Pairs", "Param", "Setting", *titles, "Paper chrF", "Δ chrF (ours − paper)"],
+                 rows, notes).drop_empty("Setting")]
+    if len(temps) > 1:
+        top = max(c.cfg.get("data_fraction", 1.0) for c in study.task_conditions("sonnet"))
+        allc = [c for c in study.task_conditions("sonnet") if c.cfg.get("data_fraction", 1.0) == top]
+        allc.sort(key=lambda c: (_sort_key({**c.cfg, "temperature": 0}), c.cfg.get("temperature")))
+        rows2, titles2 = _sonnet_rows(study, allc, with_temp=True)
+        out.append(Table("table_b2_sonnet_temperature", "Table B2: sonnet chrF by decoding temperature",
+                         ["Model", "Regime", "Pairs", "Param", "Setting", "Temperature", *titles2], rows2,
+                         ["Same runs' settings as Table B, one row per decoding temperature."]).drop_empty("Setting"))
+    return out
+
+
+def table_handoff(study: StudyResults) -> Table | None:
+    rows: list[list[Cell]] = []
+    for task in ("paraphrase", "sonnet"):
+        conds = study.main_conditions(task)
+        key, label, scale = PRIMARY[task]
+        sett = _settings(conds, SHOWN)
+        for c in conds:
+            bests = [study.best(r, key, scale) for r in c.runs]
+            finals = c.values(key, scale)
+            gaps = [None if f is None or b[0] is None else f - b[0] for f, b in zip(finals, bests)]
+            rows.append([task, c.cfg.get("model"), param_label(c.cfg), regime_label(c.cfg), sett[id(c)], label,
+                         _stat([b[0] for b in bests]), _stat([b[1] for b in bests], 1), _stat(finals), _stat(gaps)])
+    if not rows:
+        return None
+    return Table("table_handoff", "Hand-off: best and final dev metric per regime",
+                 ["Task", "Model", "Param", "Regime", "Setting", "Metric", "Best", "Best epoch", "Final", "Final − best"],
+                 rows, ["Best: best dev value over epochs (per seed, then pooled); epochs count across the whole run, "
+                        "so SFT@k→DPO switches to DPO after epoch k."]).drop_empty("Setting")
+
+
+def table_cost(study: StudyResults) -> Table | None:
+    rows: list[list[Cell]] = []
+    for task in ("paraphrase", "sonnet"):
+        conds = study.main_conditions(task)
+        sett = _settings(conds, SHOWN)
+        for c in conds:
+            s0 = c.runs[0]["summary"]
+            tp, tot = s0.get("trainable_params"), s0.get("total_params")
+            params = "—" if tp is None else f"{tp:,}" + (f" ({100 * tp / tot:.2f}%)" if tot else "")
+            rows.append([task, c.cfg.get("model"), regime_label(c.cfg), param_label(c.cfg), sett[id(c)],
+                         c.stat("wall_clock_per_epoch_s", 1, 1), c.stat("train_tokens_per_s", 1, 0),
+                         c.stat("peak_memory_mb", 1, 0), params])
+    if not rows:
+        return None
+    devices = sorted({str((r["env"] or {}).get("device")) for r in study.done if (r["env"] or {}).get("device")})
+    return Table("table_cost", "Cost per regime × parameterization",
+                 ["Task", "Model", "Regime", "Param", "Setting", "Wall-clock / epoch (s)", "Train tokens/s",
+                  "Peak memory (MB)", "Trainable params (% of total)"], rows,
+                 ["Wall-clock per epoch: mean over trained epochs (training only). Device(s): "
+                  + (", ".join(devices) or "not recorded") + "."]).drop_empty("Setting")
+
+
+def table_data_scale(study: StudyResults) -> Table | None:
+    rows: list[list[Cell]] = []
+    budgets = []
+    for task in ("paraphrase", "sonnet"):
+        key, label, scale = PRIMARY[task]
+        conds = study.task_conditions(task)
+        if task == "sonnet":
+            conds = [c for c in conds if c.cfg.get("temperature") == study.reference_temperature()]
+        fams: dict[str, list[Condition]] = defaultdict(list)
+        for c in conds:
+            fams[_cond_key(c.cfg, ("data_fraction",))].append(c)
+        fams = {k: sorted(v, key=lambda c: c.cfg.get("data_fraction", 1.0)) for k, v in fams.items() if len(v) > 1}
+        if not fams:
+            continue
+        sett = _settings([c for v in fams.values() for c in v], SHOWN | {"data_fraction"})
+        for fam in fams.values():
+            totals = {id(c): [w[-1][1] if (w := study.cumulative_wall(r)) else (r["summary"].get("wall_clock_s") or 0.0)
+                              for r in c.runs] for c in fam}
+            budget = min(max(t) for t in totals.values())  # a fraction's total = its slowest seed's
+            budgets.append(budget)
+            for c in fam:
+                at_time, reached = [], []
+                for r in c.runs:
+                    curve, wall = study.curve(r, key, scale), dict(study.cumulative_wall(r))
+                    ok = [e for e in curve if wall.get(e, math.inf) <= budget + 1e-9]
+                    at_time.append(curve[max(ok)] if ok else None)
+                    reached.append(max(ok) if ok else None)
+                rows.append([task, c.cfg.get("model"), regime_label(c.cfg), param_label(c.cfg), sett[id(c)],
+                             _fmt_value(c.cfg.get("data_fraction", 1.0)), c.stat("train_examples", 1, 0),
+                             label, _fmt_value(c.cfg.get("epochs")), c.stat(key, scale), _stat(totals[id(c)], 1),
+                             f"{budget:.1f}", _stat(at_time), _stat(reached, 1)])
+    if not rows:
+        return None
+    return Table("table_data_scale", "Data scale: dev metric vs training-data fraction",
+                 ["Task", "Model", "Regime", "Param", "Setting", "Data fraction", "Train examples", "Metric", "Epochs",
+                  "At equal epochs", "Total train time (s)", "Time budget T (s)", "At equal time", "Epoch reached"], rows,
+                 ["At equal epochs: final dev metric after the same number of epochs for every fraction.",
+                  "At equal time: for each fraction, the dev metric at the last epoch whose cumulative training "
+                  "wall-clock (sum of per-epoch wall_s) is ≤ T, where T is the smallest total wall-clock among the "
+                  "fractions compared (a fraction's total = its slowest seed's), so the fastest fraction is read at its "
+                  "final epoch. A run with no epoch inside T (and no epoch-0 evaluation) is left out of that cell."]
+                 ).drop_empty("Setting")
+
+
+# -- key comparisons ---------------------------------------------------------------------------
+
+BASE_MATCH = ("task", "model", "epochs", "data_fraction", "temperature")
+
+
+def _pkey(cfg: dict) -> tuple:
+    return (cfg.get("param"), cfg.get("lora_rank") if cfg.get("param") == "lora" else None)
+
+
+def _comparison_pairs(study: StudyResults) -> list[tuple[str, Condition, Condition]]:
+    """(label, A, B) pairs for the three headline questions; A − B is tested."""
+    conds = study.main_conditions("paraphrase") + study.main_conditions("sonnet")
+    base = lambda c, drop=(): tuple(c.cfg.get(k) for k in BASE_MATCH if k not in drop)  # noqa: E731
+    dpo_setting = lambda c: (c.cfg.get("pairs"), c.cfg.get("beta")) if c.cfg.get("regime") != "sft" else None  # noqa: E731
+    out = []
+    for a in conds:
+        for b in conds:
+            if a is b:
+                continue
+            ra, rb = a.cfg.get("regime"), b.cfg.get("regime")
+            if (a.cfg.get("param") == "fft" and b.cfg.get("param") == "lora" and base(a) == base(b)
+                    and ra == rb and a.cfg.get("handoff_epoch") == b.cfg.get("handoff_epoch")
+                    and dpo_setting(a) == dpo_setting(b)):
+                out.append((f"FFT vs {param_label(b.cfg)} ({regime_label(a.cfg)})", a, b))
+            elif ra == "dpo" and rb == "sft" and base(a) == base(b) and _pkey(a.cfg) == _pkey(b.cfg):
+                out.append((f"DPO-only vs SFT ({param_label(a.cfg)})", a, b))
+    for a in conds:
+        if a.cfg.get("regime") != "sft-dpo":
+            continue
+        sfts = [b for b in conds if b.cfg.get("regime") == "sft" and _pkey(a.cfg) == _pkey(b.cfg)
+                and base(a, ("epochs",)) == base(b, ("epochs",))]
+        same = [b for b in sfts if b.cfg.get("epochs") == a.cfg.get("epochs")]
+        for b in same or [b for b in sfts if b.cfg.get("epochs") == a.cfg.get("handoff_epoch")]:
+            note = "" if same else f", SFT at its {b.cfg.get('epochs')} epochs"
+            out.append((f"{regime_label(a.cfg)} vs SFT ({param_label(a.cfg)}{note})", a, b))
+    return sorted(out, key=lambda t: (t[1].task, t[1].cfg.get("model", ""), t[0]))
+
+
+def _pooled_outputs(study: StudyResults, cond: Condition, seeds: list) -> list[tuple[str, str, str]]:
+    by_seed = {r["config"].get("seed"): r for r in cond.runs}
+    return [(f"s{s}:{i}", p, ref) for s in seeds for i, p, ref in study.outputs(by_seed[s]["run_hash"])]
+
+
+def table_comparisons(study: StudyResults) -> tuple[Table | None, list[str]]:
+    rows: list[list[Cell]] = []
+    skipped: list[str] = []
+    sett = {k: v for t in ("paraphrase", "sonnet") for k, v in _settings(study.main_conditions(t), SHOWN).items()}
+    for label, a, b in _comparison_pairs(study):
+        setting = "" if not (sett[id(a)] or sett[id(b)]) else f"A: {sett[id(a)] or '—'}; B: {sett[id(b)] or '—'}"
+        seeds_a = {r["config"].get("seed") for r in a.runs if study.outputs(r["run_hash"])}
+        seeds_b = {r["config"].get("seed") for r in b.runs if study.outputs(r["run_hash"])}
+        seeds = sorted(seeds_a & seeds_b, key=str)
+        if not seeds:
+            skipped.append(f"{a.task}: {label}: no seed with dev outputs in both")
+            continue
+        oa, ob = _pooled_outputs(study, a, seeds), _pooled_outputs(study, b, seeds)
+        for metric, mlabel, scale in TEST_METRICS[a.task]:
+            try:
+                res = paired_bootstrap(oa, ob, metric, n_boot=1000, seed=0)
+            except SftdpoError as e:
+                skipped.append(f"{a.task}: {label}: {e}")
+                break
+            rows.append([a.task, a.cfg.get("model"), label, setting, mlabel, f"{res['delta'] * scale:+.2f}",
+                         f"[{res['ci_lo'] * scale:+.2f}, {res['ci_hi'] * scale:+.2f}]", f"{res['p_value']:.4f}",
+                         str(res["n"]), ",".join(str(s) for s in seeds)])
+    if not rows:
+        return None, skipped
+    return Table("table_comparisons", "Key comparisons: paired bootstrap over dev examples (A − B)",
+                 ["Task", "Model", "Comparison (A vs B)", "Setting", "Metric", "Δ (A − B)", "95% CI", "p", "n examples", "Seeds"],
+                 rows, ["The paper reports no significance tests; these are ours. Runs of A and B with the same seed are "
+                        "paired and their dev examples pooled (ids prefixed by seed); 1000 resamples of examples; "
+                        "two-sided p = 2·min(P(Δ* ≤ 0), P(Δ* ≥ 0)), floored at 1/1001; no multiple-comparison correction."]
+                 ).drop_empty("Setting"), skipped
+
+

@@ -1,0 +1,8 @@
+"""Whole studies from one YAML spec: spec.py (grid expansion), runner.py (the study directory and its
+run), local.py / ray.py (executors), process.py (one run's process), index.py (study.db from the run
+directories), cost.py (dry-run estimates). Imports go down: runner -> executors -> process."""
+
+from .runner import StudyDir, run_study
+from .spec import expand, load_spec
+
+__all__ = ["StudyDir", "expand", "load_spec", "run_study"]

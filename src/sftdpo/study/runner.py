@@ -1,0 +1,132 @@
+"""Running a study: its directory prepared from the spec, the pending runs handed to an executor
+(local.py, or ray.py with `--executor ray`), each result recorded in its run directory and the index,
+and the report written at the end.
+
+One writer per study directory: `study run` holds the directory's lock while it runs, so a second
+`study run` on the same directory stops with one line naming the process that holds it (several
+workers on one study is the Ray executor's job).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import RunConfig, SftdpoError
+from ..files import DirectoryBusy, DirLock, write_text_atomic
+from ..report import write_report
+from ..store import Store
+from .cost import estimate_flops, format_cost
+from .index import clear_failure, index_run, index_study, read_run_file, record_failure, run_status, write_run_file
+from .local import run_local
+from .ray import require_ray, run_ray
+from .spec import expand, load_spec, parse_only
+
+
+class StudyDir:
+    """A study's directory: `spec.yaml`, `runs/<name>/` for every run of the spec, `prefixes/` for
+    shared SFT prefixes, and the index `study.db`."""
+
+    def __init__(self, spec: dict, out: Path, overrides: dict | None = None) -> None:
+        self.spec, self.out = spec, Path(out)
+        self.runs = expand(spec, overrides)
+        self.prefix_dir = self.out / "prefixes"
+        # hand-off epochs of staged runs: SFT stages export their checkpoints there to be shared
+        self.prefix_epochs = {c.handoff_epoch for _, c in self.runs if c.regime == "sft-dpo"}
+
+    def run_dir(self, name: str) -> Path:
+        return self.out / "runs" / name
+
+    def dry_run(self, runs: list[tuple[str, RunConfig]]) -> None:
+        total = 0.0
+        print(f"{len(runs)} runs in study {self.spec.get('name')} (estimated cost, rough):")
+        for name, c in runs:
+            f = estimate_flops(c)
+            total += f
+            print(f"  {name:60s} {format_cost(f)}")
+        print(f"  {'total':60s} {format_cost(total)}")
+
+    def prepare(self, runs: list[tuple[str, RunConfig]]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.out / "spec.yaml", yaml.safe_dump(self.spec, sort_keys=False))
+        for order, (name, c) in enumerate(runs):
+            write_run_file(self.run_dir(name), name, order, c)
+
+    def pending(self, runs: list[tuple[str, RunConfig]]) -> list[tuple[str, RunConfig]]:
+        """Runs without a result on disk, SFT-only and staged runs first: they create the shared SFT
+        prefixes that later runs reuse."""
+        todo = [(n, c) for n, c in runs if run_status(self.run_dir(n))[0] != "done"]
+        return sorted(todo, key=lambda nc: {"sft": 0, "sft-dpo": 1, "dpo": 2}[nc[1].regime])
+
+    def done_configs(self) -> list[RunConfig]:
+        """Configs of the runs of this directory that have finished (in this or an earlier invocation)."""
+        out = []
+        for f in sorted((self.out / "runs").glob("*/summary.json")):
+            out.append(RunConfig.from_dict(read_run_file(f.parent)["config"]))
+        return out
+
+    def on_done(self, name: str, ok: bool, err: str | None) -> tuple[bool, str | None]:
+        """Record a run's result where it lives: a failure in the run directory; then the index."""
+        run_dir = self.run_dir(name)
+        if ok:
+            try:
+                with Store(self.out / "study.db") as store:
+                    index_run(store, run_dir)
+            except (OSError, ValueError, KeyError) as e:
+                ok, err = False, f"results unreadable: {e}"
+        if not ok:
+            record_failure(run_dir, err)
+            with Store(self.out / "study.db") as store:
+                index_run(store, run_dir)
+        return ok, err
+
+
+def run_study(spec: str | dict, out: Path | None = None, *, only: list[str] = (), overrides: dict | None = None,
+              dry_run: bool = False, executor: str = "local", report: bool = True, **executor_opts: Any) -> Path:
+    """Run (or resume) a study; returns its directory."""
+    spec_d = load_spec(spec) if isinstance(spec, str) else spec
+    out = Path(out or Path("studies") / spec_d["name"])
+    study = StudyDir(spec_d, out, overrides)
+    keep = parse_only(list(only))
+    runs = [(n, c) for n, c in study.runs if keep(c)]
+    if not runs:
+        raise SftdpoError(f"no run of study {spec_d['name']} matches --only {' '.join(only)}")
+    if dry_run:
+        study.dry_run(runs)
+        return out
+    if executor == "ray":  # fail before touching the study directory when Ray is missing
+        require_ray()
+    try:
+        with DirLock(out, f"sftdpo study run {spec_d['name']}"):
+            _run(study, runs, executor, executor_opts)
+    except DirectoryBusy as e:
+        raise SftdpoError(f"study directory {e.path} is in use by {e.holder}: wait for it to finish, "
+                          "or use another --out") from None
+    if report:
+        print(f"report: {write_report(out)}", flush=True)
+    return out
+
+
+def _run(study: StudyDir, runs: list[tuple[str, RunConfig]], executor: str, executor_opts: dict) -> None:
+    study.prepare(runs)
+    index_study(study.out)
+    todo = study.pending(runs)
+    for name, _ in todo:
+        clear_failure(study.run_dir(name))
+    print(f"study {study.spec['name']}: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run "
+          f"-> {study.out}", flush=True)
+    if executor == "ray":
+        run_ray(study, todo, study.on_done, **executor_opts)
+    else:
+        run_local(study, todo, study.on_done)
+    with Store(index_study(study.out)) as store:
+        counts = store.status_counts()
+    print("study status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)
+
+
+def study_counts(out: Path) -> dict[str, int]:
+    """Runs per status in a study directory (the index brought up to date first)."""
+    with Store(index_study(out)) as store:
+        return store.status_counts()

@@ -1,0 +1,127 @@
+"""Study specs: a YAML file (or a shipped name) expanded into the distinct runs it describes.
+
+A spec is `defaults` (RunConfig fields) + `grid` (field -> list of values; a value may be a
+mapping that sets several fields at once, e.g. `{param: lora, lora_rank: 8}`) + `overrides`
+(`{when: {field: value}, set: {...}}`, applied in order) + `exclude` (partial matches dropped).
+Fields that cannot matter for a run (config.irrelevant_fields) are reset to their defaults, so the
+grid never trains the same run twice; every run is identified by its config hash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import itertools
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from ..config import RunConfig, SftdpoError
+
+SHIPPED_SPECS = ("quick", "paper")
+_DEFAULTS = RunConfig()
+
+
+# -- specs -------------------------------------------------------------------------------------
+
+def load_spec(spec: str) -> dict:
+    """A spec file path, or the name of a shipped spec."""
+    if spec in SHIPPED_SPECS:
+        text = importlib.resources.files("sftdpo").joinpath("specs").joinpath(f"{spec}.yaml").read_text()
+        name = spec
+    else:
+        p = Path(spec)
+        if not p.exists():
+            raise SftdpoError(f"study spec {spec} not found: give a YAML file or one of {', '.join(SHIPPED_SPECS)}")
+        text, name = p.read_text(), p.stem
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SftdpoError(f"study spec {spec} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise SftdpoError(f"study spec {spec} must be a mapping with defaults/grid/overrides")
+    unknown = set(d) - {"name", "description", "defaults", "grid", "overrides", "exclude", "order"}
+    if unknown:
+        raise SftdpoError(f"study spec {spec}: unknown key(s) {', '.join(sorted(unknown))}")
+    d.setdefault("name", name)
+    return d
+
+
+def _matches(cfg: dict, when: dict) -> bool:
+    for k, v in when.items():
+        want = v if isinstance(v, list) else [v]
+        if cfg.get(k) not in want:
+            return False
+    return True
+
+
+def expand(spec: dict, overrides: dict | None = None) -> list[tuple[str, RunConfig]]:
+    """(name, config) for every distinct run, in a deterministic order."""
+    defaults = dict(spec.get("defaults") or {})
+    grid = spec.get("grid") or {}
+    axes = [(k, v if isinstance(v, list) else [v]) for k, v in grid.items()]
+    runs: dict[str, tuple[str, RunConfig]] = {}
+    for combo in itertools.product(*[vals for _, vals in axes]):
+        cfg = dict(defaults)
+        for (axis, _), value in zip(axes, combo):
+            if isinstance(value, dict):
+                cfg.update(value)
+            else:
+                cfg[axis] = value
+        for ov in spec.get("overrides") or []:
+            if _matches(cfg, ov.get("when") or {}):
+                cfg.update(ov.get("set") or {})
+        if any(_matches(cfg, ex) for ex in spec.get("exclude") or []):
+            continue
+        cfg.update(overrides or {})
+        try:
+            rc = RunConfig.from_dict(cfg).normalised().validate()
+        except (SftdpoError, TypeError) as e:
+            hint = ""
+            if "--handoff-epoch" in str(e) and "epochs" in (overrides or {}) and "handoff_epoch" not in (overrides or {}):
+                hint = " (a shorter budget needs its hand-off too, e.g. --set epochs=2 --set handoff_epoch=1)"
+            raise SftdpoError(f"study spec {spec.get('name')}: grid point {_short(cfg)} is invalid: {e}{hint}") from None
+        runs.setdefault(rc.hash(), (run_name(rc), rc))
+    return list(runs.values())
+
+
+def _short(cfg: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in cfg.items() if getattr(_DEFAULTS, k, object()) != v)
+
+
+def run_name(c: RunConfig) -> str:
+    regime = {"sft": "sft", "dpo": "dpo"}.get(c.regime) or f"sft{c.handoff_epoch}-dpo"
+    param = "fft" if c.param == "fft" else f"lora{c.lora_rank}"
+    parts = [c.task, regime, param]
+    if c.regime != "sft" and c.task == "sonnet":
+        parts.append(c.pairs)
+    if c.data_fraction != 1.0:
+        parts.append(f"frac{c.data_fraction:g}")
+    parts += [f"s{c.seed}", c.hash()]
+    return "-".join(parts)
+
+
+def parse_only(filters: list[str]) -> Callable[[RunConfig], bool]:
+    conds: list[tuple[str, str]] = []
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    for f in filters:
+        if "=" not in f:
+            raise SftdpoError(f"--only {f!r}: use FIELD=VALUE (e.g. --only task=sonnet)")
+        k, v = f.split("=", 1)
+        k = k.replace("-", "_")
+        if k not in names:
+            raise SftdpoError(f"--only {f!r}: {k} is not a config field")
+        conds.append((k, v))
+    return lambda c: all(str(getattr(c, k)) in v.split(",") for k, v in conds)
+
+
+def parse_set(items: list[str]) -> dict:
+    """--set FIELD=VALUE overrides for every run (values parsed as YAML scalars)."""
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise SftdpoError(f"--set {it!r}: use FIELD=VALUE (e.g. --set epochs=2)")
+        k, v = it.split("=", 1)
+        out[k.replace("-", "_")] = yaml.safe_load(v)
+    return out

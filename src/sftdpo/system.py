@@ -1,0 +1,71 @@
+"""The machine a result came from: package versions, the CPU, memory, the git commit, and the logging
+every sftdpo process sets up the same way. Torch-free, so the CLI and the study driver start fast."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+import resource
+import subprocess
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+# Under the Ray executor: the pid of the Ray worker a run's process must not outlive (train/worker.py)
+WORKER_PARENT_PID_ENV = "SFTDPO_WORKER_PARENT_PID"
+
+# libraries whose INFO chatter (weight loading, hub retries) stays out of the terminal unless -v
+NOISY_LOGGERS = ("transformers", "httpx", "urllib3", "huggingface_hub", "datasets", "accelerate", "peft")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """sftdpo's messages as plain lines on stderr; library noise at ERROR."""
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    for noisy in NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("sftdpo", "torch", "transformers", "peft", "sacrebleu", "scikit-learn", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), e.g. 'AMD EPYC' or 'Intel(R) Xeon(R) Platinum 8480+'."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_bf16() -> str | None:
+    """The CPU's bf16 matrix extension ('amx_bf16' or 'avx512_bf16'), None without one."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next((f for f in ("amx_bf16", "avx512_bf16") if f in flags), None)
+
+
+def rss_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process in MiB. Not getrusage's ru_maxrss where /proc has them: that
+    survives execve, so a spawned run process would report its parent's peak if that was higher."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def git_commit() -> str | None:
+    """The commit of the sftdpo checkout this code runs from (None for an installed wheel)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
