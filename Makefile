@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sftdpo-installed
 
-.PHONY: demo test bench install
+.PHONY: demo test mutants bench install
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the mutation check: every mutant in tests/mutants.yaml must make its tests fail (scripts/mutants.py)
+mutants: $(STAMP)
+	$(PY) scripts/mutants.py
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"

@@ -129,6 +129,8 @@ def test_resume_with_another_world_size_is_refused(tmp_path):
     assert (blob["world_size"], blob["effective_batch_size"]) == (1, 8)
     blob["world_size"] = 2
     (out / "config.json").write_text(json.dumps(blob))
+    (out / "checkpoints" / "last").mkdir(parents=True)  # a trained epoch to resume (an untrained directory is started over)
+    (out / "checkpoints" / "last" / "training_state.pt").write_bytes(b"")
     with pytest.raises(SftdpoError, match="same number of processes"):
         run.write_config()
 
@@ -156,17 +158,17 @@ def test_shares_sum_to_the_global_batch_gradient(_needs_data, tmp_path, monkeypa
 
     t.world_size = 1  # one process with batch 2 x bs: the global batches
     t.cfg.batch_size = 2 * bs
-    whole = list(obj.batches(1))
+    whole = [b for step in obj.steps(1) for b in step]
     t.world_size = 2
     t.cfg.batch_size = bs
     per_rank = []
     for r in (0, 1):
         t.rank = r
-        per_rank.append(list(obj.batches(1)))
+        per_rank.append([b for step in obj.steps(1) for b in step])
     assert sorted(len(b.batch.index if stage == "dpo" else b.index) for b in whole) == [n - 2 * bs, 2 * bs]
     if task == "sonnet":
         assert len({len(s) for s in t.train_ids}) == n
-    assert len(per_rank[0]) == len(per_rank[1]) == len(whole) == obj.n_batches()
+    assert len(per_rank[0]) == len(per_rank[1]) == len(whole) == obj.n_steps()
     for i, full in enumerate(whole):
         model.zero_grad()
         obj.loss(model, full)[0].backward()
@@ -175,7 +177,11 @@ def test_shares_sum_to_the_global_batch_gradient(_needs_data, tmp_path, monkeypa
         for r in (0, 1):
             b = per_rank[r][i]
             (obj.loss(model, b)[0] * b.share).backward()
-        torch.testing.assert_close(_grads(model), expected, rtol=1e-4, atol=1e-7)
+        # fp32 sums over other padding widths and in another order: the gradients agree to float
+        # rounding of their own size (norm-wise 1e-5 ~ 84 x fp32's epsilon; measured ~1e-7), not to a
+        # fixed absolute step that near-zero elements of one CPU's rounding may cross
+        got = _grads(model)
+        assert (got - expected).norm() <= 1e-5 * expected.norm(), float((got - expected).norm() / expected.norm())
 
 
 # -- torchrun: 2 gloo ranks against one process ----------------------------------------------

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sftdpo.bench import sonnet_bench_pairs
 from sftdpo.config import RunConfig, SftdpoError
@@ -68,7 +67,8 @@ def built(cfg: RunConfig, out: Path) -> Run:
 
 def first_batch(run, obj):
     run.model.train(obj.train_mode)
-    batch = next(iter(obj.batches(1))).to(run.device)
+    (batch,) = next(iter(obj.steps(1)))
+    batch = batch.to(run.device)
     with autocast(run.device, run.precision):
         return obj.loss(run.model, batch)
 
@@ -407,7 +407,115 @@ def test_cached_reference_logps_equal_recomputed_ones(tiny, tiny_data, tmp_path,
     torch.testing.assert_close(second.ref_rejected, fresh_r, rtol=1e-6, atol=1e-6)
     # and the first DPO batch's loss starts at ln 2 (policy == reference) with the cached values
     obj = second
-    batch = next(iter(obj.batches(1)))
+    (batch,) = next(iter(obj.steps(1)))
     with torch.no_grad():
         loss, _ = obj.loss(model, batch)
     assert abs(loss.item() - 0.6931471805599453) < 1e-5
+
+
+# -- the science: signs, beta, the hand-off reference, which tokens count, TRL's units ------------------
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
+def test_loss_and_rewards_on_asymmetric_margins(loss_type):
+    """Margins of different sizes and signs, so a flipped sign or a beta applied twice (or not at all)
+    changes the numbers (with symmetric margins some of those mistakes cancel out)."""
+    pc, pr = torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-4.0, -2.5, -1.0])
+    rc, rr = torch.tensor([-2.0, -2.0, -2.0]), torch.tensor([-2.0, -2.0, -2.0])
+    beta, eps = 0.3, 0.1
+    deltas = [(c - a) - (r - b) for c, a, r, b in zip(pc.tolist(), rc.tolist(), pr.tolist(), rr.tolist())]
+    assert deltas == [3.0, 0.5, -2.0]
+    ls = lambda x: math.log(1 / (1 + math.exp(-x)))  # noqa: E731  log sigmoid
+    per = {
+        "sigmoid": [-ls(beta * d) for d in deltas],
+        "ipo": [(d - 1 / (2 * beta)) ** 2 for d in deltas],
+        "hinge": [max(0.0, 1 - beta * d) for d in deltas],
+        "robust": [(-(1 - eps) * ls(beta * d) + eps * ls(-beta * d)) / (1 - 2 * eps) for d in deltas],
+    }[loss_type]
+    loss, m = dpo_loss(pc, pr, rc, rr, beta, loss_type, eps if loss_type == "robust" else 0.0)
+    assert loss.item() == pytest.approx(sum(per) / 3, abs=1e-6)
+    assert m["rewards/chosen"].item() == pytest.approx(beta * (1 + 0 - 1) / 3)
+    assert m["rewards/rejected"].item() == pytest.approx(beta * (-2 - 0.5 + 1) / 3)
+    assert m["rewards/margins"].item() == pytest.approx(beta * sum(deltas) / 3)
+    assert m["rewards/accuracies"].item() == pytest.approx(2 / 3)
+
+
+def test_dpo_training_moves_the_policy_toward_the_chosen_answers(tmp_path):
+    """A few DPO epochs from the pretrained model: the policy's margin log pi(chosen) - log pi(rejected)
+    grows past the reference's on the training pairs, and the logged rewards say so."""
+    cfg = make_cfg("paraphrase", epochs=4, dpo_lr=1e-3, beta=0.5, batch_size=3, log_every=1, eval_init=False)
+    run = Run(cfg, tmp_path / "run")
+    run.train()
+    ref = built(cfg, tmp_path / "ref")
+    ref_c, ref_r = all_pair_logps(ref.model, ref.task)
+    from safetensors.torch import load_file
+
+    run.build()
+    run.model.load_state_dict(load_file(str(tmp_path / "run" / "checkpoints" / "last" / "weights.safetensors")), strict=False)
+    pol_c, pol_r = all_pair_logps(run.model, run.task)
+    assert ((pol_c - pol_r) - (ref_c - ref_r)).mean() > 0.1
+    epochs = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "epoch"]
+    margins = [r["train/rewards/margins"] for r in epochs]
+    assert margins[0] == pytest.approx(0, abs=1e-6) and all(a < b for a, b in zip(margins, margins[1:]))
+    last = epochs[-1]
+    assert last["train/rewards/chosen"] > last["train/rewards/rejected"] and last["train/rewards/accuracies"] > 0.5
+    assert last["train/loss"] < epochs[0]["train/loss"]
+
+
+def test_sft_fft_dpo_reference_is_the_model_at_handoff(tmp_path):
+    run = built(make_cfg("paraphrase", param="fft", regime="sft-dpo", epochs=2, handoff_epoch=1), tmp_path / "run")
+    with torch.no_grad():  # stands in for the SFT epoch
+        for p in run.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    obj = run.objective("dpo", resumed_epoch=1)
+    now = all_pair_logps(run.model, run.task)
+    base_model, _ = load_model("tiny-gpt2", seed=run.cfg.seed)
+    base = all_pair_logps(base_model, run.task)
+    torch.testing.assert_close(obj.ref_chosen, now[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(obj.ref_rejected, now[1], atol=1e-6, rtol=0)
+    assert (obj.ref_chosen - base[0]).abs().max() > 1e-3
+    assert obj.describe()["reference"] == "SFT model at hand-off epoch 1"
+
+
+def test_sequence_logps_count_only_the_response_tokens(tiny, tiny_data):
+    """The response log-prob of prompt + response rows of different lengths (right padding) equals the
+    sum of log p(response token | everything before it), each pair alone, from the prompt and response
+    token lists themselves (not from the batch's label mask)."""
+    name, model, tok = tiny
+    cfg, task = make_tiny_task(tiny_data, "sonnet", name, tok)
+    ps = sonnet_pair_set(task, sonnet_bench_pairs(task))
+    rows = [0, 1, 2, 3]
+    assert len({len(ps.prompt[i]) + len(ps.chosen[i]) for i in rows}) > 1  # the rows are padded
+    with torch.no_grad():
+        got = sequence_logps(model, collate_sequence_pairs(ps, rows, task.pad_id), "sum")
+        for j, i in enumerate(rows):
+            for k, resp in ((j, ps.chosen[i]), (len(rows) + j, ps.rejected[i])):
+                ids = torch.tensor([ps.prompt[i] + resp])
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+                start = len(ps.prompt[i])
+                want = sum(logp[start - 1 + t, tok_id] for t, tok_id in enumerate(resp))
+                assert rel(got[k], want) < 1e-5
+
+
+def test_ipo_follows_trl_and_metrics_are_in_trl_units(tmp_path):
+    """ipo (logp_reduction auto) divides each log-ratio by its response length, as TRL; the logged
+    rewards and log-probs are sums, as TRL logs them, whatever the reduction."""
+    run = built(make_cfg("sonnet", loss_type="ipo", beta=0.5), tmp_path / "run")
+    obj = run.objective("dpo")
+    assert run.cfg.loss_logp_reduction == "mean" and obj.describe()["logp_reduction"] == "mean"
+    (batch,) = next(iter(obj.steps(1)))
+    run.model.eval()
+    with torch.no_grad():
+        pc, pr = obj.policy_logps(run.model, batch)
+        pc, pr = pc + 0.3, pr - 0.2  # as if the policy had moved away from the reference
+        obj.policy_logps = lambda model, b: (pc, pr)
+        loss, logs = obj.loss(run.model, batch)
+    nc, nr = batch.chosen_len, batch.rejected_len
+    assert (nc > 1).all() and not torch.equal(nc, nr)
+    delta = (pc - batch.ref_chosen) / nc - (pr - batch.ref_rejected) / nr
+    assert loss.item() == pytest.approx(((delta - 1 / (2 * 0.5)) ** 2).mean().item(), rel=1e-5)
+    assert logs["rewards/chosen"].item() == pytest.approx(0.5 * 0.3, abs=1e-5)  # beta x summed log-ratio
+    assert logs["rewards/rejected"].item() == pytest.approx(0.5 * -0.2, abs=1e-5)
+    assert logs["logps/chosen"].item() == pytest.approx(pc.mean().item(), rel=1e-5)
+    summed = RunConfig.from_dict({**run.cfg.to_dict(), "logp_reduction": "sum"})
+    assert summed.loss_logp_reduction == "sum" and make_cfg("sonnet").loss_logp_reduction == "sum"

@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from sftdpo.cli import main
-from sftdpo.config import RunConfig
 from sftdpo.study.ray import after_failure, forwarded_env, plan_prefix_waits
 from sftdpo.store import Store
 from sftdpo.study import expand, run_study

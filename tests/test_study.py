@@ -1,6 +1,5 @@
 """Studies: grid expansion and hashing, skipping finished runs, shared SFT prefixes, failures."""
 
-import json
 
 import pytest
 import yaml

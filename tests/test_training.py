@@ -1,6 +1,7 @@
 """Tasks and the training loop on tiny models: prompts, metrics, losses, checkpoints, resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from sftdpo.ops.batching import bucketed_batches
 from sftdpo.tasks import CS224N_PROMPT
 from sftdpo.train.loop import Run, evaluate_run, train
 
-from conftest import SONNET_FILES, write_synthetic_qqp
+from conftest import SONNET_FILES, require_tiny_gpt2, write_synthetic_qqp
 
 
 @pytest.fixture
@@ -160,3 +161,164 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(qqp, cache, tmp_path):
     assert not (out / "summary.json").exists()
     subprocess.run(cmd, check=True, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert _final(out) == _final(ref_dir)
+
+
+# -- the science of the loop: schedule, shared trajectory, best checkpoint, resume, accumulation -------
+
+def test_lr_multiplier_warms_up_then_decays():
+    from sftdpo.train.step import lr_multiplier
+
+    total, warmup = 20, 0.1  # 2 warm-up steps
+    lin = [lr_multiplier(s, total, warmup, "linear") for s in range(total + 1)]
+    assert lin[:3] == [pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0]  # warm-up, then the peak
+    assert all(a > b for a, b in zip(lin[2:], lin[3:]))  # decays every step after the warm-up
+    assert lin[-1] == 0.0 and lin[11] == pytest.approx(1 - 9 / 18)
+    cos = [lr_multiplier(s, total, warmup, "cosine") for s in range(total + 1)]
+    assert cos[2] == 1.0 and cos[11] == pytest.approx(0.5) and cos[-1] == pytest.approx(0.0)
+    const = [lr_multiplier(s, total, warmup, "constant") for s in range(total + 1)]
+    assert const[0] < const[1] < const[2] == const[-1] == 1.0
+
+
+def _records(out, kind="train"):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_logged_learning_rate_follows_the_schedule_over_the_whole_budget(qqp, cache, tmp_path):
+    cfg = cfg_for("paraphrase", qqp, epochs=3, batch_size=8, log_every=1, warmup_ratio=0.2, lr=1e-3, eval_init=False)
+    train(cfg, tmp_path / "run")
+    lrs = [r["lr"] for r in _records(tmp_path / "run")]
+    assert len(lrs) == 18  # 3 epochs x 48 / 8 steps; warm-up round(18 x 0.2) = 4 steps
+    # logged after optimizer step i (1-based): warm-up (i + 1) / 5 up to step 3, then linear decay to 0 at step 18
+    want = [(i + 1) / 5 if i < 4 else 1 - (i - 4) / 14 for i in range(1, 19)]
+    assert lrs == [pytest.approx(1e-3 * w) for w in want] and lrs[-1] == 0.0
+
+
+def test_staged_runs_sft_epochs_are_the_sft_only_runs_first_epochs(qqp, cache, tmp_path):
+    """No shared prefix here: both runs train their own SFT epochs, and SFT@1->DPO's first epoch must be
+    the SFT-only run's first epoch (same schedule over the whole budget), step for step."""
+    common = dict(epochs=3, batch_size=8, log_every=1, lr=2e-3, dpo_lr=1e-3, eval_init=False)
+    train(cfg_for("paraphrase", qqp, **common), tmp_path / "sft")
+    train(cfg_for("paraphrase", qqp, regime="sft-dpo", handoff_epoch=1, **common), tmp_path / "staged")
+    sft = [(r["lr"], r["loss"]) for r in _records(tmp_path / "sft") if r["epoch"] == 1]
+    staged = [(r["lr"], r["loss"]) for r in _records(tmp_path / "staged") if r["epoch"] == 1]
+    assert staged == sft and len(sft) == 6
+    assert _records(tmp_path / "staged", "epoch")[0]["dev/accuracy"] == _records(tmp_path / "sft", "epoch")[0]["dev/accuracy"]
+
+
+def test_best_is_the_highest_dev_metric():
+    from sftdpo.train.checkpoint import RunState
+
+    state = RunState()
+    assert [state.update_best(e, v) for e, v in enumerate([0.5, 0.9, 0.7, 0.9], 1)] == [True, True, False, False]
+    assert (state.best_epoch, state.best_value) == (2, 0.9)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_after_an_epoch_equals_the_uninterrupted_run(qqp, cache, tmp_path):
+    """In-process interruption after epoch 1's checkpoint, then resume: the optimizer state (AdamW
+    moments) and the RNG (dropout masks: tiny-gpt2 and the LoRA adapter have dropout) must come back."""
+    require_tiny_gpt2()
+    cfg = cfg_for("paraphrase", qqp, model="tiny-gpt2", epochs=3, batch_size=8, param="lora", lora_dropout=0.2,
+                  lr=5e-3, eval_init=False)
+    ref = train(cfg, tmp_path / "ref")
+
+    def stop(epoch):
+        if epoch == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        Run(cfg, tmp_path / "part", on_checkpoint=stop).train()
+    resumed = Run(cfg, tmp_path / "part").train()
+    assert _final(tmp_path / "part") == _final(tmp_path / "ref")
+    assert resumed["dev/accuracy"] == ref["dev/accuracy"]
+
+
+@pytest.mark.parametrize("task", ["paraphrase", "sonnet"])
+def test_grad_accum_equals_the_larger_batch(task, qqp, tiny_data, cache, tmp_path):
+    """batch 2 x accum 3 == batch 6 (fp32, no dropout in tiny-llama), SFT and DPO stages, with a
+    short last step (13 pairs, 9 sonnets): the loss of a step is its examples' (token-weighted for
+    the sonnet LM loss), however the step is split into micro-batches."""
+    from safetensors.torch import load_file
+
+    files = qqp if task == "paraphrase" else tiny_data["sonnet"]
+    kw = dict(regime="sft-dpo", epochs=2, handoff_epoch=1, lr=3e-3, dpo_lr=2e-3, max_train_examples=13,
+              temperature=0.0, max_new_tokens=8, eval_init=False, log_every=1)
+    runs = {}
+    for name, (bs, accum) in {"accum": (2, 3), "big": (6, 1)}.items():
+        out = tmp_path / name
+        train(cfg_for(task, files, batch_size=bs, grad_accum=accum, **kw), out)
+        runs[name] = (_records(out), _records(out, "epoch"), load_file(str(out / "checkpoints" / "last" / "weights.safetensors")))
+    (steps_a, epochs_a, w_a), (steps_b, epochs_b, w_b) = runs["accum"], runs["big"]
+    n = json.loads((tmp_path / "big" / "summary.json").read_text())["train_examples"]
+    assert n % 6 and len(steps_a) == len(steps_b) == 2 * math.ceil(n / 6) >= 4  # the last step of an epoch is short
+    for a, b in zip(steps_a, steps_b):
+        assert (a["stage"], a["step"], a["lr"]) == (b["stage"], b["step"], b["lr"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert [e["train/loss"] for e in epochs_a] == pytest.approx([e["train/loss"] for e in epochs_b], rel=1e-5)
+    # The updates agree to 1e-4 of their own size (norm-wise). Element-wise AdamW divides a near-zero
+    # gradient by sqrt(v) + eps, which turns fp32 summation-order differences (~1e-7 of the summed
+    # terms) into update differences of up to ~1e-3 of lr on a few such elements; a wrong weighting
+    # (e.g. a short last step scaled by 2/3) moves whole updates instead.
+    run = Run(cfg_for(task, files, batch_size=6, **kw), tmp_path / "init")  # the same initial weights
+    run.build()
+    w0 = {n: p.detach() for n, p in run.model.named_parameters()}
+    diff = torch.cat([(w_a[k] - w_b[k]).flatten() for k in w_b]).norm()
+    update = torch.cat([(w_b[k] - w0[k]).flatten() for k in w_b]).norm()
+    assert diff <= 1e-4 * update, (float(diff), float(update))
+
+
+def test_train_step_over_micro_batches_equals_one_step_over_their_union(qqp, tiny_data, cache, tmp_path):
+    import copy
+
+    from sftdpo.objectives.sft import SFTObjective
+    from sftdpo.train.step import make_scheduler, train_step
+
+    for task, files in (("paraphrase", qqp), ("sonnet", tiny_data["sonnet"])):
+        run = Run(cfg_for(task, files, batch_size=2, grad_accum=3, max_train_examples=5), tmp_path / task)
+        run.build()
+        obj = SFTObjective(run.task)
+        window = next(iter(obj.steps(1)))  # 5 rows: micro-batches of 2, 2 and 1
+        assert [len(b.index) for b in window] == [2, 2, 1] and sum(b.share for b in window) == pytest.approx(1.0)
+        union = run.task.collate([i for b in window for i in b.index.tolist()])
+        results = []
+        for batches in (window, [union]):
+            model = copy.deepcopy(run.model)
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.SGD(params, lr=1.0)  # the update is minus the gradient itself
+            st = train_step(model, obj, batches, opt, make_scheduler(opt, 10, 0.0, "constant"), params,
+                            device=run.device, precision="fp32", max_grad_norm=0.0)
+            delta = torch.cat([(p.detach() - q.detach()).flatten() for p, q in zip(model.parameters(), run.model.parameters())])
+            results.append((st.loss.item(), delta))
+        (loss_a, g_a), (loss_b, g_b) = results
+        assert loss_a == pytest.approx(loss_b, rel=1e-6)
+        # fp32 sums in another order: the gradients agree to ~1e-7 of their norm; a wrong weighting is >1e-2 off
+        assert (g_a - g_b).norm() <= 1e-5 * g_b.norm()
+
+
+def test_paraphrase_sft_targets_are_the_gold_label_tokens(qqp, cache, tmp_path):
+    run = Run(cfg_for("paraphrase", qqp), tmp_path / "r")
+    run.build()
+    t = run.task
+    b = t.collate(list(range(len(t.train))))
+    want = [t.yes_id if e.label == 1 else t.no_id for e in t.train]
+    assert b.labels.tolist() == want and {e.label for e in t.train} == {0, 1}
+    assert t.tok.decode([t.yes_id]) == "yes" and t.tok.decode([t.no_id]) == "no"
+
+
+def test_dev_metrics_are_computed_on_the_dev_examples(qqp, cache, tmp_path):
+    import csv
+
+    run = Run(cfg_for("paraphrase", qqp), tmp_path / "r")
+    run.build()
+    ev = run.task.evaluate(run.model, run.device, "fp32")
+    with open(qqp["dev"], newline="") as f:
+        dev = {r["id"]: r["is_duplicate"] for r in csv.DictReader(f, delimiter="\t")}
+    # every dev example the file holds that is not also a train pair (deduped), with the file's label
+    assert len(ev.outputs) == len(run.task.dev) >= 8 and {i for i, _, _ in ev.outputs} <= set(dev)
+    assert all(int(r) == int(float(dev[i])) for i, _, r in ev.outputs)
+    preds, refs = [int(p) for _, p, _ in ev.outputs], [int(r) for _, _, r in ev.outputs]
+    assert ev.metrics["accuracy"] == pytest.approx(accuracy_score(refs, preds))
+    assert ev.metrics["macro_f1"] == pytest.approx(f1_score(refs, preds, average="macro"))

@@ -196,16 +196,17 @@ def sftdpo_steps(model, obj, *, device: torch.device, precision: str, lr: float,
     opt = make_optimizer(params, lr, 0.0)
     sched = make_scheduler(opt, max(n_steps, 1), 0.1, "linear")
     out: list[dict] = []
-    for i, batch in enumerate(obj.batches(1)):
+    for i, window in enumerate(obj.steps(1)):
         if i >= n_steps:
             break
         _sync(device)
         t0 = time.perf_counter()
-        (mb,) = train_step(model, obj, [batch], opt, sched, params, device=device, precision=precision,
-                           max_grad_norm=max_grad_norm, accum=1)
+        st = train_step(model, obj, window, opt, sched, params, device=device, precision=precision,
+                        max_grad_norm=max_grad_norm)
+        loss = st.loss.item()  # the loop reads it back every --log-every steps; here every step is timed whole
         _sync(device)
-        rows = batch.ref_chosen.numel() if hasattr(batch, "ref_chosen") else batch.input_ids.size(0)
-        out.append({"s": time.perf_counter() - t0, "tokens": mb.tokens, "rows": rows, "loss": mb.loss})
+        rows = sum(b.ref_chosen.numel() if hasattr(b, "ref_chosen") else b.input_ids.size(0) for b in window)
+        out.append({"s": time.perf_counter() - t0, "tokens": st.tokens, "rows": rows, "loss": loss})
     return out
 
 

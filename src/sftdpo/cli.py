@@ -43,6 +43,8 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per RunConfig field; defaults stay None so only given flags override."""
     hints = typing.get_type_hints(RunConfig)
     for f in dataclasses.fields(RunConfig):
+        if f.name == "data_fingerprint":  # filled in from the data, never given
+            continue
         t = hints[f.name]
         args = typing.get_args(t)
         base = next((a for a in args if a is not type(None)), t) if args else t
@@ -72,24 +74,32 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
 
 def load_config_file(path: str) -> dict:
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise SftdpoError(f"config file {path} does not exist")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        d = yaml.safe_load(text)
-    else:
-        d = json.loads(text)
+    try:
+        text = p.read_text(encoding="utf-8")
+        d = yaml.safe_load(text) if p.suffix in (".yaml", ".yml") else json.loads(text)
+    except UnicodeDecodeError:
+        raise SftdpoError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise SftdpoError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except json.JSONDecodeError as e:
+        raise SftdpoError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
     if isinstance(d, dict) and "config" in d and "hash" in d:  # a run's config.json
         d = d["config"]
     if not isinstance(d, dict):
         raise SftdpoError(f"config file {path} must hold a mapping of config fields")
+    d.pop("data_fingerprint", None)  # taken from the data found now (data.resolve_data)
     return d
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from .data import resolve_data
     from .train.loop import train
 
-    cfg = config_from_args(ns)
+    cfg = resolve_data(config_from_args(ns))
     out = Path(ns.out or f"runs/{cfg.task}-{cfg.regime}-{cfg.param}-{cfg.hash()}")
     dist = _dist_kwargs()
     summary = train(cfg, out, **dist)
@@ -205,8 +215,15 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return cli_bench(ns)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with sftdpo's error style: one line naming what is wrong, exit status 2."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sftdpo", description=__doc__.split("\n")[0])
+    p = Parser(prog="sftdpo", description=__doc__.split("\n")[0])
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = p.add_subparsers(dest="cmd", required=True)
 

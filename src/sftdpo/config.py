@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from .errors import SftdpoError
 from .files import stable_hash
 
-
-class SftdpoError(Exception):
-    """A user-facing error: the CLI prints its message as one line and exits non-zero."""
+__all__ = ["RunConfig", "SftdpoError", "irrelevant_fields"]
 
 
 TASKS = ("paraphrase", "sonnet")
@@ -47,6 +46,64 @@ TRAINING_FIELDS = ("param", "regime", "handoff_epoch", "epochs", "lr", "batch_si
                    *DPO_FIELDS, *LORA_FIELDS)
 # bookkeeping that never changes a run's result
 NON_RESULT_FIELDS = ("log_every", "eval_batch_size", "eval_init")
+
+
+def _show(v: Any) -> str:
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def coerce_field(name: str, value: Any) -> Any:
+    """`value` as field `name`'s type, or one clear error naming the field."""
+    hint = FIELD_TYPES[name]
+    optional = " | None" in hint
+    base = hint.replace(" | None", "")
+
+    def bad(expected: str) -> SftdpoError:
+        return SftdpoError(f"invalid config: {name} must be {expected}{' (or null)' if optional else ''}, "
+                           f"got {_show(value)}")
+
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+        if optional:
+            return None
+        raise bad({"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}.get(base, "set"))
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _BOOLS:
+            return _BOOLS[value.strip().lower()]
+        raise bad("true or false")
+    if base in ("int", "float"):
+        if isinstance(value, bool):
+            raise bad("an integer" if base == "int" else "a number")
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise bad("an integer" if base == "int" else "a number") from None
+        if not isinstance(number, (int, float)) or number != number:  # NaN
+            raise bad("an integer" if base == "int" else "a number")
+        if base == "int":
+            if float(number) != int(number):
+                raise bad("an integer")
+            return int(number)
+        return float(number)
+    if base == "str":
+        if isinstance(value, str):
+            return value
+        raise bad("a string")
+    if base.startswith("tuple"):  # pairs_temperatures: numbers, as a list or "0.7,1.0"
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise bad("a list of numbers")
+        try:
+            return tuple(float(x) for x in items)
+        except (TypeError, ValueError):
+            raise bad("a list of numbers") from None
+    return value
+
+
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 def irrelevant_fields(cfg: "RunConfig") -> set[str]:
@@ -104,6 +161,9 @@ class RunConfig:
     # data
     train: str | None = None
     dev: str | None = None
+    # a fingerprint of the train/dev examples these load (data.resolve_data fills it in; not a flag): with
+    # it, a run's identity is the data it read, not where the files were
+    data_fingerprint: str | None = None
     max_train_examples: int | None = None
     max_dev_examples: int | None = None
     data_fraction: float = 1.0
@@ -125,7 +185,8 @@ class RunConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0  # for loss_type=robust
-    logp_reduction: str = "sum"  # sum | mean over response tokens
+    # a response's log-prob in the loss: auto (TRL's choice: the mean over its tokens for ipo, else the sum) | sum | mean
+    logp_reduction: str = "auto"
     pairs: str = "v1"
     pairs_n: int = 4  # rejections generated per prompt for v2/v3
     pairs_top_k: int | None = None  # v3: pairs kept (default: one per training sonnet)
@@ -169,8 +230,8 @@ class RunConfig:
             bad(f"--data-fraction must be in (0, 1] (got {self.data_fraction})")
         if self.balance_labels and self.task != "paraphrase":
             bad("--balance-labels only applies to --task paraphrase")
-        if self.logp_reduction not in ("sum", "mean"):
-            bad(f"--logp-reduction must be sum or mean (got {self.logp_reduction!r})")
+        if self.logp_reduction not in ("auto", "sum", "mean"):
+            bad(f"--logp-reduction must be auto, sum or mean (got {self.logp_reduction!r})")
         if self.schedule not in ("linear", "cosine", "constant"):
             bad(f"--schedule must be linear, cosine or constant (got {self.schedule!r})")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -183,6 +244,29 @@ class RunConfig:
             bad("--label-smoothing only applies to --loss-type robust")
         if self.num_samples < 1 or self.pairs_n < 1:
             bad("--num-samples and --pairs-n must be >= 1")
+        # ranges: each value a user can give, and what it must be
+        checks = [
+            ("beta", self.beta > 0, "> 0 (the DPO temperature; the paper uses 0.2)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("temperature", self.temperature >= 0, ">= 0 (0 = greedy decoding)"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
+            ("lora_alpha", self.lora_alpha > 0, "> 0"),
+            ("warmup_ratio", 0 <= self.warmup_ratio <= 1, "in [0, 1]"),
+            ("max_length", self.max_length >= 2, ">= 2 tokens (a prompt and its answer)"),
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("max_grad_norm", self.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+            ("max_train_examples", self.max_train_examples is None or self.max_train_examples >= 1, ">= 1"),
+            ("max_dev_examples", self.max_dev_examples is None or self.max_dev_examples >= 1, ">= 1"),
+            ("pairs_top_k", self.pairs_top_k is None or self.pairs_top_k >= 1, ">= 1"),
+            ("pairs_temperatures", len(self.pairs_temperatures) > 0 and all(t >= 0 for t in self.pairs_temperatures),
+             "one or more temperatures >= 0"),
+            ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+        ]
+        for name, ok, what in checks:
+            if not ok:
+                bad(f"--{name.replace('_', '-')} must be {what} (got {_show(getattr(self, name))})")
         return self
 
     # -- stages -------------------------------------------------------------------------------
@@ -194,6 +278,14 @@ class RunConfig:
     def dpo_epochs(self) -> int:
         return self.epochs - self.sft_epochs
 
+    @property
+    def loss_logp_reduction(self) -> str:
+        """How the DPO loss reduces a response's token log-probs: TRL's IPO normalises the log-ratios by
+        the response length, its other losses use sums; --logp-reduction sum|mean overrides."""
+        if self.logp_reduction == "auto":
+            return "mean" if self.loss_type == "ipo" else "sum"
+        return self.logp_reduction
+
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -202,15 +294,17 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """A config from field values as YAML, JSON or `--set` give them: every value checked against
+        its field's type and converted (`lr: 1e-3`, which PyYAML reads as a string, is the number it is)."""
+        if not isinstance(d, dict):
+            raise SftdpoError(f"invalid config: expected a mapping of config fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if not (k == "extra" and not v)}  # an empty field of sftdpo <= 0.1's configs
         unknown = sorted(set(d) - names)
         if unknown:
-            raise SftdpoError(f"invalid config: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        d = dict(d)
-        if "pairs_temperatures" in d:
-            d["pairs_temperatures"] = tuple(float(t) for t in d["pairs_temperatures"])
-        return cls(**d)
+            raise SftdpoError(f"invalid config: unknown field(s) {', '.join(map(str, unknown))}; "
+                              f"known: {', '.join(sorted(names))}")
+        return cls(**{k: coerce_field(k, v) for k, v in d.items()})
 
     def normalised(self) -> "RunConfig":
         """This config with every field the run never reads reset to its default, so equivalent
@@ -221,6 +315,8 @@ class RunConfig:
     def identity(self, drop: tuple[str, ...] = ()) -> dict[str, Any]:
         """The fields that can change this run's result (normalised), less `drop`."""
         d = self.normalised().to_dict()
+        if d["data_fingerprint"]:
+            drop = (*drop, "train", "dev")
         return {k: v for k, v in d.items() if k not in NON_RESULT_FIELDS and k not in drop}
 
     def hash(self) -> str:
@@ -296,3 +392,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     t.start()
     t.join(timeout + 1)
     return bool(ok)
+
+
+# field name -> its annotation as text ("float", "int | None", ...), for from_dict's checks
+FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(RunConfig)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import logging
 import random
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
-from .config import SftdpoError, cache_dir, data_dirs, hub_reachable
-from .files import atomic_path
+from .config import RunConfig, SftdpoError, cache_dir, data_dirs, hub_reachable
+from .files import atomic_path, stable_hash
 
 log = logging.getLogger("sftdpo")
 T = TypeVar("T")
@@ -147,7 +148,10 @@ def read_qqp_with_stats(path: str | Path, fmt: str | None = None) -> tuple[list[
                 labelled = "is_duplicate" in (reader.fieldnames or [])
                 for rec in reader:
                     q1, q2, rid = rec.get("sentence1"), rec.get("sentence2"), rec.get("id")
-                    lab = _LABELS.get((rec.get("is_duplicate") or "").strip()) if labelled else None
+                    raw = (rec.get("is_duplicate") or "").strip()
+                    if labelled and raw and raw not in _LABELS and None not in rec:  # a label, but not 0/1
+                        bad(reader.line_num, f"label {raw!r} is not 0/1")
+                    lab = _LABELS.get(raw) if labelled else None
                     if None in rec or q1 is None or q2 is None or rid is None or (labelled and lab is None):
                         skipped += 1
                         continue
@@ -326,9 +330,41 @@ def load_paraphrase_data(train: str | None = None, dev: str | None = None) -> Pa
                 raise SftdpoError(_NO_QQP_DATA) from None
             source = f"GLUE QQP (nyu-mll/glue via datasets): train={len(tr):,}, validation={len(dv):,}"
     dv, dropped = dedupe_against(tr, dv)
+    if not dv:
+        raise SftdpoError(f"every dev pair also occurs in train ({source}): is --dev the train file? "
+                          "Give a dev file with pairs not in train")
     if dropped:
         log.info("dropped %d dev pairs that also occur in train", dropped)
     return ParaphraseData(train=tr, dev=dv, source=source, dev_dropped_overlap=dropped)
+
+
+def load_task_data(task: str, train: str | None = None, dev: str | None = None) -> "ParaphraseData | SonnetData":
+    """A task's train/dev data from --train/--dev, else the data directory (or the default source)."""
+    return load_paraphrase_data(train, dev) if task == "paraphrase" else load_sonnet_data(train, dev)
+
+
+def data_fingerprint(data: "ParaphraseData | SonnetData") -> str:
+    """A fingerprint of the loaded examples (ids, texts, labels; sonnet numbers and texts), whatever
+    files or sources they came from."""
+    if isinstance(data, ParaphraseData):
+        rows = {split: [[e.id, e.q1, e.q2, e.label] for e in examples] for split, examples in
+                (("train", data.train), ("dev", data.dev))}
+    else:
+        rows = {split: [[s.number, s.text] for s in sonnets] for split, sonnets in
+                (("train", data.train), ("dev", data.dev), ("test", data.test_prompts))}
+    return stable_hash(rows, 16)
+
+
+def resolve_data(cfg: RunConfig, memo: dict | None = None) -> RunConfig:
+    """`cfg` with --train/--dev made absolute (so `eval` and resume work from any directory) and
+    `data_fingerprint` set from the examples they load. `memo` shares loads between configs."""
+    train = str(Path(cfg.train).expanduser().resolve()) if cfg.train else None
+    dev = str(Path(cfg.dev).expanduser().resolve()) if cfg.dev else None
+    key = (cfg.task, train, dev)
+    memo = {} if memo is None else memo
+    if key not in memo:
+        memo[key] = data_fingerprint(load_task_data(cfg.task, train, dev))
+    return dataclasses.replace(cfg, train=train, dev=dev, data_fingerprint=memo[key])
 
 
 def qqp_available() -> str | None:
@@ -397,7 +433,11 @@ def read_cs224n_sonnets(path: str | Path) -> list[Sonnet]:
     p = _check_file(path)
     # Text mode reads CRLF as LF. The leading "\n" lets a file without header start directly with
     # "1"; with a header it changes nothing.
-    parts = _NUMBER_LINE.split("\n" + p.read_text(encoding="utf-8"))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SftdpoError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+    parts = _NUMBER_LINE.split("\n" + text)
     sonnets = [Sonnet(int(num), chunk.strip()) for num, chunk in zip(parts[1::2], parts[2::2])]
     if not sonnets:
         raise SftdpoError(f"{p}: no sonnets found (expected a line holding only each sonnet's number); "
@@ -487,7 +527,7 @@ def load_sonnet_data(train: str | None = None, dev: str | None = None) -> Sonnet
         if not (train and dev):
             raise SftdpoError("--train and --dev are both needed (a CS224N sonnets file and a TRUE_... dev file); "
                               "pass both, or neither to use the data directory")
-        tr, dv = read_cs224n_sonnets(train), read_cs224n_sonnets(dev)
+        tr, dv = read_cs224n_sonnets(train), _check_dev_sonnets(read_cs224n_sonnets(dev), dev)
         return SonnetData(_without(tr, dv), dv, [], f"files: train={train}, dev={dev}")
 
     for d in data_dirs():
@@ -496,7 +536,8 @@ def load_sonnet_data(train: str | None = None, dev: str | None = None) -> Sonnet
             continue
         tr = read_cs224n_sonnets(folder / "sonnets.txt")
         if (folder / "TRUE_sonnets_held_out_dev.txt").is_file():
-            dv = read_cs224n_sonnets(folder / "TRUE_sonnets_held_out_dev.txt")
+            dv = _check_dev_sonnets(read_cs224n_sonnets(folder / "TRUE_sonnets_held_out_dev.txt"),
+                                    folder / "TRUE_sonnets_held_out_dev.txt")
         elif {s.number for s in tr} >= set(range(132, 144)):
             # Releases before Feb 2025 shipped 1..143 in sonnets.txt and no TRUE dev file.
             tr, dv, _ = split_cs224n_way(tr)
@@ -524,9 +565,22 @@ def _without(train: list[Sonnet], dev: list[Sonnet]) -> list[Sonnet]:
     """Train minus the dev sonnets (by number), so an old 143-sonnet sonnets.txt cannot leak dev."""
     dev_numbers = {s.number for s in dev}
     kept = [s for s in train if s.number not in dev_numbers]
+    if not kept:
+        raise SftdpoError("every training sonnet is also a dev sonnet: is --train the dev file? "
+                          "Give the training sonnets (sonnets.txt) as --train")
     if len(kept) < len(train):
         log.warning("dropped %d training sonnets that are dev sonnets", len(train) - len(kept))
     return kept
+
+
+def _check_dev_sonnets(dev: list[Sonnet], path: object) -> list[Sonnet]:
+    """Dev sonnets are references: each must continue past the 3 prompt lines."""
+    short = [s.number for s in dev if len(s.lines) <= 3]
+    if short:
+        raise SftdpoError(f"{path}: dev sonnet(s) {', '.join(map(str, short[:5]))} have no lines after the 3-line "
+                          "prompt: the dev file must hold the whole true sonnets (CS224N TRUE_sonnets_held_out_dev.txt), "
+                          "not the prompts (sonnets_held_out_dev.txt)")
+    return dev
 
 
 def write_cs224n_generations(path: str | Path, items: list[tuple[int, str]]) -> None:

@@ -77,23 +77,23 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def shard(global_batches: Sequence[Sequence[int]], rank: int, world_size: int,
-          units: Sequence[int] | None = None) -> list[tuple[list[int], float]]:
+def shard(global_batches: Sequence[Sequence[int]], rank: int, world_size: int, units: Sequence[int] | None = None,
+          total: float | None = None) -> list[tuple[list[int], float]]:
     """(rows, share) for this rank of each global batch: rows rank, rank + W, ... (strided, so the
-    length-sorted rows of a bucketed batch spread evenly) and this rank's share of the batch's loss,
-    counted in `units` per row (None: one per row). A rank without rows gets the batch's first row
-    as a stand-in with share 0. One process: every batch whole, share 1.0."""
-    if world_size == 1:
-        return [(list(rows), 1.0) for rows in global_batches]
+    length-sorted rows of a bucketed batch spread evenly) and this rank's share of the loss, counted
+    in `units` per row (None: one per row), relative to the batch's own units or, with `total`, to
+    `total` units (the global batches of one optimizer step: gradient accumulation). A rank without
+    rows gets the batch's first row as a stand-in with share 0. One process, no `total`: every batch
+    whole, share 1.0."""
     count = len if units is None else (lambda rows: sum(units[i] for i in rows))
     out = []
     for rows in global_batches:
-        mine = list(rows[rank::world_size])
-        total = count(rows)
+        mine = list(rows) if world_size == 1 else list(rows[rank::world_size])
+        denom = count(rows) if total is None else total
         if not mine:
             out.append((list(rows[:1]), 0.0))
         else:
-            out.append((mine, count(mine) / total if total else 0.0))
+            out.append((mine, count(mine) / denom if denom else 0.0))
     return out
 
 
@@ -114,17 +114,14 @@ def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
-def reduce_batch_stats(loss: torch.Tensor, logs: dict, n_tokens: int, share: float) -> tuple[float, dict[str, float], int]:
-    """The global batch's loss and logged metrics (share-weighted sums over ranks) and token count
-    (a stand-in row counts none). One process: loss.item(), the logs as floats, n_tokens."""
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed over ranks (each rank's loss and metrics are already weighted by its share of
+    the step, so the sum is the global step's); `values` itself in one process."""
     if not is_distributed():
-        return loss.item(), {k: float(v) for k, v in logs.items()}, n_tokens
-    keys = list(logs)  # the same order on every rank
-    vec = torch.tensor([loss.item() * share, *(float(logs[k]) * share for k in keys), n_tokens if share else 0],
-                       dtype=torch.float64, device=loss.device)
-    dist.all_reduce(vec)
-    vals = vec.tolist()
-    return vals[0], dict(zip(keys, vals[1:-1])), int(round(vals[-1]))
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values
 
 
 def broadcast_from_main(obj: Any) -> Any:

@@ -21,6 +21,8 @@ from array import array
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from .errors import SftdpoError
+
 
 # -- atomic writes -----------------------------------------------------------------------------
 
@@ -125,6 +127,25 @@ def hash_id_lists(*lists: Sequence[Sequence[int]], length: int = 20) -> str:
 
 
 # -- one writer per directory ------------------------------------------------------------------
+
+def ensure_dir(path: str | Path, what: str = "--out") -> Path:
+    """`path` as a writable directory (created if needed), or one clear error: a file there or above
+    it, or no permission to write."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise SftdpoError(f"{what} {p} is a file, not a directory: give a directory path")
+    above = next((q for q in p.parents if q.exists()), None)
+    if above is not None and not above.is_dir():
+        raise SftdpoError(f"{what} {p} is under {above}, which is a file: give a directory path")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SftdpoError(f"{what} {p} cannot be created ({e.strerror}): give a directory you can write to") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise SftdpoError(f"{what} {p} is not writable: give a directory you can write to")
+    return p
+
+
 
 LOCK_FILE = ".lock"
 

@@ -125,6 +125,9 @@ def load_model(name: str, seed: int = 0) -> tuple[Any, Any]:
             source: str | Path = smollm2_dir()
         elif Path(name).expanduser().is_dir():
             source = Path(name).expanduser()
+            if not (source / "config.json").is_file():
+                raise SftdpoError(f"model directory {source} has no config.json: it is not a Hugging Face model "
+                                  "directory (one written by save_pretrained, or `sftdpo export`)")
         elif _is_hub_id(name):
             source = name
         else:
@@ -140,7 +143,9 @@ def load_model(name: str, seed: int = 0) -> tuple[Any, Any]:
                     f"use --model smollm2-135m (offline backbone), tiny-gpt2, tiny-llama, or a local directory "
                     f"[{type(e).__name__}: {str(e).splitlines()[0][:160]}]"
                 ) from None
-            raise SftdpoError(f"could not load model from {source}: {str(e).splitlines()[0][:200]}") from None
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise SftdpoError(f"could not load a model from {source} ({type(e).__name__}: {first[:300]}); "
+                              "it needs config.json, weights and tokenizer files") from None
     prepare_tokenizer(tok)
     model.config.pad_token_id = tok.pad_token_id
     if getattr(model, "generation_config", None) is not None:

@@ -17,11 +17,11 @@ class SFTObjective:
     def __init__(self, task: Task) -> None:
         self.task = task
 
-    def batches(self, epoch: int) -> Iterator[Batch]:
-        return self.task.sft_batches(epoch)
+    def steps(self, epoch: int) -> Iterator[list[Batch]]:
+        return self.task.sft_steps(epoch)
 
-    def n_batches(self) -> int:
-        return self.task.n_sft_batches()
+    def n_steps(self) -> int:
+        return self.task.n_sft_steps()
 
     def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
         return self.task.sft_loss(model, batch)

@@ -22,16 +22,16 @@ from .cost import estimate_flops, format_cost
 from .index import clear_failure, index_run, index_study, read_run_file, record_failure, run_status, write_run_file
 from .local import run_local
 from .ray import require_ray, run_ray
-from .spec import expand, load_spec, parse_only
+from .spec import expand, load_spec, parse_only, resolve_runs
 
 
 class StudyDir:
     """A study's directory: `spec.yaml`, `runs/<name>/` for every run of the spec, `prefixes/` for
     shared SFT prefixes, and the index `study.db`."""
 
-    def __init__(self, spec: dict, out: Path, overrides: dict | None = None) -> None:
+    def __init__(self, spec: dict, out: Path, runs: list[tuple[str, RunConfig]]) -> None:
         self.spec, self.out = spec, Path(out)
-        self.runs = expand(spec, overrides)
+        self.runs = runs
         self.prefix_dir = self.out / "prefixes"
         # hand-off epochs of staged runs: SFT stages export their checkpoints there to be shared
         self.prefix_epochs = {c.handoff_epoch for _, c in self.runs if c.regime == "sft-dpo"}
@@ -88,14 +88,15 @@ def run_study(spec: str | dict, out: Path | None = None, *, only: list[str] = ()
     """Run (or resume) a study; returns its directory."""
     spec_d = load_spec(spec) if isinstance(spec, str) else spec
     out = Path(out or Path("studies") / spec_d["name"])
-    study = StudyDir(spec_d, out, overrides)
     keep = parse_only(list(only))
-    runs = [(n, c) for n, c in study.runs if keep(c)]
+    runs = [(n, c) for n, c in expand(spec_d, overrides) if keep(c)]
     if not runs:
         raise SftdpoError(f"no run of study {spec_d['name']} matches --only {' '.join(only)}")
     if dry_run:
-        study.dry_run(runs)
+        StudyDir(spec_d, out, runs).dry_run(runs)
         return out
+    runs = resolve_runs([c for _, c in runs])
+    study = StudyDir(spec_d, out, runs)
     if executor == "ray":  # fail before touching the study directory when Ray is missing
         require_ray()
     try:

@@ -17,7 +17,8 @@ from typing import Callable
 
 import yaml
 
-from ..config import RunConfig, SftdpoError
+from ..config import FIELD_TYPES, RunConfig, SftdpoError, coerce_field
+from ..data import resolve_data
 
 SHIPPED_SPECS = ("quick", "paper")
 _DEFAULTS = RunConfig()
@@ -34,7 +35,10 @@ def load_spec(spec: str) -> dict:
         p = Path(spec)
         if not p.exists():
             raise SftdpoError(f"study spec {spec} not found: give a YAML file or one of {', '.join(SHIPPED_SPECS)}")
-        text, name = p.read_text(), p.stem
+        try:
+            text, name = p.read_text(encoding="utf-8"), p.stem
+        except UnicodeDecodeError:
+            raise SftdpoError(f"study spec {spec} is not UTF-8 text") from None
     try:
         d = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -48,16 +52,63 @@ def load_spec(spec: str) -> dict:
     return d
 
 
+def _value(field: str, v: object) -> object:
+    """A spec value as its field's type where it is one (so `lr: 1e-3` and 0.001 compare equal)."""
+    try:
+        return coerce_field(field, v)
+    except SftdpoError:
+        return v
+
+
 def _matches(cfg: dict, when: dict) -> bool:
     for k, v in when.items():
-        want = v if isinstance(v, list) else [v]
-        if cfg.get(k) not in want:
+        want = [_value(k, x) for x in (v if isinstance(v, list) else [v])]
+        if _value(k, cfg.get(k, getattr(_DEFAULTS, k))) not in want:
             return False
     return True
 
 
+def check_spec(spec: dict) -> None:
+    """The spec's shape, with one line for what is wrong: a grid with axes and values, conditions
+    (`when`, `exclude`) that name config fields."""
+    name = spec.get("name")
+    fields = set(FIELD_TYPES)
+
+    def bad(msg: str) -> SftdpoError:
+        return SftdpoError(f"study spec {name}: {msg}")
+
+    grid = spec.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise bad("its grid is empty: a study varies at least one field, e.g. `grid: {seed: [0, 1, 2]}` "
+                  "(for a single run use `sftdpo train`)")
+    for axis, values in grid.items():
+        vals = values if isinstance(values, list) else [values]
+        if not vals:
+            raise bad(f"grid axis {axis!r} is an empty list: give it at least one value, or remove it")
+        for v in vals:
+            keys = set(v) if isinstance(v, dict) else {axis}
+            if keys - fields:
+                raise bad(f"grid axis {axis!r} sets {', '.join(sorted(map(str, keys - fields)))}, not a config field")
+    for kind in ("overrides", "exclude"):
+        items = spec.get(kind) or []
+        if not isinstance(items, list):
+            raise bad(f"`{kind}` must be a list")
+        for i, item in enumerate(items):
+            cond = (item or {}).get("when") if kind == "overrides" else item
+            if kind == "overrides" and not isinstance(item, dict):
+                raise bad(f"overrides[{i}] must be a mapping with `when` and `set`")
+            if not isinstance(cond or {}, dict):
+                raise bad(f"{kind}[{i}] must be a mapping of config fields to values")
+            unknown = set(cond or {}) - fields
+            if unknown:
+                where = f"overrides[{i}].when" if kind == "overrides" else f"exclude[{i}]"
+                raise bad(f"{where} names {', '.join(sorted(map(str, unknown)))}, which is not a config field "
+                          "(so it would never match)")
+
+
 def expand(spec: dict, overrides: dict | None = None) -> list[tuple[str, RunConfig]]:
     """(name, config) for every distinct run, in a deterministic order."""
+    check_spec(spec)
     defaults = dict(spec.get("defaults") or {})
     grid = spec.get("grid") or {}
     axes = [(k, v if isinstance(v, list) else [v]) for k, v in grid.items()]
@@ -82,6 +133,18 @@ def expand(spec: dict, overrides: dict | None = None) -> list[tuple[str, RunConf
             if "--handoff-epoch" in str(e) and "epochs" in (overrides or {}) and "handoff_epoch" not in (overrides or {}):
                 hint = " (a shorter budget needs its hand-off too, e.g. --set epochs=2 --set handoff_epoch=1)"
             raise SftdpoError(f"study spec {spec.get('name')}: grid point {_short(cfg)} is invalid: {e}{hint}") from None
+        runs.setdefault(rc.hash(), (run_name(rc), rc))
+    return list(runs.values())
+
+
+def resolve_runs(cfgs: list[RunConfig]) -> list[tuple[str, RunConfig]]:
+    """(name, config) of each run with its data resolved (data.resolve_data: absolute paths and a
+    fingerprint of the examples, so the name says which data the run reads); each data source is
+    read once."""
+    memo: dict = {}
+    runs: dict[str, tuple[str, RunConfig]] = {}
+    for c in cfgs:
+        rc = resolve_data(c, memo)
         runs.setdefault(rc.hash(), (run_name(rc), rc))
     return list(runs.values())
 

@@ -40,27 +40,43 @@ class Task:
     def train_lengths(self) -> list[int]:
         return [len(s) for s in self.train_ids]
 
-    def sft_batches(self, epoch: int) -> Iterator[Batch]:
-        for rows, share in self.train_shards(self.train_lengths(), epoch, self.sft_loss_units()):
-            b = self.collate(rows)
-            b.share = share
-            yield b
+    def sft_steps(self, epoch: int) -> Iterator[list[Batch]]:
+        """An epoch's SFT optimizer steps, each a list of micro-batches (see train_steps)."""
+        for step in self.train_steps(self.train_lengths(), epoch, self.sft_loss_units()):
+            batches = []
+            for rows, share in step:
+                b = self.collate(rows)
+                b.share = share
+                batches.append(b)
+            yield batches
 
-    def n_sft_batches(self) -> int:
-        return self.n_train_batches(len(self.train_ids))
+    def n_sft_steps(self) -> int:
+        return self.n_train_steps(len(self.train_ids))
 
     def sft_loss_units(self) -> list[int] | None:
         """What sft_loss averages over, per training row (None: the rows themselves)."""
         return None
 
-    def train_shards(self, lengths: Sequence[int], epoch: int, units: Sequence[int] | None = None) -> list[tuple[list[int], float]]:
-        """An epoch's training batches as (rows, loss share) for this rank: its part of each global batch
-        of batch_size x world_size rows (the batches themselves, share 1, in one process)."""
-        global_batches = bucketed_batches(lengths, self.cfg.batch_size * self.world_size, epoch_seed(self.cfg.seed, epoch))
-        return shard(global_batches, self.rank, self.world_size, units)
+    def train_steps(self, lengths: Sequence[int], epoch: int,
+                    units: Sequence[int] | None = None) -> list[list[tuple[list[int], float]]]:
+        """An epoch's optimizer steps for this rank, each a list of micro-batches (rows, loss share).
 
-    def n_train_batches(self, n_rows: int) -> int:
-        return math.ceil(n_rows / (self.cfg.batch_size * self.world_size))
+        A step trains on one global batch of batch_size x grad_accum x world_size rows (length-bucketed,
+        seeded by the epoch), split into grad_accum micro-batches of batch_size x world_size rows, of
+        which this rank takes every world_size-th row (distributed.shard). A micro-batch's share is
+        its loss units (`units` per row: target tokens for an LM loss; None: rows) over the step's, so
+        the shares of a step sum to 1 over micro-batches and ranks, also for a short last step:
+        batch B x grad_accum k trains exactly as batch kB (tests/test_training.py)."""
+        per_micro = self.cfg.batch_size * self.world_size
+        count = len if units is None else (lambda rows: sum(units[i] for i in rows))
+        steps = []
+        for rows in bucketed_batches(lengths, per_micro * self.cfg.grad_accum, epoch_seed(self.cfg.seed, epoch)):
+            micro = [rows[i : i + per_micro] for i in range(0, len(rows), per_micro)]
+            steps.append(shard(micro, self.rank, self.world_size, units, total=count(rows)))
+        return steps
+
+    def n_train_steps(self, n_rows: int) -> int:
+        return math.ceil(n_rows / (self.cfg.batch_size * self.cfg.grad_accum * self.world_size))
 
     # what each task defines
     def collate(self, rows: Sequence[int], split: str = "train") -> Batch:

@@ -31,6 +31,10 @@ class ParaphraseTask(Task):
         if len(words) != 2 or words[0] == words[1]:
             raise SftdpoError(f"--label-words needs two different words, positive first (got {cfg.label_words!r})")
         self.yes_id, self.no_id = single_token_id(tok, words[0]), single_token_id(tok, words[1])
+        fixed = len(tok(CS224N_PROMPT.format(q1="", q2=""), add_special_tokens=False).input_ids)
+        if cfg.max_length < fixed + 2:  # prompts are cut from the left: the questions would vanish first
+            raise SftdpoError(f"--max-length {cfg.max_length} is too short for the paraphrase prompt: its fixed text "
+                              f"alone is {fixed} tokens; give at least {fixed + 2} (the paper's runs use 256)")
         self.source = data.source
         self.dev_dropped_overlap = data.dev_dropped_overlap
         self.train = subsample(data.train, cfg.max_train_examples, cfg.data_fraction, seed=0,

@@ -32,6 +32,10 @@ class SonnetTask(Task):
         if not self.train or not self.dev:
             raise SftdpoError("sonnet data is empty after subsampling: check --train/--dev and --max-*-examples")
         self.train_ids = [self.encode(s.text) for s in self.train]
+        longest = max(len(tok(self.prompt_text(s), add_special_tokens=False).input_ids) for s in self.dev)
+        if cfg.max_length <= longest:
+            raise SftdpoError(f"--max-length {cfg.max_length} is too short for the sonnet prompts: the longest 3-line "
+                              f"dev prompt is {longest} tokens; give more than that (e.g. 512)")
 
     def encode(self, text: str) -> list[int]:
         # The end-of-text token is trained so that generation learns where a sonnet stops.

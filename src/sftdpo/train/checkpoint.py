@@ -38,6 +38,14 @@ class RunState:
     train_tokens: int = 0
     eval_time_s: float = 0.0
 
+    def update_best(self, epoch: int, value: float) -> bool:
+        """Record epoch `epoch`'s dev metric (higher is better); whether it is the best so far (a tie
+        keeps the earlier epoch)."""
+        if value > self.best_value:
+            self.best_value, self.best_epoch = value, epoch
+            return True
+        return False
+
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}

@@ -19,20 +19,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, SftdpoError, cache_dir
-from ..data import write_cs224n_generations, write_paraphrase_predictions
-from ..distributed import barrier, broadcast_from_main, is_distributed
-from ..files import DirectoryBusy, DirLock, stable_hash, write_json_atomic, write_text_atomic
+from ..data import (data_fingerprint, load_task_data, resolve_data, write_cs224n_generations,
+                    write_paraphrase_predictions)
+from ..distributed import barrier, broadcast_from_main, is_distributed, sum_over_ranks
+from ..files import DirectoryBusy, DirLock, ensure_dir, stable_hash, write_json_atomic, write_text_atomic
 from ..models import (apply_lora, count_params, device_description, load_model, peak_memory_mb, resolve_device,
                       resolve_precision)
 from ..objectives import Objective, StageContext
@@ -40,7 +41,7 @@ from ..objectives.dpo import build_dpo_objective
 from ..objectives.sft import SFTObjective
 from ..system import git_commit, package_versions
 from ..tasks import Evaluation, make_task
-from .checkpoint import WEIGHTS_FILE, MetricsLog, RunState, load_checkpoint, load_weights, save_checkpoint, save_weights
+from .checkpoint import STATE_FILE, WEIGHTS_FILE, MetricsLog, RunState, load_checkpoint, load_weights, save_checkpoint, save_weights
 from .prefix import SFTPrefixes
 from .step import make_optimizer, make_scheduler, train_step
 
@@ -73,24 +74,14 @@ class EpochTraining:
                 **{f"train/{k}": v for k, v in self.logs.items()}}
 
 
-def windows(batches: Iterator, size: int) -> Iterator[list]:
-    """Consecutive groups of `size` micro-batches (the last one may be shorter): one optimizer step each."""
-    window: list = []
-    for b in batches:
-        window.append(b)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
-
-
 class Run:
     """One experiment in one directory."""
 
     def __init__(self, cfg: RunConfig, out: Path, *, prefixes: SFTPrefixes | None = None, rank: int = 0,
                  world_size: int = 1, on_checkpoint: Callable[[int], None] | None = None) -> None:
-        self.cfg = cfg.validate()
+        cfg = cfg.validate()
+        # the run's identity covers the data it reads (data.resolve_data)
+        self.cfg = cfg if cfg.data_fingerprint else resolve_data(cfg)
         self.out = Path(out)
         self.prefixes = prefixes  # a study's shared SFT prefixes (prefix.py)
         self.on_checkpoint = on_checkpoint  # called with the epoch after each checkpoint is on disk
@@ -113,26 +104,45 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.model, self.tok = load_model(cfg.model, seed=cfg.seed)
         choose_attention(self.model, self.device)
-        self.task = make_task(cfg, self.tok, rank=self.rank, world_size=self.world_size)
+        data = load_task_data(cfg.task, cfg.train, cfg.dev)
+        if data_fingerprint(data) != cfg.data_fingerprint:
+            raise SftdpoError(f"the {cfg.task} data found now ({data.source}) is not the data this run was set up with "
+                              f"(fingerprint {data_fingerprint(data)} != {cfg.data_fingerprint}): restore it, or start a "
+                              "new run with a new --out")
+        self.task = make_task(cfg, self.tok, data, rank=self.rank, world_size=self.world_size)
         if cfg.param == "lora":
             self.model = apply_lora(self.model, cfg)
         self.model.to(self.device)
         self.trainable, self.total = count_params(self.model)
 
-    def write_config(self) -> None:
+    def trained(self) -> bool:
+        """Whether the run directory holds a trained epoch (or a finished run)."""
+        return (self.out / "summary.json").exists() or (self.ckpt("last") / STATE_FILE).exists()
+
+    def check_config(self) -> None:
+        """Refuse a run directory that holds another trained run. A directory whose run failed before
+        its first epoch (a bad path, a bad file) holds no result: it is taken over."""
         cfg_file = self.out / "config.json"
-        if cfg_file.exists():
-            old = json.loads(cfg_file.read_text())
-            if old.get("hash") != self.cfg.hash():
-                raise SftdpoError(
-                    f"{self.out} holds another run (config hash {old.get('hash')} != {self.cfg.hash()}): use a new --out"
-                )
-            if old.get("world_size", 1) != self.world_size:
-                raise SftdpoError(
-                    f"{self.out} was started on {old.get('world_size', 1)} process(es), this launch has {self.world_size}: "
-                    "resume with the same number of processes (the effective batch depends on it), or use a new --out"
-                )
+        if not cfg_file.exists():
             return
+        old = json.loads(cfg_file.read_text())
+        if old.get("hash") != self.cfg.hash() and self.trained():
+            raise SftdpoError(
+                f"{self.out} holds another run (config hash {old.get('hash')} != {self.cfg.hash()}): use a new --out")
+        if old.get("world_size", 1) != self.world_size and self.trained():
+            raise SftdpoError(
+                f"{self.out} was started on {old.get('world_size', 1)} process(es), this launch has {self.world_size}: "
+                "resume with the same number of processes (the effective batch depends on it), or use a new --out")
+
+    def write_config(self) -> None:
+        """config.json of this run, unless the directory already holds its trained epochs."""
+        cfg_file = self.out / "config.json"
+        self.check_config()
+        if cfg_file.exists() and self.trained():
+            return
+        if self.is_main and cfg_file.exists():  # an attempt that never trained an epoch: start clean
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(self.out / "dpo", ignore_errors=True)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(cfg_file, {
@@ -200,6 +210,7 @@ class Run:
         """Run (or resume, or just return) the experiment; returns the summary."""
         if not self.is_main:
             return self._train()
+        ensure_dir(self.out)
         try:
             with DirLock(self.out, f"sftdpo train {self.out}"):
                 return self._train()
@@ -207,11 +218,12 @@ class Run:
             raise SftdpoError(f"{e.path} is being trained by {e.holder}: wait for it, or use another --out") from None
 
     def _train(self) -> dict:
-        self.write_config()
+        self.check_config()
         done = self.out / "summary.json"
         if done.exists():
             return json.loads(done.read_text())
-        self.build()
+        self.build()  # a failure here (data, model, label words) leaves no config.json behind
+        self.write_config()
         resumed = load_checkpoint(self.out / "checkpoints", self.model)
         if resumed is None and self.prefixes:
             self.prefix_reused = self.prefixes.seed(self.out, self.cfg, self.world_size, self.is_main)
@@ -243,10 +255,9 @@ class Run:
             lr = self.cfg.lr if stage == "sft" else self.cfg.dpo_lr
             params = [p for p in self.model.parameters() if p.requires_grad]
             opt = make_optimizer(params, lr, self.cfg.weight_decay)
-            steps_per_epoch = math.ceil(obj.n_batches() / self.cfg.grad_accum)
             # SFT's schedule spans the whole budget (see the module docstring); DPO's its own epochs
             budget = self.cfg.epochs if stage == "sft" else last - first + 1
-            sched = make_scheduler(opt, steps_per_epoch * budget, self.cfg.warmup_ratio, self.cfg.schedule)
+            sched = make_scheduler(opt, obj.n_steps() * budget, self.cfg.warmup_ratio, self.cfg.schedule)
             if blob is not None and blob.get("optimizer") and state.epoch >= first:
                 opt.load_state_dict(blob["optimizer"])
                 sched.load_state_dict(blob["scheduler"])
@@ -261,11 +272,8 @@ class Run:
                 state.history.append(rec)
                 mlog.write(rec)
                 log.info("epoch %d (%s): %s", epoch, stage, _fmt(metrics))
-                value = metrics[f"dev/{self.task.primary_metric}"]
-                if value > state.best_value:
-                    state.best_value, state.best_epoch = value, epoch
-                    if self.is_main:
-                        save_weights(self.model, self.ckpt("best"))
+                if state.update_best(epoch, metrics[f"dev/{self.task.primary_metric}"]) and self.is_main:
+                    save_weights(self.model, self.ckpt("best"))
                 state.epoch = epoch
                 state.metric_lines = mlog.lines
                 self.save_checkpoint(state, opt, sched)
@@ -283,38 +291,38 @@ class Run:
         return summary
 
     def train_epoch(self, obj: Objective, stage: str, epoch: int, opt, sched, mlog: MetricsLog) -> EpochTraining:
+        """One epoch of optimizer steps. Losses and metrics stay on the device and are read back (summed
+        over ranks) only every --log-every steps and at the epoch's end, so the host never waits for
+        the device in between."""
         cfg, model = self.cfg, self.model
         model.train(obj.train_mode)
-        n = obj.n_batches()
-        t0 = time.perf_counter()
-        tokens = 0
-        loss_sum = 0.0
-        logs_sum: dict[str, float] = {}
-        window_t, window_tok = time.perf_counter(), 0
+        n = obj.n_steps()
         params = [p for p in model.parameters() if p.requires_grad]
+        t0 = window_t = time.perf_counter()
+        loss_sum: torch.Tensor | None = None
+        logs_sum: dict[str, torch.Tensor] = {}
+        tokens = window_tokens = 0
         bar = tqdm(total=n, desc=f"{stage} epoch {epoch}", disable=not (sys.stderr.isatty() and self.is_main), leave=False)
-        i = 0
-        for window in windows(obj.batches(epoch), cfg.grad_accum):
-            # data parallel: each batch is this rank's part of a global batch (distributed.py)
-            for mb in train_step(model, obj, window, opt, sched, params, device=self.device, precision=self.precision,
-                                 max_grad_norm=cfg.max_grad_norm, accum=cfg.grad_accum):
-                i += 1
-                tokens += mb.tokens
-                window_tok += mb.tokens
-                loss_sum += mb.loss
-                for k, v in mb.logs.items():
-                    logs_sum[k] = logs_sum.get(k, 0.0) + v
-                bar.update(1)
-                bar.set_postfix(loss=f"{mb.loss:.4f}")
-                if i % cfg.log_every == 0 or i == n:
-                    now = time.perf_counter()
-                    mlog.write({"kind": "train", "stage": stage, "epoch": epoch, "step": i, "loss": mb.loss,
-                                "lr": sched.get_last_lr()[0], "tokens_per_s": window_tok / max(now - window_t, 1e-9),
-                                **mb.logs})
-                    window_t, window_tok = now, 0
+        for i, window in enumerate(obj.steps(epoch), 1):
+            st = train_step(model, obj, window, opt, sched, params, device=self.device, precision=self.precision,
+                            max_grad_norm=cfg.max_grad_norm)
+            loss_sum = st.loss if loss_sum is None else loss_sum + st.loss
+            for k, v in st.logs.items():
+                logs_sum[k] = logs_sum[k] + v if k in logs_sum else v
+            tokens += st.tokens
+            window_tokens += st.tokens
+            bar.update(1)
+            if i % cfg.log_every == 0 or i == n:
+                loss, logs, window_total = _read(st.loss, st.logs, window_tokens)
+                now = time.perf_counter()
+                mlog.write({"kind": "train", "stage": stage, "epoch": epoch, "step": i, "loss": loss,
+                            "lr": sched.get_last_lr()[0], "tokens_per_s": window_total / max(now - window_t, 1e-9),
+                            **logs})
+                bar.set_postfix(loss=f"{loss:.4f}")
+                window_t, window_tokens = now, 0
         bar.close()
-        return EpochTraining(loss_sum / max(n, 1), time.perf_counter() - t0, tokens,
-                             {k: v / max(n, 1) for k, v in logs_sum.items()})
+        loss, logs, total = _read(loss_sum, logs_sum, tokens)
+        return EpochTraining(loss / max(n, 1), time.perf_counter() - t0, total, {k: v / max(n, 1) for k, v in logs.items()})
 
     def summarise(self, state: RunState, wall: float) -> dict:
         epochs = [h for h in state.history if h["stage"] != "init"]
@@ -356,6 +364,16 @@ class Run:
             for k in range(self.cfg.num_samples):
                 name = "generations.txt" if k == 0 else f"generations_sample{k}.txt"
                 write_cs224n_generations(self.out / name, [(num, samples[k]) for num, samples in ev.generations])
+
+
+def _read(loss: torch.Tensor | None, logs: dict[str, torch.Tensor], tokens: int) -> tuple[float, dict[str, float], int]:
+    """Loss, metrics and token count summed over ranks, read back to the host (one transfer)."""
+    keys = sorted(logs)
+    values = [loss if loss is not None else torch.zeros(()), *(logs[k] for k in keys)]
+    device = values[0].device
+    vec = torch.stack([v.to(device=device, dtype=torch.float64) for v in values] + [torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+    vals = sum_over_ranks(vec).tolist()
+    return vals[0], dict(zip(keys, vals[1:-1])), int(round(vals[-1]))
 
 
 def _fmt(metrics: dict) -> str:

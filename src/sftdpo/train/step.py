@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from ..distributed import all_reduce_grads, reduce_batch_stats
+from ..distributed import all_reduce_grads
 from ..models import autocast
 from ..objectives import Objective
 
@@ -41,31 +41,43 @@ def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_ratio: f
 
 
 @dataclass
-class MicroBatchStats:
-    """A micro-batch's loss, logged metrics and tokens (the global batch's, under data parallelism)."""
+class StepStats:
+    """What one optimizer step measured on this rank, kept on the device (reading a value back would
+    make the host wait for the device at every step): the step's loss and logged metrics, each the
+    share-weighted sum over its micro-batches (summed over ranks, the global step's), and the
+    non-padding tokens this rank trained on."""
 
-    loss: float
-    logs: dict[str, float]
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor]
     tokens: int
 
 
 def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.Optimizer,
                sched: torch.optim.lr_scheduler.LRScheduler, params: Sequence[torch.nn.Parameter], *,
-               device: torch.device, precision: str, max_grad_norm: float, accum: int) -> list[MicroBatchStats]:
+               device: torch.device, precision: str, max_grad_norm: float) -> StepStats:
     """One optimizer step over the micro-batches of `window`: forward under autocast, backward of each
-    loss scaled by its share of the global batch (data parallel; 1 in one process) over `accum`,
-    gradients summed over ranks, clipped, AdamW, the schedule, gradients cleared."""
-    out = []
+    micro-batch's loss times its share of the step (its loss units over the step's: examples, pairs
+    or target tokens; see Task.train_steps), gradients summed over ranks, clipped, AdamW, the schedule,
+    gradients cleared. The gradient is that of the step's loss over all its examples, however it is
+    split into micro-batches and ranks."""
+    loss_sum: torch.Tensor | None = None
+    logs_sum: dict[str, torch.Tensor] = {}
+    tokens = 0
     for batch in window:
         batch = batch.to(device)
         with autocast(device, precision):
             loss, logs = objective.loss(model, batch)
-        (loss * batch.share / accum).backward()
-        out.append(MicroBatchStats(*reduce_batch_stats(loss, logs, objective.n_tokens(batch), batch.share)))
+        (loss * batch.share).backward()
+        weighted = loss.detach().double() * batch.share  # float64 sums: the logged values do not drift with the step count
+        loss_sum = weighted if loss_sum is None else loss_sum + weighted
+        for k, v in logs.items():
+            v = v.detach().double() * batch.share
+            logs_sum[k] = logs_sum[k] + v if k in logs_sum else v
+        tokens += objective.n_tokens(batch) if batch.share else 0  # a stand-in row (share 0) trains on nothing
     all_reduce_grads(params)
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return out
+    return StepStats(loss_sum, logs_sum, tokens)

@@ -4,9 +4,10 @@
   pairs.py      preference pairs for each task (paraphrase labels; sonnet v1/v2/v3), files, batches
   reference.py  the reference model and its cached log-probs
 
-A sequence log-probability is the sum of its response tokens' log-probs (`--logp-reduction sum`) or
-their mean (`mean`). TRL's IPO divides the summed log-ratios by the response length; that is exactly
-`--loss-type ipo --logp-reduction mean` here. Dropout is off during DPO (`train_mode = False`), so
+In the loss a response's log-probability is the sum of its tokens' log-probs or their mean
+(`--logp-reduction`, default `auto`: TRL's choice, the mean for ipo, whose log-ratios TRL divides by
+the response length, the sum for the other losses); the logged rewards/* and logps/* are always in
+TRL's units (sums), so they compare with TRL's. Dropout is off during DPO (`train_mode = False`), so
 with policy == reference at the start the loss is at its starting value and all rewards are 0.
 
 The run directory keeps its own copy of the stage's inputs (`<run>/dpo/pairs.jsonl`,
@@ -30,7 +31,7 @@ from ...models import weights_fingerprint
 from ...ops.logprobs import next_token_logps, sequence_logps
 from ...tasks import Task
 from .. import StageContext
-from .loss import METRIC_NAMES, dpo_loss
+from .loss import METRIC_NAMES, dpo_loss, dpo_losses, dpo_metrics
 from .pairs import (PairBatch, PairSet, build_sonnet_pairs, collate_sequence_pairs, paraphrase_pair_rows,
                     paraphrase_pair_set, prompt_batch, read_pairs, sonnet_pair_set, unique_prompts, write_pairs)
 from .reference import cached_reference_logps, load_logps, one_token_responses, reference_name, save_logps
@@ -50,40 +51,51 @@ class DPOObjective:
         self.ps, self.ref_chosen, self.ref_rejected, self.info = ps, ref_chosen, ref_rejected, info
         self.one_token = one_token_responses(task)
         self.lengths = ps.lengths(self.one_token)
+        self.chosen_len, self.rejected_len = ps.response_lengths()
 
-    def batches(self, epoch: int) -> Iterator[PairBatch]:
-        for rows, share in self.task.train_shards(self.lengths, epoch):  # this rank's part of each batch (distributed.py)
-            idx = torch.tensor(rows)
-            if self.one_token:
-                b, chosen, rejected = prompt_batch(self.task, self.ps, rows)
-                pb = PairBatch(b, self.ref_chosen[idx], self.ref_rejected[idx], chosen, rejected)
-            else:
-                pb = PairBatch(collate_sequence_pairs(self.ps, rows, self.task.pad_id),
-                               self.ref_chosen[idx], self.ref_rejected[idx])
-            pb.batch.share = share
-            yield pb
+    def steps(self, epoch: int) -> Iterator[list[PairBatch]]:
+        """An epoch's optimizer steps over the pairs (Task.train_steps; a pair is the loss unit)."""
+        for step in self.task.train_steps(self.lengths, epoch):
+            yield [self.batch(rows, share) for rows, share in step]
 
-    def n_batches(self) -> int:
-        return self.task.n_train_batches(len(self.ps))
+    def batch(self, rows: list[int], share: float = 1.0) -> PairBatch:
+        idx = torch.tensor(rows)
+        refs = (self.ref_chosen[idx], self.ref_rejected[idx], self.chosen_len[idx], self.rejected_len[idx])
+        if self.one_token:
+            b, chosen, rejected = prompt_batch(self.task, self.ps, rows)
+            pb = PairBatch(b, *refs, chosen, rejected)
+        else:
+            pb = PairBatch(collate_sequence_pairs(self.ps, rows, self.task.pad_id), *refs)
+        pb.batch.share = share
+        return pb
+
+    def n_steps(self) -> int:
+        return self.task.n_train_steps(len(self.ps))
 
     def policy_logps(self, model, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's summed log-probs of each pair's chosen and rejected response."""
         if self.one_token:
             return next_token_logps(model, batch.batch, batch.chosen, batch.rejected)
-        lp = sequence_logps(model, batch.batch, self.cfg.logp_reduction)
+        lp = sequence_logps(model, batch.batch, "sum")
         b = batch.ref_chosen.size(0)
         return lp[:b], lp[b:]
 
     def loss(self, model, batch: PairBatch) -> tuple[torch.Tensor, dict]:
         pc, pr = self.policy_logps(model, batch)
-        return dpo_loss(pc, pr, batch.ref_chosen, batch.ref_rejected, self.cfg.beta, self.cfg.loss_type,
-                        self.cfg.label_smoothing)
+        rc, rr = batch.ref_chosen, batch.ref_rejected
+        metrics = dpo_metrics(pc, pr, rc, rr, self.cfg.beta)  # TRL's units: sums
+        if self.cfg.loss_logp_reduction == "mean":
+            pc, rc = pc / batch.chosen_len, rc / batch.chosen_len
+            pr, rr = pr / batch.rejected_len, rr / batch.rejected_len
+        losses = dpo_losses(pc, pr, rc, rr, self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing)
+        return losses.mean(), metrics
 
     def n_tokens(self, batch: PairBatch) -> int:
         return batch.n_tokens
 
     def describe(self) -> dict:
         return {"objective": "dpo", "loss_type": self.cfg.loss_type, "beta": self.cfg.beta,
-                "label_smoothing": self.cfg.label_smoothing, "logp_reduction": self.cfg.logp_reduction, **self.info}
+                "label_smoothing": self.cfg.label_smoothing, "logp_reduction": self.cfg.loss_logp_reduction, **self.info}
 
 
 # -- building the stage --------------------------------------------------------------------------
@@ -169,9 +181,10 @@ def _from_run_dir(ctx: StageContext, dpo_dir: Path, saved: dict) -> DPOObjective
     if ps.data_hash() != saved.get("data_hash"):
         raise SftdpoError(f"the DPO pairs of this run no longer match {dpo_dir} (data or tokenizer changed); use a new --out")
     kf = saved.get("key_fields", {})
-    if kf.get("reduction") != cfg.logp_reduction or kf.get("precision") != ctx.precision:
-        raise SftdpoError(f"{dpo_dir} holds reference log-probs for reduction={kf.get('reduction')}, "
-                          f"precision={kf.get('precision')}; this run uses {cfg.logp_reduction}, {ctx.precision}")
+    if kf.get("reduction") != "sum" or kf.get("precision") != ctx.precision or kf.get("device") != ctx.device.type:
+        raise SftdpoError(f"{dpo_dir} holds reference log-probs computed as {kf.get('reduction')} on "
+                          f"{kf.get('device')} in {kf.get('precision')}; this run needs sums on {ctx.device.type} in "
+                          f"{ctx.precision}: resume it where it started, or use a new --out")
     ref_c, ref_r = load_logps(dpo_dir / "reference.safetensors")
     if ref_c.numel() != len(ps) or ref_r.numel() != len(ps):
         raise SftdpoError(f"{dpo_dir}/reference.safetensors has {ref_c.numel()} entries for {len(ps)} pairs")

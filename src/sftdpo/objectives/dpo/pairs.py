@@ -70,6 +70,11 @@ class PairSet:
     def data_hash(self) -> str:
         return hash_id_lists(self.prompt, self.chosen, self.rejected)
 
+    def response_lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens of each chosen and rejected response (what a mean log-prob divides by)."""
+        return (torch.tensor([len(c) for c in self.chosen], dtype=torch.float32),
+                torch.tensor([len(r) for r in self.rejected], dtype=torch.float32))
+
     def lengths(self, one_token_responses: bool) -> list[int]:
         """What a batch of each pair costs: the prompt (one-token responses are read from the
         prompt's last position), else prompt + the longer response."""
@@ -80,20 +85,23 @@ class PairSet:
 
 @dataclass
 class PairBatch:
-    """A DPO batch: the token batch plus the cached reference log-probs of its pairs. With one-token
-    responses (paraphrase) `batch` holds the prompts and `chosen`/`rejected` the answer tokens; else
-    `batch` holds 2B rows (prompt + chosen, then prompt + rejected) and its labels mark the responses."""
+    """A DPO batch: the token batch plus the cached reference log-probs (summed over each response's
+    tokens) and the response lengths of its pairs. With one-token responses (paraphrase) `batch` holds
+    the prompts and `chosen`/`rejected` the answer tokens; else `batch` holds 2B rows (prompt + chosen,
+    then prompt + rejected) and its labels mark the responses."""
 
     batch: Batch
     ref_chosen: torch.Tensor
     ref_rejected: torch.Tensor
+    chosen_len: torch.Tensor
+    rejected_len: torch.Tensor
     chosen: torch.Tensor | None = None
     rejected: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "PairBatch":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return PairBatch(self.batch.to(device), mv(self.ref_chosen), mv(self.ref_rejected), mv(self.chosen),
-                         mv(self.rejected))
+        return PairBatch(self.batch.to(device), mv(self.ref_chosen), mv(self.ref_rejected), mv(self.chosen_len),
+                         mv(self.rejected_len), mv(self.chosen), mv(self.rejected))
 
     @property
     def n_tokens(self) -> int:

@@ -3,10 +3,11 @@
 DPO-only: the pretrained backbone (FFT) or, with LoRA, the same network with the adapter disabled
 (`model.disable_adapter()`). SFT@k->DPO: the model (FFT) or the SFT adapter (LoRA; training
 continues on the same adapter) at the hand-off. The reference log-probs of every pair are computed
-ONCE before the DPO stage (eval mode, no grad, the run's autocast precision), so training has no
-reference forward pass. They are cached under `<cache>/reflogps/<key>.safetensors`; the key covers
-the model name, a fingerprint of the reference weights, the pairs' token ids, the reduction, and
-the device type and precision they were computed with.
+ONCE before the DPO stage (eval mode, no grad, the run's autocast precision), summed over each
+response's tokens (a mean divides by the response length), so training has no reference forward
+pass. They are cached under `<cache>/reflogps/<key>.safetensors`; the key covers the model name, a
+fingerprint of the reference weights, the pairs' token ids, and the device type and precision they
+were computed with.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def one_token_responses(task: Task) -> bool:
 @torch.no_grad()
 def compute_reference_logps(model, task: Task, ps: PairSet, cfg: RunConfig, device: torch.device, precision: str, *,
                             adapter_disabled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of every pair's chosen and rejected response under the reference: eval mode (no
-    dropout), no grad, the run's autocast precision; the adapter disabled if asked."""
+    """Summed log-probs of every pair's chosen and rejected response under the reference: eval mode
+    (no dropout), no grad, the run's autocast precision; the adapter disabled if asked."""
     was_training = model.training
     model.eval()
     n = len(ps)
@@ -64,7 +65,7 @@ def compute_reference_logps(model, task: Task, ps: PairSet, cfg: RunConfig, devi
                 else:
                     b = collate_sequence_pairs(ps, rows, task.pad_id).to(device)
                     with autocast(device, precision):
-                        lp = sequence_logps(model, b, cfg.logp_reduction)
+                        lp = sequence_logps(model, b, "sum")
                     c, r = lp[: len(rows)], lp[len(rows):]
                 chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
     finally:
@@ -88,7 +89,7 @@ def reference_key(cfg: RunConfig, task: Task, fingerprint: str, ps: PairSet, dev
     """What the reference log-probs depend on. No adapter flag: a disabled LoRA layer runs its base
     layer alone, so the adapter-disabled base and the plain backbone (same fingerprint) share them."""
     return {"cache_version": CACHE_VERSION, "task": task.name, "model": cfg.model, "weights": fingerprint,
-            "data": ps.data_hash(), "reduction": cfg.logp_reduction, "precision": precision, "device": device.type}
+            "data": ps.data_hash(), "reduction": "sum", "precision": precision, "device": device.type}
 
 
 def cached_reference_logps(model, task: Task, ps: PairSet, cfg: RunConfig, device: torch.device, precision: str, *,
