@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sftdpo import data as D
+from sftdpo.data import qqp as Q, sonnets as S
 from sftdpo.config import RunConfig, SftdpoError
 
 FIX = Path(__file__).parent / "fixtures" / "data"
@@ -106,11 +107,11 @@ def test_invalid_utf8_replaced_in_deep1994_format(tmp_path: Path) -> None:
 
 
 def test_unescape_only_whole_wrapped_fields() -> None:
-    assert D._unescape('"Say ""hi"" now"') == 'Say "hi" now'
-    assert D._unescape('"""Hello"""') == '"Hello"'
-    assert D._unescape('"Just wrapped"') == '"Just wrapped"'  # no doubled quote: not escaping
-    assert D._unescape('"Odd " quote ""x"""') == '"Odd " quote ""x"""'  # lone quote inside: leave
-    assert D._unescape('Say ""hi""') == 'Say ""hi""'
+    assert Q._unescape('"Say ""hi"" now"') == 'Say "hi" now'
+    assert Q._unescape('"""Hello"""') == '"Hello"'
+    assert Q._unescape('"Just wrapped"') == '"Just wrapped"'  # no doubled quote: not escaping
+    assert Q._unescape('"Odd " quote ""x"""') == '"Odd " quote ""x"""'  # lone quote inside: leave
+    assert Q._unescape('Say ""hi""') == 'Say ""hi""'
 
 
 def test_dedupe_swapped_and_normalised() -> None:
@@ -342,7 +343,7 @@ def test_gutenberg_sonnets_end_to_end(monkeypatch: pytest.MonkeyPatch, tmp_path:
     tr, dv, te = D.split_cs224n_way(sonnets)
     assert (len(tr), len(dv), len(te)) == (131, 12, 10)
     # cached: a second call needs no pip (a broken pip would fail it)
-    monkeypatch.setattr(D.subprocess, "run", lambda *a, **k: pytest.fail("pip called again"))
+    monkeypatch.setattr(S.subprocess, "run", lambda *a, **k: pytest.fail("pip called again"))
     assert D.gutenberg_sonnets() == sonnets
     # the fallback when there are no CS224N files
     monkeypatch.setenv("SFTDPO_DATA_DIR", str(tmp_path / "empty"))

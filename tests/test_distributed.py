@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from sftdpo.objectives.dpo import DPOObjective
-from sftdpo.objectives.dpo.pairs import paraphrase_pair_set
+from sftdpo.objectives.dpo.pairs import label_pair_set
 from sftdpo.objectives.sft import SFTObjective
 from sftdpo.train import loop as training
 from sftdpo.config import RunConfig, SftdpoError, find_in_data_dirs
@@ -152,9 +152,9 @@ def test_shares_sum_to_the_global_batch_gradient(_needs_data, tmp_path, monkeypa
     if stage == "sft":
         obj = SFTObjective(t)
     else:
-        ps = paraphrase_pair_set(t)
+        ps = label_pair_set(t)
         g = torch.Generator().manual_seed(0)
-        obj = DPOObjective(run.cfg, t, ps, -10 + torch.rand(len(ps), generator=g), -10 + torch.rand(len(ps), generator=g), {})
+        obj = DPOObjective(run.cfg, t, ps, -10 + torch.rand(len(ps), generator=g), -10 + torch.rand(len(ps), 1, generator=g), {})
 
     t.world_size = 1  # one process with batch 2 x bs: the global batches
     t.cfg.batch_size = 2 * bs

@@ -17,8 +17,8 @@ from sftdpo.models import autocast, load_model
 from sftdpo.objectives import StageContext
 from sftdpo.objectives.dpo import build_dpo_objective, dpo_loss, loss as dpo_loss_module, pairs as dpo_pairs
 from sftdpo.objectives.dpo import reference as dpo_reference
-from sftdpo.objectives.dpo.pairs import (collate_sequence_pairs, paraphrase_pair_set, prompt_batch, read_pairs,
-                                         select_top_k, sonnet_pair_set, unique_prompts)
+from sftdpo.objectives.dpo.pairs import (collate_sequence_pairs, label_pair_set, prompt_batch, read_pairs,
+                                         select_top_k, sequence_pair_set, unique_prompts)
 from sftdpo.objectives.dpo.reference import compute_reference_logps
 from sftdpo.ops.batching import pad_batch
 from sftdpo.ops.logprobs import next_token_logps, sequence_logps
@@ -83,11 +83,11 @@ def perturb_adapter(model, seed=1):
 
 def all_pair_logps(model, task):
     """Paraphrase (chosen, rejected) log-probs of every training pair, in pair order."""
-    ps = paraphrase_pair_set(task)
-    b, chosen, rejected = prompt_batch(task, ps, list(range(len(ps))))
+    ps = label_pair_set(task)
+    b, chosen, rejected, _ = prompt_batch(task, ps, list(range(len(ps))))
     with torch.no_grad():
         model.eval()
-        return next_token_logps(model, b, chosen, rejected)
+        return next_token_logps(model, b, chosen, rejected[:, 0])  # two labels: one rejected label each
 
 
 # -- the loss ----------------------------------------------------------------------------------
@@ -147,9 +147,10 @@ def test_paraphrase_single_forward_equals_two_forwards(tmp_path):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     model.eval()
-    ps = paraphrase_pair_set(task)
+    ps = label_pair_set(task)
     rows = list(range(len(ps)))
-    b, chosen, rejected = prompt_batch(task, ps, rows)
+    b, chosen, rejected, _ = prompt_batch(task, ps, rows)
+    rejected = rejected[:, 0]  # two labels: one rejected label each
     calls = []
     hook = model.get_decoder().register_forward_hook(lambda *a: calls.append(1))
     pc, pr = next_token_logps(model, b, chosen, rejected)
@@ -185,7 +186,7 @@ def test_lora_dpo_only_reference_is_the_adapter_disabled_base(tmp_path):
     base = all_pair_logps(base_model, run.task)
     enabled = all_pair_logps(run.model, run.task)
     torch.testing.assert_close(obj.ref_chosen, base[0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(obj.ref_rejected, base[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(obj.ref_rejected[:, 0], base[1], atol=1e-6, rtol=0)
     assert (obj.ref_chosen - enabled[0]).abs().max() > 1e-3  # the perturbed adapter does change the model
     assert obj.describe()["reference"] == "adapter-disabled base"
 
@@ -198,7 +199,7 @@ def test_sft_lora_dpo_reference_is_the_adapter_at_handoff(tmp_path):
     base_model, _ = load_model("tiny-gpt2", seed=run.cfg.seed)
     base = all_pair_logps(base_model, run.task)
     torch.testing.assert_close(obj.ref_chosen, enabled[0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(obj.ref_rejected, enabled[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(obj.ref_rejected[:, 0], enabled[1], atol=1e-6, rtol=0)
     assert (obj.ref_chosen - base[0]).abs().max() > 1e-3
     assert obj.describe()["reference"] == "SFT adapter at hand-off epoch 1"
     loss, logs = first_batch(run, obj)  # policy == reference at the hand-off
@@ -209,8 +210,8 @@ def test_sft_lora_dpo_reference_is_the_adapter_at_handoff(tmp_path):
 
 def test_reference_logps_cache_hit_and_invalidation(tmp_path, monkeypatch):
     calls = []
-    real = dpo_reference.compute_reference_logps
-    monkeypatch.setattr(dpo_reference, "compute_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dpo_reference.label_logps  # what computes a classification task's reference log-probs
+    monkeypatch.setattr(dpo_reference, "label_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = make_cfg("paraphrase")
     a = built(cfg, tmp_path / "a").objective("dpo")
     assert len(calls) == 1 and not a.describe()["reference_cache_hit"]
@@ -239,7 +240,7 @@ def test_sonnet_pairs_are_cached_and_v3_reuses_v2_generations(tmp_path, monkeypa
     calls = []
     real = run.task.generate
     monkeypatch.setattr(run.task, "generate", lambda *a, **k: calls.append(k["temperature"]) or real(*a, **k))
-    build = lambda cfg: dpo_pairs.build_sonnet_pairs(run.task, run.model, cfg, run.device, run.precision,  # noqa: E731
+    build = lambda cfg: dpo_pairs.build_generation_pairs(run.task, run.model, cfg, run.device, run.precision,  # noqa: E731
                                                       fingerprint=weights_fingerprint(run.model, cfg))
     pairs, path = build(run.cfg)
     assert calls == [0.7, 1.3]  # samples 0, 2 at 0.7 and sample 1 at 1.3
@@ -325,8 +326,8 @@ def test_handoff_and_resume_mid_dpo(tmp_path, monkeypatch):
     shutil.rmtree(broken / "dpo")
 
     calls = []
-    real = dpo_reference.compute_reference_logps
-    monkeypatch.setattr(dpo_reference, "compute_reference_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = dpo_reference.label_logps  # what computes a classification task's reference log-probs
+    monkeypatch.setattr(dpo_reference, "label_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
     resumed = Run(cfg, part).train()
     assert calls == []  # the reference came from the run directory, not from the current weights
     assert resumed["stages"]["dpo"]["reused_from_run_dir"]
@@ -356,9 +357,10 @@ def test_dpo_lr_zero_leaves_weights_bit_identical(tmp_path):
 def test_single_forward_paraphrase_pair_logps_equal_two_full_forwards(tiny, tiny_data):
     name, model, tok = tiny
     cfg, task = make_tiny_task(tiny_data, "paraphrase", name, tok)
-    ps = paraphrase_pair_set(task)
+    ps = label_pair_set(task)
     rows = list(range(len(ps)))
-    batch, chosen, rejected = prompt_batch(task, ps, rows)
+    batch, chosen, rejected, _ = prompt_batch(task, ps, rows)
+    rejected = rejected[:, 0]
     with torch.no_grad():
         c1, r1 = next_token_logps(model, batch, chosen, rejected)
         for j, i in enumerate(rows):
@@ -372,7 +374,7 @@ def test_single_forward_paraphrase_pair_logps_equal_two_full_forwards(tiny, tiny
 def test_bucketed_sonnet_pair_batches_equal_per_pair_full_forwards(tiny, tiny_data):
     name, model, tok = tiny
     cfg, task = make_tiny_task(tiny_data, "sonnet", name, tok)
-    ps = sonnet_pair_set(task, sonnet_bench_pairs(task))
+    ps = sequence_pair_set(task, sonnet_bench_pairs(task))
     ref_c, ref_r = compute_reference_logps(model, task, ps, cfg, CPU, "fp32", adapter_disabled=False)
     with torch.no_grad():
         for i in range(len(ps)):
@@ -384,7 +386,7 @@ def test_bucketed_sonnet_pair_batches_equal_per_pair_full_forwards(tiny, tiny_da
 def test_mean_reduction_matches_the_plain_path(tiny, tiny_data):
     name, model, tok = tiny
     cfg, task = make_tiny_task(tiny_data, "sonnet", name, tok)
-    ps = sonnet_pair_set(task, sonnet_bench_pairs(task))
+    ps = sequence_pair_set(task, sonnet_bench_pairs(task))
     b = collate_sequence_pairs(ps, [0, 1, 2], task.pad_id)
     with torch.no_grad():
         got = sequence_logps(model, b, "mean")
@@ -472,7 +474,7 @@ def test_sft_fft_dpo_reference_is_the_model_at_handoff(tmp_path):
     base_model, _ = load_model("tiny-gpt2", seed=run.cfg.seed)
     base = all_pair_logps(base_model, run.task)
     torch.testing.assert_close(obj.ref_chosen, now[0], atol=1e-6, rtol=0)
-    torch.testing.assert_close(obj.ref_rejected, now[1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(obj.ref_rejected[:, 0], now[1], atol=1e-6, rtol=0)
     assert (obj.ref_chosen - base[0]).abs().max() > 1e-3
     assert obj.describe()["reference"] == "SFT model at hand-off epoch 1"
 
@@ -483,7 +485,7 @@ def test_sequence_logps_count_only_the_response_tokens(tiny, tiny_data):
     token lists themselves (not from the batch's label mask)."""
     name, model, tok = tiny
     cfg, task = make_tiny_task(tiny_data, "sonnet", name, tok)
-    ps = sonnet_pair_set(task, sonnet_bench_pairs(task))
+    ps = sequence_pair_set(task, sonnet_bench_pairs(task))
     rows = [0, 1, 2, 3]
     assert len({len(ps.prompt[i]) + len(ps.chosen[i]) for i in rows}) > 1  # the rows are padded
     with torch.no_grad():

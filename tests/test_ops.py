@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from sftdpo.bench import cs224n_generate, sftdpo_generate_ids, sonnet_bench_pairs
 from sftdpo.models import apply_lora, autocast
-from sftdpo.objectives.dpo.pairs import collate_sequence_pairs, sonnet_pair_set
+from sftdpo.objectives.dpo.pairs import collate_sequence_pairs, sequence_pair_set
 from sftdpo.ops import logprobs
 from sftdpo.ops.batching import bucketed_batches
 from sftdpo.ops.generation import TOP_P_CANDIDATES, decode, merged_for_decoding, nucleus
@@ -156,7 +156,7 @@ def test_bf16_autocast_loss_is_within_1e_2_of_fp32(tiny, tiny_data, task_name):
                 losses[precision] = task.sft_loss(model, batch)[0].float()
     assert rel(losses["bf16"], losses["fp32"]) < 1e-2
     if task_name == "sonnet":
-        ps = sonnet_pair_set(task, sonnet_bench_pairs(task))
+        ps = sequence_pair_set(task, sonnet_bench_pairs(task))
         b = collate_sequence_pairs(ps, [0, 1], task.pad_id)
         with torch.no_grad():
             lp = {}

@@ -61,7 +61,7 @@ from .data import load_paraphrase_data, load_sonnet_data
 from .models import (_gpt2_tokenizer, apply_lora, autocast, count_params, load_model, prepare_tokenizer, resolve_device,
                      resolve_precision)
 from .objectives.dpo import DPOObjective
-from .objectives.dpo.pairs import paraphrase_pair_set, sonnet_pair_set
+from .objectives.dpo.pairs import label_pair_set, sequence_pair_set
 from .objectives.dpo.reference import compute_reference_logps
 from .objectives.sft import SFTObjective
 from .system import cpu_bf16, cpu_model, rss_mb
@@ -173,12 +173,12 @@ def build_task(cfg: RunConfig, tok, cache: dict):
 
 
 def sonnet_bench_pairs(task) -> list[dict]:
-    """Preference pairs for timing sonnet DPO without spending minutes sampling: prompt = a training
-    sonnet's first 3 lines, chosen = its true continuation, rejected = the next training sonnet's
-    continuation (real text of realistic length; speed does not depend on which text is rejected)."""
-    n = len(task.train)
-    return [{"prompt": task.prompt_text(s), "chosen": s.continuation(3),
-             "rejected": task.train[(i + 1) % n].continuation(3), "number": s.number} for i, s in enumerate(task.train)]
+    """Preference pairs for timing generation DPO without spending minutes sampling: prompt = a training
+    prompt (a sonnet's first 3 lines), chosen = its gold completion, rejected = the next training
+    prompt's completion (real text of realistic length; speed does not depend on which text is rejected)."""
+    ex = task.pair_examples
+    return [{"prompt": e.prompt, "chosen": e.completion, "rejected": ex[(i + 1) % len(ex)].completion, "id": e.id}
+            for i, e in enumerate(ex)]
 
 
 # ================================================================================================
@@ -229,9 +229,9 @@ def sftdpo_dpo_objective(model, task, cfg: RunConfig, device: torch.device, prec
     """(DPOObjective, precompute seconds): pairs as a DPO run builds them and the reference log-probs
     from compute_reference_logps (the pass a run makes once before its DPO stage)."""
     if task.name == "paraphrase":
-        ps = paraphrase_pair_set(task)
+        ps = label_pair_set(task)
     else:
-        ps = sonnet_pair_set(task, sonnet_bench_pairs(task))
+        ps = sequence_pair_set(task, sonnet_bench_pairs(task))
     _sync(device)
     t0 = time.perf_counter()
     ref_c, ref_r = compute_reference_logps(model, task, ps, cfg, device, precision, adapter_disabled=False)
@@ -383,7 +383,7 @@ def trl_dpo(model, ref_model, tok, task, pairs: list[dict], *, device, precision
 def paraphrase_text_pairs(task) -> list[dict]:
     """The DPO run's paraphrase pairs (paraphrase_pair_set) as text, for TRL."""
     dec = task.tok.decode
-    ps = paraphrase_pair_set(task)
+    ps = label_pair_set(task)
     return [{"prompt": task.prompt(e), "chosen": dec(c), "rejected": dec(r)} for e, c, r in zip(task.train, ps.chosen, ps.rejected)]
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .config import RunConfig, SftdpoError
+from .config import RunConfig, SftdpoError, task_definition
 from .system import setup_logging
 
 log = logging.getLogger("sftdpo")
@@ -62,9 +62,13 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    """--config, then --task-file, then the flags, each over the one before."""
     base: dict[str, Any] = {}
     if getattr(ns, "config", None):
         base = load_config_file(ns.config)
+    if getattr(ns, "task_file", None):
+        base.update(task_definition(load_config_file(ns.task_file), f"--task-file {ns.task_file}",
+                                    Path(ns.task_file).stem))
     names = {f.name for f in dataclasses.fields(RunConfig)}
     for k, v in vars(ns).items():
         if k in names and v is not None:
@@ -229,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one run (SFT, DPO or SFT->DPO; FFT or LoRA)")
     t.add_argument("--config", help="a JSON/YAML file of config fields (flags override it)")
+    t.add_argument("--task-file", help="your own task written once (YAML: kind, name, train/dev or dataset, template, "
+                                       "labels, metric, ...); flags override it")
     t.add_argument("--out", help="run directory (default: runs/<task>-<regime>-<param>-<hash>)")
     add_config_flags(t)
     t.set_defaults(func=cmd_train)

@@ -22,11 +22,16 @@ from .files import stable_hash
 __all__ = ["RunConfig", "SftdpoError", "irrelevant_fields"]
 
 
-TASKS = ("paraphrase", "sonnet")
+# the paper's two tasks (presets with their own readers and conventions) and the two general kinds
+TASKS = ("paraphrase", "sonnet", "classify", "generate")
+TASK_KIND = {"paraphrase": "classify", "sonnet": "generate", "classify": "classify", "generate": "generate"}
 PARAMS = ("fft", "lora")
 REGIMES = ("sft", "dpo", "sft-dpo")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
-PAIR_VERSIONS = ("v1", "v2", "v3")
+# v1/v2/v3: sampled rejections (generation tasks); hardest: the strongest wrong label (classification);
+# file:PATH: preference pairs in TRL's formats (generation tasks)
+PAIR_VERSIONS = ("v1", "v2", "v3", "hardest")
+METRICS = ("chrf", "bleu")
 
 # -- which fields matter -------------------------------------------------------------------------
 # The one definition, from which the run hash, the study's de-duplication, the report's columns,
@@ -40,6 +45,10 @@ LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "use_r
 # LoRA settings that shape the adapted model's function (dropout is off whenever it is evaluated)
 LORA_FUNCTION_FIELDS = tuple(f for f in LORA_FIELDS if f != "lora_dropout")
 DECODING_FIELDS = ("temperature", "top_p", "max_new_tokens", "num_samples")
+# your own data (classify, generate): where it is and how its rows become examples
+OWN_DATA_FIELDS = ("dataset", "train_split", "dev_split", "id_column")
+CLASSIFY_FIELDS = ("template", "label_column", "labels")
+GENERATE_FIELDS = ("metric", "completion_only_loss", "prompt_lines")
 # settings of training only: the untrained model's dev metrics do not depend on them
 TRAINING_FIELDS = ("param", "regime", "handoff_epoch", "epochs", "lr", "batch_size", "grad_accum", "weight_decay",
                    "warmup_ratio", "schedule", "max_train_examples", "data_fraction", "max_grad_norm",
@@ -119,12 +128,23 @@ def irrelevant_fields(cfg: "RunConfig") -> set[str]:
         out.add("lr")  # the SFT learning rate; a DPO-only run has no SFT stage
     if cfg.param == "fft":
         out.update(LORA_FIELDS)
-    if cfg.task == "paraphrase":
+    kind = TASK_KIND.get(cfg.task, cfg.task)
+    if cfg.task in ("paraphrase", "sonnet"):
+        out.update(OWN_DATA_FIELDS)
+    if cfg.task != "classify":
+        out.update(CLASSIFY_FIELDS)
+    if cfg.task != "generate":
+        out.update(GENERATE_FIELDS)
+    if cfg.task != "paraphrase":
+        out.add("label_words")
+    if kind == "classify":
         out.update(DECODING_FIELDS)
-        out.update(PAIR_FIELDS)
+        out.update(("pairs_n", "pairs_top_k", "pairs_temperatures"))
+        if cfg.task == "paraphrase":
+            out.add("pairs")  # one wrong label: every construction is the same pair
     else:
-        out.update(("balance_labels", "label_words"))
-        if cfg.pairs == "v1":
+        out.add("balance_labels")
+        if cfg.pairs in ("v1", "hardest") or cfg.pairs.startswith("file:"):
             out.update(("pairs_n", "pairs_top_k", "pairs_temperatures"))
         elif cfg.pairs == "v2":
             out.add("pairs_top_k")
@@ -135,7 +155,8 @@ def irrelevant_fields(cfg: "RunConfig") -> set[str]:
 class RunConfig:
     """Everything that determines a run's result. Defaults are the toolkit's choices where the paper is silent."""
 
-    task: str = "paraphrase"
+    task: str = "paraphrase"  # paraphrase | sonnet (the paper's tasks) | classify | generate (your own data)
+    task_name: str | None = None  # a custom task's name (a --task-file, a study spec's tasks:); reports use it
     model: str = "smollm2-135m"
     # parameterization (PEFT LoRA options)
     param: str = "fft"
@@ -171,6 +192,18 @@ class RunConfig:
     # on the natural split, ~37% duplicates)
     balance_labels: bool = False
     label_words: str = "yes,no"  # paraphrase answer words (positive,negative); each must be one token
+    # your own data (--task classify | generate): files (--train/--dev: .csv .tsv .jsonl .json .parquet, or a
+    # save_to_disk directory) or a Hugging Face dataset (hub id or local directory) and its splits
+    dataset: str | None = None
+    train_split: str = "train"
+    dev_split: str = "validation"
+    id_column: str = "id"  # rows without it are numbered
+    template: str | None = None  # classify: the prompt, {column} filled from each row
+    label_column: str = "label"
+    labels: str | None = None  # classify: VALUE=WORD,... (e.g. 0=no,1=yes); each word one token
+    metric: str = "chrf"  # generate: chrf | bleu (sacrebleu, corpus level, on the completions)
+    completion_only_loss: bool = True  # generate: SFT loss on the completion only (TRL's default)
+    prompt_lines: int = 1  # generate on language-modelling rows (`text`): a dev prompt is the text's first lines
     max_length: int = 512  # tokens per training sequence (prompt + answer); longer ones are truncated from the left of the prompt
     seed: int = 0
     # execution (recorded, and part of the hash: bf16 changes numbers)
@@ -209,8 +242,20 @@ class RunConfig:
             bad(f"--regime {self.regime!r} is not one of {', '.join(REGIMES)}")
         if self.loss_type not in LOSS_TYPES:
             bad(f"--loss-type {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
-        if self.pairs not in PAIR_VERSIONS:
-            bad(f"--pairs {self.pairs!r} is not one of {', '.join(PAIR_VERSIONS)}")
+        kind = TASK_KIND.get(self.task)
+        if self.pairs not in PAIR_VERSIONS and not self.pairs.startswith("file:"):
+            bad(f"--pairs {self.pairs!r} is not one of {', '.join(PAIR_VERSIONS)} or file:PATH")
+        if self.regime != "sft" and kind == "classify" and self.pairs not in ("v1", "hardest"):
+            bad(f"--pairs {self.pairs} builds pairs of generated text; a classification task's pairs are v1 (every "
+                "wrong label) or hardest (the strongest wrong label)")
+        if self.regime != "sft" and kind == "generate" and self.pairs == "hardest":
+            bad("--pairs hardest is for classification tasks; a generation task uses v1, v2, v3 or file:PATH")
+        if self.task == "classify" and (not self.template or not self.labels):
+            bad("--task classify needs --template (the prompt, with {column} fields) and --labels VALUE=WORD,...")
+        if self.task in ("classify", "generate") and not self.dataset and not (self.train and self.dev):
+            bad(f"--task {self.task} needs its data: --train and --dev files, or --dataset (a Hugging Face dataset)")
+        if self.metric not in METRICS:
+            bad(f"--metric must be {' or '.join(METRICS)} (got {self.metric!r})")
         if self.epochs < 1:
             bad(f"--epochs must be >= 1 (got {self.epochs})")
         if self.regime == "sft-dpo":
@@ -228,8 +273,8 @@ class RunConfig:
             bad("--batch-size and --grad-accum must be >= 1")
         if not 0 < self.data_fraction <= 1:
             bad(f"--data-fraction must be in (0, 1] (got {self.data_fraction})")
-        if self.balance_labels and self.task != "paraphrase":
-            bad("--balance-labels only applies to --task paraphrase")
+        if self.balance_labels and TASK_KIND.get(self.task) != "classify":
+            bad("--balance-labels only applies to classification tasks (paraphrase, classify)")
         if self.logp_reduction not in ("auto", "sum", "mean"):
             bad(f"--logp-reduction must be auto, sum or mean (got {self.logp_reduction!r})")
         if self.schedule not in ("linear", "cosine", "constant"):
@@ -254,6 +299,7 @@ class RunConfig:
             ("warmup_ratio", 0 <= self.warmup_ratio <= 1, "in [0, 1]"),
             ("max_length", self.max_length >= 2, ">= 2 tokens (a prompt and its answer)"),
             ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("prompt_lines", self.prompt_lines >= 1, ">= 1"),
             ("weight_decay", self.weight_decay >= 0, ">= 0"),
             ("max_grad_norm", self.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
             ("max_train_examples", self.max_train_examples is None or self.max_train_examples >= 1, ">= 1"),
@@ -392,6 +438,24 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     t.start()
     t.join(timeout + 1)
     return bool(ok)
+
+
+def task_definition(d: Any, where: str, name: str | None = None) -> dict[str, Any]:
+    """A task written once (a --task-file, an entry of a study spec's `tasks:`) as config fields: `kind`
+    (classify or generate; or `task`) and `name` become task / task_name, the rest are config fields
+    (files or dataset, template, label_column, labels, metric, ...)."""
+    if not isinstance(d, dict):
+        raise SftdpoError(f"{where}: a task is a mapping of fields (kind, train, dev, template, labels, ...)")
+    d = dict(d)
+    kind = d.pop("kind", None) or d.pop("task", None)
+    if kind not in ("classify", "generate"):
+        raise SftdpoError(f"{where}: `kind` must be classify or generate (got {kind!r})")
+    task_name = d.pop("name", None) or name
+    unknown = sorted(set(d) - set(FIELD_TYPES))
+    if unknown:
+        raise SftdpoError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; a task sets config fields "
+                          "(train, dev, dataset, template, label_column, labels, metric, ...)")
+    return {**d, "task": kind, "task_name": str(task_name) if task_name else None}
 
 
 # field name -> its annotation as text ("float", "int | None", ...), for from_dict's checks

@@ -163,14 +163,13 @@ def prepare_tokenizer(tok) -> None:
         raise SftdpoError("the tokenizer has no end-of-text token; sonnet training needs one")
 
 
-def single_token_id(tok, word: str) -> int:
+def single_token_id(tok, word: str, flag: str = "--label-words") -> int:
     """Id of `word` as exactly one token (no leading space, as in CS224N's 'yes'/'no')."""
     ids = tok(word, add_special_tokens=False).input_ids
     if len(ids) != 1:
         raise SftdpoError(
-            f"label word {word!r} is {len(ids)} tokens for this tokenizer ({ids}); choose label words that are single tokens "
-            "(--label-words, e.g. yes,no)"
-        )
+            f"label word {word!r} is {len(ids)} tokens for this tokenizer ({ids}); choose label words that are single "
+            f"tokens ({flag}, e.g. yes,no)")
     return ids[0]
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from sacrebleu.metrics import CHRF
+from sacrebleu.metrics import BLEU, CHRF
 from sklearn.metrics import accuracy_score, f1_score
 
 from .config import SftdpoError
@@ -74,6 +74,13 @@ def f1_positive(pred: Sequence[Any], ref: Sequence[Any], positive: str = "1") ->
     return float(f1_score(r, p, labels=[str(positive)], average=None, zero_division=0)[0])
 
 
+def per_class_f1(pred: Sequence[Any], ref: Sequence[Any], labels: Sequence[Any]) -> dict[str, float]:
+    """F1 of each label in `labels` (0.0 for one neither predicted nor present), scikit-learn's."""
+    p, r = _check_pair(pred, ref)
+    values = f1_score(r, p, labels=_labels(labels), average=None, zero_division=0)
+    return dict(zip(_labels(labels), map(float, values)))
+
+
 def _f1_from_confusion(conf: np.ndarray) -> np.ndarray:
     """Per-label F1 = 2tp / (2tp + fp + fn) from a [..., pred, ref] confusion array; NaN for labels
     absent from both predictions and references (scikit-learn leaves those out). For the paired
@@ -94,6 +101,15 @@ def corpus_chrf(hyps: Sequence[str], refs: Sequence[str]) -> float:
     if not len(hyps):
         raise ValueError("no examples to score")
     return float(CHRF().corpus_score(list(hyps), [list(refs)]).score)
+
+
+def corpus_bleu(hyps: Sequence[str], refs: Sequence[str]) -> float:
+    """Corpus BLEU (sacreBLEU BLEU() defaults: 13a tokenisation, exp smoothing), 0..100."""
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
+    if not len(hyps):
+        raise ValueError("no examples to score")
+    return float(BLEU().corpus_score(list(hyps), [list(refs)]).score)
 
 
 def chrf_statistics(hyps: Sequence[str], refs: Sequence[str]) -> tuple[CHRF, np.ndarray]:

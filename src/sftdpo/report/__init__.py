@@ -22,7 +22,7 @@ from .figures import figure_fft_vs_lora, figure_handoff
 from .paper import PAPER
 from .results import StudyResults, _fmt_value
 from .table import Table
-from .tables import table_a, table_b, table_comparisons, table_cost, table_data_scale, table_handoff
+from .tables import table_a, table_b, table_comparisons, table_cost, table_custom, table_data_scale, table_handoff
 
 __all__ = ["PAPER", "write_report"]
 
@@ -130,16 +130,17 @@ def _write(study_dir: Path, study: StudyResults) -> Path:
     emit("Table B: sonnets", b_tables[0] if b_tables else None, "No finished sonnet runs; Table B omitted.")
     for t in b_tables[1:]:
         emit("Table B2: sonnets by decoding temperature", t, "")
+    for task in study.tasks():
+        if task not in ("paraphrase", "sonnet"):
+            emit(f"Task {task}", table_custom(study, task), "")
 
     emit("SFT→DPO hand-off", table_handoff(study), "No finished runs; hand-off table omitted.")
-    for task in ("paraphrase", "sonnet"):
-        if study.main_conditions(task):
-            figure("fig_handoff", figure_handoff, task, f"{task}: dev metric vs epoch per regime")
+    for task in study.tasks():
+        figure("fig_handoff", figure_handoff, task, f"{task}: dev metric vs epoch per regime")
 
     md += ["## FFT vs LoRA at matched depth", ""]
-    for task in ("paraphrase", "sonnet"):
-        if study.main_conditions(task):
-            figure("fig_fft_vs_lora", figure_fft_vs_lora, task, f"{task}: FFT vs LoRA")
+    for task in study.tasks():
+        figure("fig_fft_vs_lora", figure_fft_vs_lora, task, f"{task}: FFT vs LoRA")
     if not study.conditions:
         md += ["No finished runs; figures omitted.", ""]
 

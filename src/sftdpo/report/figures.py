@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg without touching pyplot's global state
 from matplotlib.figure import Figure
 
-from .results import PRIMARY, SHOWN, Condition, StudyResults, _settings, _sort_key, param_label, regime_label
+from .results import SHOWN, Condition, StudyResults, _settings, _sort_key, param_label, regime_label
 from .tables import BASE_MATCH
 
 # -- figures -----------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def _label_axes(ax, title: str, ylabel: str) -> None:
 
 def figure_handoff(study: StudyResults, task: str, path: Path) -> bool:
     conds = study.main_conditions(task)
-    key, ylabel, scale = PRIMARY[task]
+    key, ylabel, scale = study.primary(task)
     panels: dict[tuple, list[Condition]] = defaultdict(list)
     for c in conds:
         panels[(c.cfg.get("model"), c.cfg.get("param") != "fft", c.cfg.get("lora_rank") if c.cfg.get("param") == "lora" else 0)].append(c)
@@ -82,7 +82,7 @@ def figure_handoff(study: StudyResults, task: str, path: Path) -> bool:
 
 def figure_fft_vs_lora(study: StudyResults, task: str, path: Path) -> bool:
     conds = study.main_conditions(task)
-    key, ylabel, scale = PRIMARY[task]
+    key, ylabel, scale = study.primary(task)
     groups: dict[str, list[Condition]] = defaultdict(list)
     for c in conds:
         match = {k: c.cfg.get(k) for k in BASE_MATCH + ("regime", "handoff_epoch")}

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import NON_RESULT_FIELDS, RunConfig, irrelevant_fields
+from ..config import NON_RESULT_FIELDS, TASK_KIND, RunConfig, irrelevant_fields
 from ..store import Store
 from .table import Stat, _stat
 
@@ -24,6 +24,40 @@ PRIMARY = {"paraphrase": ("dev/accuracy", "dev accuracy (%)", 100.0), "sonnet": 
 # stats.paired_bootstrap metric, summary key for the label, scale
 TEST_METRICS = {"paraphrase": [("accuracy", "accuracy (%)", 100.0), ("macro_f1", "macro-F1 (%)", 100.0)],
                 "sonnet": [("chrf", "chrF", 1.0)]}
+
+
+
+def task_name(cfg: dict) -> str:
+    """The task a run belongs to in the report: a custom task's name, else the task."""
+    return cfg.get("task_name") or cfg.get("task", "")
+
+
+def metric_columns(cfg: dict) -> list[tuple[str, str, float]]:
+    """(summary key, column title, scale) of a task's dev metrics."""
+    task = cfg.get("task", "")
+    if task in TASK_METRICS:
+        return TASK_METRICS[task]
+    if TASK_KIND.get(task) == "classify":
+        return TASK_METRICS["paraphrase"]
+    return [("dev/chrf", "chrF", 1.0), ("dev/bleu", "BLEU", 1.0)]
+
+
+def primary_metric(cfg: dict) -> tuple[str, str, float]:
+    """(summary key, axis label, scale) of a task's primary dev metric."""
+    task = cfg.get("task", "")
+    if task in PRIMARY:
+        return PRIMARY[task]
+    if TASK_KIND.get(task) == "classify":
+        return PRIMARY["paraphrase"]
+    metric = cfg.get("metric", "chrf")
+    return f"dev/{metric}", f"dev {'chrF' if metric == 'chrf' else 'BLEU'}", 1.0
+
+
+def test_metrics(cfg: dict) -> list[tuple[str, str, float]]:
+    """stats.paired_bootstrap metrics of a task (BLEU has no per-example statistics here: chrF is tested)."""
+    task = cfg.get("task", "")
+    return TEST_METRICS.get(task) or TEST_METRICS["paraphrase" if TASK_KIND.get(task) == "classify" else "sonnet"]
+
 
 # fields that do not make a condition: the seed (pooled) and bookkeeping
 NON_CONDITION = ("seed", *NON_RESULT_FIELDS)
@@ -54,7 +88,7 @@ def _fmt_value(v: Any) -> str:
 
 
 def _sort_key(cfg: dict) -> tuple:
-    return (cfg.get("task", ""), str(cfg.get("model", "")), REGIME_ORDER.get(cfg.get("regime"), 9),
+    return (task_name(cfg), str(cfg.get("model", "")), REGIME_ORDER.get(cfg.get("regime"), 9),
             cfg.get("handoff_epoch") or 0, cfg.get("param") != "fft",
             cfg.get("lora_rank") if cfg.get("param") == "lora" else 0,
             str(cfg.get("pairs")) if cfg.get("regime") != "sft" else "",
@@ -72,7 +106,7 @@ class Condition:
 
     @property
     def task(self) -> str:
-        return self.cfg.get("task", "")
+        return task_name(self.cfg)
 
     def values(self, key: str, scale: float = 1.0) -> list[float | None]:
         return [None if (r["summary"] or {}).get(key) is None else r["summary"][key] * scale for r in self.runs]
@@ -119,6 +153,11 @@ class StudyResults:
     def task_conditions(self, task: str) -> list[Condition]:
         return [c for c in self.conditions if c.task == task]
 
+    def tasks(self) -> list[str]:
+        """The tasks of the finished runs: the paper's first, then custom tasks by name."""
+        names = list(dict.fromkeys(c.task for c in self.conditions))
+        return [t for t in ("paraphrase", "sonnet") if t in names] + sorted(t for t in names if t not in ("paraphrase", "sonnet"))
+
     def reference_temperature(self) -> float | None:
         """The sonnet decoding temperature most runs used (ties: the lowest)."""
         temps = Counter(r["config"].get("temperature") for r in self.done if r["config"].get("task") == "sonnet")
@@ -136,6 +175,9 @@ class StudyResults:
             t = self.reference_temperature()
             conds = [c for c in conds if c.cfg.get("temperature") == t]
         return conds
+
+    def primary(self, task: str) -> tuple[str, str, float]:
+        return primary_metric(self.task_conditions(task)[0].cfg)
 
     def curve(self, run: dict, key: str, scale: float) -> dict[int, float]:
         """epoch -> dev metric (display units), including epoch 0 when evaluated before training."""

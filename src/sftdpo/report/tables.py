@@ -8,8 +8,8 @@ from collections import defaultdict
 from ..config import SftdpoError
 from ..stats import paired_bootstrap
 from .paper import _paper_cells
-from .results import (PRIMARY, SHOWN, TASK_METRICS, TEST_METRICS, Condition, StudyResults, _cond_key, _fmt_value,
-                      _settings, _sort_key, param_label, regime_label)
+from .results import (SHOWN, TASK_METRICS, Condition, StudyResults, _cond_key, _fmt_value, _settings, _sort_key,
+                      metric_columns, param_label, regime_label, test_metrics)
 from .table import Cell, Table, _stat
 
 # -- tables ------------------------------------------------------------------------------------
@@ -86,11 +86,32 @@ def table_b(study: StudyResults) -> list[Table]:
     return out
 
 
+def table_custom(study: StudyResults, task: str) -> Table | None:
+    """A custom task's table (`--task classify|generate`): its dev metrics by regime x parameterization."""
+    conds = study.main_conditions(task)
+    if not conds:
+        return None
+    keys = metric_columns(conds[0].cfg)
+    sett = _settings(conds, SHOWN)
+    rows = untrained_rows(conds, keys, 2)
+    rows += [[c.cfg.get("model"), regime_label(c.cfg), param_label(c.cfg), sett[id(c)], *(c.stat(k, s) for k, _, s in keys)]
+             for c in conds]
+    kind = conds[0].cfg.get("task")
+    return Table(f"table_{_slug(task)}", f"Task {task} ({kind}): dev metrics by regime × parameterization",
+                 ["Model", "Regime", "Param", "Setting", *(t for _, t, _ in keys)], rows,
+                 [f"Final-epoch dev metrics; data: {conds[0].runs[0]['summary'].get('data_source', 'not recorded')}."]
+                 ).drop_empty("Setting")
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_") or "task"
+
+
 def table_handoff(study: StudyResults) -> Table | None:
     rows: list[list[Cell]] = []
-    for task in ("paraphrase", "sonnet"):
+    for task in study.tasks():
         conds = study.main_conditions(task)
-        key, label, scale = PRIMARY[task]
+        key, label, scale = study.primary(task)
         sett = _settings(conds, SHOWN)
         for c in conds:
             bests = [study.best(r, key, scale) for r in c.runs]
@@ -108,7 +129,7 @@ def table_handoff(study: StudyResults) -> Table | None:
 
 def table_cost(study: StudyResults) -> Table | None:
     rows: list[list[Cell]] = []
-    for task in ("paraphrase", "sonnet"):
+    for task in study.tasks():
         conds = study.main_conditions(task)
         sett = _settings(conds, SHOWN)
         for c in conds:
@@ -131,8 +152,8 @@ def table_cost(study: StudyResults) -> Table | None:
 def table_data_scale(study: StudyResults) -> Table | None:
     rows: list[list[Cell]] = []
     budgets = []
-    for task in ("paraphrase", "sonnet"):
-        key, label, scale = PRIMARY[task]
+    for task in study.tasks():
+        key, label, scale = study.primary(task)
         conds = study.task_conditions(task)
         if task == "sonnet":
             conds = [c for c in conds if c.cfg.get("temperature") == study.reference_temperature()]
@@ -183,7 +204,7 @@ def _pkey(cfg: dict) -> tuple:
 
 def _comparison_pairs(study: StudyResults) -> list[tuple[str, Condition, Condition]]:
     """(label, A, B) pairs for the three headline questions; A − B is tested."""
-    conds = study.main_conditions("paraphrase") + study.main_conditions("sonnet")
+    conds = [c for t in study.tasks() for c in study.main_conditions(t)]
     base = lambda c, drop=(): tuple(c.cfg.get(k) for k in BASE_MATCH if k not in drop)  # noqa: E731
     dpo_setting = lambda c: (c.cfg.get("pairs"), c.cfg.get("beta")) if c.cfg.get("regime") != "sft" else None  # noqa: E731
     out = []
@@ -218,7 +239,7 @@ def _pooled_outputs(study: StudyResults, cond: Condition, seeds: list) -> list[t
 def table_comparisons(study: StudyResults) -> tuple[Table | None, list[str]]:
     rows: list[list[Cell]] = []
     skipped: list[str] = []
-    sett = {k: v for t in ("paraphrase", "sonnet") for k, v in _settings(study.main_conditions(t), SHOWN).items()}
+    sett = {k: v for t in study.tasks() for k, v in _settings(study.main_conditions(t), SHOWN).items()}
     for label, a, b in _comparison_pairs(study):
         setting = "" if not (sett[id(a)] or sett[id(b)]) else f"A: {sett[id(a)] or '—'}; B: {sett[id(b)] or '—'}"
         seeds_a = {r["config"].get("seed") for r in a.runs if study.outputs(r["run_hash"])}
@@ -228,7 +249,7 @@ def table_comparisons(study: StudyResults) -> tuple[Table | None, list[str]]:
             skipped.append(f"{a.task}: {label}: no seed with dev outputs in both")
             continue
         oa, ob = _pooled_outputs(study, a, seeds), _pooled_outputs(study, b, seeds)
-        for metric, mlabel, scale in TEST_METRICS[a.task]:
+        for metric, mlabel, scale in test_metrics(a.cfg):
             try:
                 res = paired_bootstrap(oa, ob, metric, n_boot=1000, seed=0)
             except SftdpoError as e:

@@ -17,10 +17,10 @@ from typing import Callable
 
 import yaml
 
-from ..config import FIELD_TYPES, RunConfig, SftdpoError, coerce_field
+from ..config import FIELD_TYPES, RunConfig, SftdpoError, coerce_field, task_definition
 from ..data import resolve_data
 
-SHIPPED_SPECS = ("quick", "paper")
+SHIPPED_SPECS = ("quick", "paper", "own-tasks")
 _DEFAULTS = RunConfig()
 
 
@@ -45,7 +45,7 @@ def load_spec(spec: str) -> dict:
         raise SftdpoError(f"study spec {spec} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(d, dict):
         raise SftdpoError(f"study spec {spec} must be a mapping with defaults/grid/overrides")
-    unknown = set(d) - {"name", "description", "defaults", "grid", "overrides", "exclude", "order"}
+    unknown = set(d) - {"name", "description", "defaults", "grid", "overrides", "exclude", "order", "tasks"}
     if unknown:
         raise SftdpoError(f"study spec {spec}: unknown key(s) {', '.join(sorted(unknown))}")
     d.setdefault("name", name)
@@ -63,7 +63,10 @@ def _value(field: str, v: object) -> object:
 def _matches(cfg: dict, when: dict) -> bool:
     for k, v in when.items():
         want = [_value(k, x) for x in (v if isinstance(v, list) else [v])]
-        if _value(k, cfg.get(k, getattr(_DEFAULTS, k))) not in want:
+        have = {_value(k, cfg.get(k, getattr(_DEFAULTS, k)))}
+        if k == "task" and cfg.get("task_name"):  # a task the spec defines matches by its name too
+            have.add(cfg["task_name"])
+        if not have & set(want):
             return False
     return True
 
@@ -120,6 +123,10 @@ def expand(spec: dict, overrides: dict | None = None) -> list[tuple[str, RunConf
                 cfg.update(value)
             else:
                 cfg[axis] = value
+        tasks = spec.get("tasks") or {}
+        if cfg.get("task") in tasks:  # a task the spec defines by name: its fields, under that name
+            cfg.update(task_definition(tasks[cfg["task"]], f"study spec {spec.get('name')}: tasks.{cfg['task']}",
+                                       cfg["task"]))
         for ov in spec.get("overrides") or []:
             if _matches(cfg, ov.get("when") or {}):
                 cfg.update(ov.get("set") or {})
@@ -156,8 +163,10 @@ def _short(cfg: dict) -> str:
 def run_name(c: RunConfig) -> str:
     regime = {"sft": "sft", "dpo": "dpo"}.get(c.regime) or f"sft{c.handoff_epoch}-dpo"
     param = "fft" if c.param == "fft" else f"lora{c.lora_rank}"
-    parts = [c.task, regime, param]
-    if c.regime != "sft" and c.task == "sonnet":
+    parts = [c.task_name or c.task, regime, param]
+    if c.regime != "sft" and c.task in ("sonnet", "generate", "classify") and c.pairs != "v1":
+        parts.append(c.pairs.split("/")[-1].replace(":", "-") if c.pairs.startswith("file:") else c.pairs)
+    elif c.regime != "sft" and c.task == "sonnet":
         parts.append(c.pairs)
     if c.data_fraction != 1.0:
         parts.append(f"frac{c.data_fraction:g}")
@@ -176,7 +185,14 @@ def parse_only(filters: list[str]) -> Callable[[RunConfig], bool]:
         if k not in names:
             raise SftdpoError(f"--only {f!r}: {k} is not a config field")
         conds.append((k, v))
-    return lambda c: all(str(getattr(c, k)) in v.split(",") for k, v in conds)
+    def keep(c: RunConfig) -> bool:
+        for k, v in conds:
+            have = {str(getattr(c, k))} | ({c.task_name} if k == "task" and c.task_name else set())
+            if not have & set(v.split(",")):
+                return False
+        return True
+
+    return keep
 
 
 def parse_set(items: list[str]) -> dict:

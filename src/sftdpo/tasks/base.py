@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -87,3 +88,6 @@ class Task:
 
     def evaluate(self, model, device: torch.device, precision: str) -> Evaluation:
         raise NotImplementedError
+
+    def write_outputs(self, out: Path, ev: Evaluation) -> None:
+        """The task's own output files of a run (predictions, generations) beside dev_outputs.jsonl."""

@@ -30,8 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, SftdpoError, cache_dir
-from ..data import (data_fingerprint, load_task_data, resolve_data, write_cs224n_generations,
-                    write_paraphrase_predictions)
+from ..data import data_fingerprint, load_task_data, resolve_data
 from ..distributed import barrier, broadcast_from_main, is_distributed, sum_over_ranks
 from ..files import DirectoryBusy, DirLock, ensure_dir, stable_hash, write_json_atomic, write_text_atomic
 from ..models import (apply_lora, count_params, device_description, load_model, peak_memory_mb, resolve_device,
@@ -104,7 +103,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.model, self.tok = load_model(cfg.model, seed=cfg.seed)
         choose_attention(self.model, self.device)
-        data = load_task_data(cfg.task, cfg.train, cfg.dev)
+        data = load_task_data(cfg)
         if data_fingerprint(data) != cfg.data_fingerprint:
             raise SftdpoError(f"the {cfg.task} data found now ({data.source}) is not the data this run was set up with "
                               f"(fingerprint {data_fingerprint(data)} != {cfg.data_fingerprint}): restore it, or start a "
@@ -351,19 +350,15 @@ class Run:
         }
         if self.cfg.task == "sonnet":
             summary["sonnet_source"] = self.task.source
-        else:
+        if hasattr(self.task, "dev_dropped_overlap"):
             summary["dev_dropped_overlap"] = self.task.dev_dropped_overlap
+        summary["task_name"] = self.cfg.task_name or self.cfg.task
         return summary
 
     def write_outputs(self, ev: Evaluation) -> None:
         write_text_atomic(self.out / "dev_outputs.jsonl", "".join(
             json.dumps({"id": ex_id, "prediction": pred, "reference": ref}) + "\n" for ex_id, pred, ref in ev.outputs))
-        if self.cfg.task == "paraphrase":
-            write_paraphrase_predictions(self.out / "predictions.csv", [(i, int(p), int(r)) for i, p, r in ev.outputs])
-        else:
-            for k in range(self.cfg.num_samples):
-                name = "generations.txt" if k == 0 else f"generations_sample{k}.txt"
-                write_cs224n_generations(self.out / name, [(num, samples[k]) for num, samples in ev.generations])
+        self.task.write_outputs(self.out, ev)
 
 
 def _read(loss: torch.Tensor | None, logs: dict[str, torch.Tensor], tokens: int) -> tuple[float, dict[str, float], int]:

@@ -21,12 +21,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ...config import RunConfig, cache_dir
-from ...files import atomic_path, stable_hash
+from ...files import atomic_path, hash_id_lists, stable_hash
 from ...models import autocast
 from ...ops.batching import bucketed_batches
-from ...ops.logprobs import next_token_logps, sequence_logps
+from ...ops.logprobs import last_token_logits, sequence_logps
 from ...tasks import Task
-from .pairs import CACHE_VERSION, PairSet, collate_sequence_pairs, prompt_batch
+from .pairs import CACHE_VERSION, PairSet, collate_sequence_pairs
 
 log = logging.getLogger("sftdpo")
 
@@ -40,34 +40,61 @@ def reference_name(cfg: RunConfig) -> str:
 
 def one_token_responses(task: Task) -> bool:
     """Whether the task's pairs are one-token answers read from the prompt's last position."""
-    return task.name == "paraphrase"
+    return getattr(task, "kind", None) == "classify"
+
+
+@torch.no_grad()
+def label_logps(model, task: Task, device: torch.device, precision: str, *, adapter_disabled: bool) -> torch.Tensor:
+    """(n train examples, N labels): log p(label word | prompt) of every label (task.label_ids order) at
+    every training prompt, one forward pass per prompt: eval mode, no grad, the run's autocast
+    precision; the adapter disabled if asked."""
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(task.train_ids), len(task.label_ids))
+    labels = torch.tensor(task.label_ids, device=device)
+    try:
+        with model.disable_adapter() if adapter_disabled else contextlib.nullcontext():
+            for rows in bucketed_batches([len(p) for p in task.train_ids], task.cfg.eval_batch_size, 0, shuffle=False):
+                b = task.collate(rows).to(device)
+                with autocast(device, precision):
+                    logp = torch.log_softmax(last_token_logits(model, b), dim=-1)
+                out[torch.tensor(rows)] = logp[:, labels].float().cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def from_label_logps(task: Task, ps: PairSet, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen (n,), rejected (n, R)) of one-token pair rows from the label log-prob matrix; the
+    padding slots of rejected (rows with fewer pairs) hold the chosen value and are masked in the loss."""
+    col = {t: j for j, t in enumerate(task.label_ids)}
+    width = max(len(r) for r in ps.rejected)
+    chosen = torch.tensor([m[i, col[c[0]]].item() for i, c in enumerate(ps.chosen)])
+    rejected = torch.tensor([[m[i, col[t]].item() for t in r] + [chosen[i].item()] * (width - len(r))
+                             for i, r in enumerate(ps.rejected)])
+    return chosen, rejected
 
 
 @torch.no_grad()
 def compute_reference_logps(model, task: Task, ps: PairSet, cfg: RunConfig, device: torch.device, precision: str, *,
                             adapter_disabled: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of every pair's chosen and rejected response under the reference: eval mode
-    (no dropout), no grad, the run's autocast precision; the adapter disabled if asked."""
+    (no dropout), no grad, the run's autocast precision; the adapter disabled if asked. One-token
+    responses: chosen (n,) and rejected (n, R)."""
+    if one_token_responses(task):
+        return from_label_logps(task, ps, label_logps(model, task, device, precision, adapter_disabled=adapter_disabled))
     was_training = model.training
     model.eval()
     n = len(ps)
     chosen, rejected = torch.empty(n), torch.empty(n)
-    one_token = one_token_responses(task)
-    bs = cfg.eval_batch_size if one_token else cfg.batch_size
     try:
         with model.disable_adapter() if adapter_disabled else contextlib.nullcontext():
-            for rows in bucketed_batches(ps.lengths(one_token), bs, 0, shuffle=False):
+            for rows in bucketed_batches(ps.lengths(False), cfg.batch_size, 0, shuffle=False):
                 idx = torch.tensor(rows)
-                if one_token:
-                    b, ch, rj = prompt_batch(task, ps, rows)
-                    with autocast(device, precision):
-                        c, r = next_token_logps(model, b.to(device), ch, rj)
-                else:
-                    b = collate_sequence_pairs(ps, rows, task.pad_id).to(device)
-                    with autocast(device, precision):
-                        lp = sequence_logps(model, b, "sum")
-                    c, r = lp[: len(rows)], lp[len(rows):]
-                chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
+                b = collate_sequence_pairs(ps, rows, task.pad_id).to(device)
+                with autocast(device, precision):
+                    lp = sequence_logps(model, b, "sum")
+                chosen[idx], rejected[idx] = lp[: len(rows)].float().cpu(), lp[len(rows):].float().cpu()
     finally:
         model.train(was_training)
     return chosen, rejected
@@ -84,32 +111,58 @@ def load_logps(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return sd["chosen"], sd["rejected"]
 
 
+def _cached(key_fields: dict, n: int, compute, write: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(chosen, rejected, what the cache did) from <cache>/reflogps/<key>.safetensors, else computed and kept."""
+    key = stable_hash(key_fields, 24)
+    path = cache_dir() / "reflogps" / f"{key}.safetensors"
+    if path.exists():
+        try:
+            a, b = load_logps(path)
+            if a.size(0) == n == b.size(0):
+                log.info("DPO reference log-probs: reusing %s", path)
+                return a, b, {"reference_key": key, "reference_cache": str(path), "reference_cache_hit": True,
+                              "key_fields": key_fields}
+        except Exception as e:  # noqa: BLE001 - a broken cache file is recomputed
+            log.warning("unreadable reference cache %s (%s); recomputing", path, e)
+    a, b = compute()
+    if write:
+        save_logps(path, a, b, key_fields)
+    return a, b, {"reference_key": key, "reference_cache": str(path), "reference_cache_hit": False,
+                  "key_fields": key_fields}
+
+
 def reference_key(cfg: RunConfig, task: Task, fingerprint: str, ps: PairSet, device: torch.device,
                   precision: str) -> dict:
-    """What the reference log-probs depend on. No adapter flag: a disabled LoRA layer runs its base
-    layer alone, so the adapter-disabled base and the plain backbone (same fingerprint) share them."""
+    """What the reference log-probs of sequence pairs depend on. No adapter flag: a disabled LoRA layer
+    runs its base layer alone, so the adapter-disabled base and the plain backbone (same fingerprint)
+    share them."""
     return {"cache_version": CACHE_VERSION, "task": task.name, "model": cfg.model, "weights": fingerprint,
             "data": ps.data_hash(), "reduction": "sum", "precision": precision, "device": device.type}
+
+
+def cached_label_logps(model, task: Task, cfg: RunConfig, device: torch.device, precision: str, *, fingerprint: str,
+                       adapter_disabled: bool, write: bool = True) -> tuple[torch.Tensor, dict]:
+    """The label log-prob matrix of a classification task's training prompts, from the cache or computed."""
+    key_fields = {"cache_version": CACHE_VERSION, "kind": "label-logps", "model": cfg.model, "weights": fingerprint,
+                  "prompts": hash_id_lists(task.train_ids), "labels": list(task.label_ids), "reduction": "sum",
+                  "precision": precision, "device": device.type}
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        m = label_logps(model, task, device, precision, adapter_disabled=adapter_disabled)
+        return m, torch.zeros(m.size(0))
+
+    m, _, info = _cached(key_fields, len(task.train_ids), compute, write)
+    return m, info
 
 
 def cached_reference_logps(model, task: Task, ps: PairSet, cfg: RunConfig, device: torch.device, precision: str, *,
                            fingerprint: str, adapter_disabled: bool,
                            write: bool = True) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """The reference log-probs from the cache, else computed (and cached); plus what the cache did."""
+    """The reference log-probs of `ps` from the cache, else computed (and cached); plus what the cache did."""
+    if one_token_responses(task):
+        m, info = cached_label_logps(model, task, cfg, device, precision, fingerprint=fingerprint,
+                                     adapter_disabled=adapter_disabled, write=write)
+        return (*from_label_logps(task, ps, m), info)
     key_fields = reference_key(cfg, task, fingerprint, ps, device, precision)
-    key = stable_hash(key_fields, 24)
-    path = cache_dir() / "reflogps" / f"{key}.safetensors"
-    if path.exists():
-        try:
-            ref_c, ref_r = load_logps(path)
-            if ref_c.numel() == len(ps) == ref_r.numel():
-                log.info("DPO reference log-probs: reusing %s", path)
-                return ref_c, ref_r, {"reference_key": key, "reference_cache": str(path), "reference_cache_hit": True,
-                                      "key_fields": key_fields}
-        except Exception as e:  # noqa: BLE001 - a broken cache file is recomputed
-            log.warning("unreadable reference cache %s (%s); recomputing", path, e)
-    ref_c, ref_r = compute_reference_logps(model, task, ps, cfg, device, precision, adapter_disabled=adapter_disabled)
-    if write:
-        save_logps(path, ref_c, ref_r, key_fields)
-    return ref_c, ref_r, {"reference_key": key, "reference_cache": str(path), "reference_cache_hit": False,
-                          "key_fields": key_fields}
+    return _cached(key_fields, len(ps), lambda: compute_reference_logps(
+        model, task, ps, cfg, device, precision, adapter_disabled=adapter_disabled), write)

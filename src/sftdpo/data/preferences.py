@@ -1,0 +1,72 @@
+"""Preference pairs for the DPO stage from a file or dataset (`--pairs file:PATH`), in TRL's preference
+formats:
+
+  explicit prompt   {"prompt": "...", "chosen": "...", "rejected": "..."}
+  implicit prompt   {"chosen": "...", "rejected": "..."}: the prompt is their longest common prefix
+                    (TRL's extract_prompt: whole messages for conversations; for text, a space before
+                    the point where they differ stays with the responses)
+  conversational    prompt/chosen/rejected (or chosen/rejected alone) as message lists
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import SftdpoError
+from .generate import check_messages
+from .records import Row, dataset_rows, read_rows
+
+
+@dataclass(frozen=True)
+class Preference:
+    prompt: Any  # text or messages
+    chosen: Any
+    rejected: Any
+
+
+def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) from an implicit-prompt pair, as TRL's extract_prompt."""
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if idx and chosen[idx - 1] == " ":  # the space before the responses stays with them
+                idx -= 1
+            break
+    else:
+        idx = min(len(chosen), len(rejected))
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def _preference(r: Row) -> Preference:
+    f = r.fields
+    if "chosen" not in f or "rejected" not in f:
+        raise SftdpoError(f"{r.where}: a preference row needs `chosen` and `rejected` (and `prompt`, unless it is "
+                          f"their shared beginning); the row has: {', '.join(map(str, f)) or 'none'}")
+    conversational = isinstance(f["chosen"], list)
+    if conversational:
+        chosen, rejected = check_messages(f["chosen"], r.where, "chosen"), check_messages(f["rejected"], r.where, "rejected")
+        prompt = check_messages(f["prompt"], r.where, "prompt") if "prompt" in f else None
+    else:
+        chosen, rejected, prompt = f["chosen"], f["rejected"], f.get("prompt")
+        if not all(isinstance(x, str) for x in (chosen, rejected)) or (prompt is not None and not isinstance(prompt, str)):
+            raise SftdpoError(f"{r.where}: prompt, chosen and rejected must be text (or all message lists)")
+    if prompt is None:
+        prompt, chosen, rejected = extract_prompt(chosen, rejected)
+    if not chosen or (isinstance(chosen, str) and not chosen.strip()):
+        raise SftdpoError(f"{r.where}: the chosen response is empty")
+    if not rejected or (isinstance(rejected, str) and not rejected.strip()):
+        raise SftdpoError(f"{r.where}: the rejected response is empty")
+    if chosen == rejected:
+        raise SftdpoError(f"{r.where}: chosen and rejected are the same response: a pair must prefer one over another")
+    return Preference(prompt, chosen, rejected)
+
+
+def load_preferences(source: str, split: str = "train") -> list[Preference]:
+    """`--pairs file:SOURCE`: a preference file, a save_to_disk directory or a hub dataset (its `split`)."""
+    p = Path(source).expanduser()
+    rows = read_rows(p, split) if p.exists() else dataset_rows(source, split)
+    if not rows:
+        raise SftdpoError(f"--pairs file:{source} holds no pairs")
+    return [_preference(r) for r in rows]
