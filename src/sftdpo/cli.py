@@ -142,6 +142,24 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preview(ns: argparse.Namespace) -> int:
+    from .preview import preview
+
+    if ns.n < 1:
+        raise SftdpoError(f"--n must be >= 1 (got {ns.n})")
+    for line in preview(config_from_args(ns), ns.n):
+        print(line)
+    return 0
+
+
+def cmd_predict(ns: argparse.Namespace) -> int:
+    from .predict import predict_run
+
+    print(predict_run(ns.run, checkpoint=ns.checkpoint, split=ns.split, out=ns.out, test=ns.test,
+                      test_prompt=ns.test_prompt))
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     """The README's main job: the `quick` study on the offline default. Without QQP data it says so
     and runs the sonnet part; it fails only if nothing could run."""
@@ -243,6 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--run", required=True, help="run directory")
     e.add_argument("--checkpoint", default="best", choices=["best", "last"])
     e.set_defaults(func=cmd_eval)
+
+    pv = sub.add_parser("preview", help="the first training and dev examples as the model receives them (tokenizer only)")
+    pv.add_argument("--config", help="a JSON/YAML file of config fields (flags override it)")
+    pv.add_argument("--task-file", help="your own task written once (YAML); flags override it")
+    pv.add_argument("--n", type=int, default=3, help="examples of each split to show (default: 3)")
+    add_config_flags(pv)
+    pv.set_defaults(func=cmd_preview)
+
+    pr = sub.add_parser("predict", help="the CS224N course's submission files from a trained run")
+    pr.add_argument("run", help="run directory")
+    pr.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    pr.add_argument("--split", default="dev", choices=["dev", "test"])
+    pr.add_argument("--out", help="where the files go (default: RUN/predictions/)")
+    pr.add_argument("--test", help="test input: quora-test-student.csv / sonnets_held_out.txt (default: the data directory's)")
+    pr.add_argument("--test-prompt", default="train", choices=["train", "cs224n"],
+                    help="paraphrase test prompt: the train/dev template (default) or the starter's test template")
+    pr.set_defaults(func=cmd_predict)
 
     d = sub.add_parser("demo", help="the README's main job: the `quick` study on the offline default")
     d.add_argument("--out", default="studies/quick")

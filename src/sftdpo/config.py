@@ -53,8 +53,17 @@ GENERATE_FIELDS = ("metric", "completion_only_loss", "prompt_lines")
 TRAINING_FIELDS = ("param", "regime", "handoff_epoch", "epochs", "lr", "batch_size", "grad_accum", "weight_decay",
                    "warmup_ratio", "schedule", "max_train_examples", "data_fraction", "max_grad_norm",
                    *DPO_FIELDS, *LORA_FIELDS)
-# bookkeeping that never changes a run's result
-NON_RESULT_FIELDS = ("log_every", "eval_batch_size", "eval_init")
+# bookkeeping that never changes a run's result (`conventions` is recorded; the fields it sets carry its effect)
+NON_RESULT_FIELDS = ("log_every", "eval_batch_size", "eval_init", "conventions")
+
+# --conventions cs224n: the Stanford CS224N GPT-2 starter code's choices where they can move a number
+# (docs/cs224n.md has the table, with the starter's file and function for each)
+CONVENTIONS = {
+    "sftdpo": {"preprocess": "none", "predict": "label-pair", "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 160,
+               "prompt_newline": True, "max_length": 512},
+    "cs224n": {"preprocess": "cs224n", "predict": "argmax", "temperature": 1.2, "top_p": 0.9, "max_new_tokens": 128,
+               "prompt_newline": False, "max_length": 1024},
+}
 
 
 def _show(v: Any) -> str:
@@ -137,6 +146,10 @@ def irrelevant_fields(cfg: "RunConfig") -> set[str]:
         out.update(GENERATE_FIELDS)
     if cfg.task != "paraphrase":
         out.add("label_words")
+    if cfg.task != "sonnet":
+        out.add("prompt_newline")
+    if kind != "classify":
+        out.update(("preprocess", "predict"))
     if kind == "classify":
         out.update(DECODING_FIELDS)
         out.update(("pairs_n", "pairs_top_k", "pairs_temperatures"))
@@ -192,6 +205,13 @@ class RunConfig:
     # on the natural split, ~37% duplicates)
     balance_labels: bool = False
     label_words: str = "yes,no"  # paraphrase answer words (positive,negative); each must be one token
+    # conventions (docs/cs224n.md): sftdpo's own, or cs224n: the CS224N starter code's (sets the fields below
+    # and the starter's decoding; fields given explicitly win)
+    conventions: str = "sftdpo"
+    # (None here: the conventions' value; CONVENTIONS has both sets)
+    preprocess: str | None = None  # none | cs224n: lower-case, a space before . ? , ' (classification text fields)
+    predict: str | None = None  # label-pair: the best label word | argmax: over the whole vocabulary (CS224N)
+    prompt_newline: bool | None = None  # sonnet: the 3-line prompt ends with a newline (CS224N: it does not)
     # your own data (--task classify | generate): files (--train/--dev: .csv .tsv .jsonl .json .parquet, or a
     # save_to_disk directory) or a Hugging Face dataset (hub id or local directory) and its splits
     dataset: str | None = None
@@ -204,15 +224,15 @@ class RunConfig:
     metric: str = "chrf"  # generate: chrf | bleu (sacrebleu, corpus level, on the completions)
     completion_only_loss: bool = True  # generate: SFT loss on the completion only (TRL's default)
     prompt_lines: int = 1  # generate on language-modelling rows (`text`): a dev prompt is the text's first lines
-    max_length: int = 512  # tokens per training sequence (prompt + answer); longer ones are truncated from the left of the prompt
+    max_length: int | None = None  # tokens per training sequence (sftdpo: 512, cs224n: 1024); prompts are cut from the left
     seed: int = 0
     # execution (recorded, and part of the hash: bf16 changes numbers)
     device: str = "auto"
     precision: str = "auto"
     # sonnet decoding
-    temperature: float = 1.0
-    top_p: float = 0.9
-    max_new_tokens: int = 160
+    temperature: float | None = None  # sftdpo: 1.0, cs224n: 1.2 (0: greedy)
+    top_p: float | None = None  # 0.9
+    max_new_tokens: int | None = None  # sftdpo: 160, cs224n: 128
     num_samples: int = 1
     # DPO
     beta: float = 0.1
@@ -254,6 +274,12 @@ class RunConfig:
             bad("--task classify needs --template (the prompt, with {column} fields) and --labels VALUE=WORD,...")
         if self.task in ("classify", "generate") and not self.dataset and not (self.train and self.dev):
             bad(f"--task {self.task} needs its data: --train and --dev files, or --dataset (a Hugging Face dataset)")
+        if self.conventions not in CONVENTIONS:
+            bad(f"--conventions must be {' or '.join(CONVENTIONS)} (got {self.conventions!r})")
+        if self.preprocess not in ("none", "cs224n"):
+            bad(f"--preprocess must be none or cs224n (got {self.preprocess!r})")
+        if self.predict not in ("label-pair", "argmax"):
+            bad(f"--predict must be label-pair or argmax (got {self.predict!r})")
         if self.metric not in METRICS:
             bad(f"--metric must be {' or '.join(METRICS)} (got {self.metric!r})")
         if self.epochs < 1:
@@ -351,6 +377,14 @@ class RunConfig:
             raise SftdpoError(f"invalid config: unknown field(s) {', '.join(map(str, unknown))}; "
                               f"known: {', '.join(sorted(names))}")
         return cls(**{k: coerce_field(k, v) for k, v in d.items()})
+
+    def __post_init__(self) -> None:
+        """Fields left unset take the value of the run's conventions (explicit values win)."""
+        if self.conventions not in CONVENTIONS:
+            raise SftdpoError(f"invalid config: conventions must be {' or '.join(CONVENTIONS)} (got {self.conventions!r})")
+        for name, value in CONVENTIONS[self.conventions].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def normalised(self) -> "RunConfig":
         """This config with every field the run never reads reset to its default, so equivalent

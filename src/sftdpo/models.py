@@ -116,6 +116,27 @@ def _is_hub_id(name: str) -> bool:
     return not Path(name).exists() and name.count("/") <= 1 and not name.startswith((".", "/", "~"))
 
 
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of --model `name` alone, without its weights (seconds, not a model load)."""
+    if name == "tiny-gpt2":
+        tok = _gpt2_tokenizer()
+    elif name in ("tiny-llama", "smollm2-135m"):
+        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    elif Path(name).expanduser().is_dir():
+        tok = AutoTokenizer.from_pretrained(Path(name).expanduser())
+    elif _is_hub_id(name):
+        try:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=not hub_reachable())
+        except (OSError, ValueError) as e:
+            raise SftdpoError(f"the tokenizer of {name!r} could not be loaded from the Hugging Face hub or its cache "
+                              f"(offline?): use smollm2-135m, tiny-gpt2, tiny-llama or a local directory "
+                              f"[{type(e).__name__}]") from None
+    else:
+        raise SftdpoError(f"unknown model {name!r}: use one of {', '.join(OFFLINE_MODELS)}, a Hugging Face hub id or a local directory")
+    prepare_tokenizer(tok)
+    return tok
+
+
 def load_model(name: str, seed: int = 0) -> tuple[Any, Any]:
     """(model, tokenizer) in fp32 on CPU, with a pad token set and right padding."""
     if name in ("tiny-gpt2", "tiny-llama"):

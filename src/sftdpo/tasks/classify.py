@@ -2,8 +2,12 @@
 and the answer is the next token, one label word per class.
 
 SFT: cross-entropy of the gold label word's token at the last prompt position, over the full
-vocabulary. Prediction: the label word with the highest logit (ties: the first in --labels).
-Metrics: accuracy, macro-F1 and each class's F1 (`f1_<word>`), scikit-learn's.
+vocabulary. Prediction (`--predict`): `label-pair`, the label word with the highest logit (ties: the
+first in --labels); `argmax`, the token with the highest logit over the whole vocabulary (the CS224N
+starter's rule: a token that is no label word is a wrong answer of its own class, `token:<id>`, and
+`dev/non_label_rate` reports their share). Metrics: accuracy, macro-F1 (over the classes seen in
+predictions and references, scikit-learn's default) and each class's F1 (`f1_<word>`).
+`--preprocess cs224n` passes every text field through the starter's preprocess_string.
 """
 
 from __future__ import annotations
@@ -64,10 +68,17 @@ class ClassifyTask(Task):
                               f"fixed text alone is {fixed} tokens; give at least {fixed + 2}")
 
     def prompt(self, e) -> str:
-        return (self.cfg.template or "").format_map(e.fields)
+        return (self.cfg.template or "").format_map({k: self.text(v) for k, v in e.fields.items()})
+
+    def text(self, value: Any) -> Any:
+        """A text field as the prompt shows it (--preprocess)."""
+        return cs224n_preprocess(value) if self.cfg.preprocess == "cs224n" and isinstance(value, str) else value
 
     def encode(self, e) -> list[int]:
-        ids = self.tok(self.prompt(e), add_special_tokens=False).input_ids
+        return self.encode_prompt(self.prompt(e))
+
+    def encode_prompt(self, text: str) -> list[int]:
+        ids = self.tok(text, add_special_tokens=False).input_ids
         return ids[-self.cfg.max_length :]  # keep the end: the fields' ends and the question
 
     def label_id(self, e) -> int:
@@ -98,6 +109,11 @@ class ClassifyTask(Task):
             b = self.collate(rows, "dev").to(device)
             with autocast(device, precision):
                 logits = last_token_logits(model, b)
+            if self.cfg.predict == "argmax":  # over the whole vocabulary (CS224N): any token may win
+                value_of = dict(zip(self.label_ids, self.label_values))
+                for i, t in zip(rows, logits.argmax(-1).tolist()):
+                    preds[i] = value_of.get(t, f"token:{t}")
+                continue
             choice = logits[:, label_ids].argmax(-1)  # the first of equal logits: the earlier label
             for i, c in zip(rows, choice.tolist()):
                 preds[i] = self.label_values[c]
@@ -113,11 +129,20 @@ class ClassifyTask(Task):
         preds = self.predict(model, device, precision)
         refs = [label_value(e.label) for e in self.dev]
         outputs = [(e.id, p, r) for e, p, r in zip(self.dev, preds, refs)]
-        return Evaluation(self.scores(preds, refs), outputs)
+        metrics = self.scores(preds, refs)
+        if self.cfg.predict == "argmax":
+            metrics["non_label_rate"] = sum(p not in self.token_of for p in preds) / len(preds)
+        return Evaluation(metrics, outputs)
 
     def write_outputs(self, out: Path, ev: Evaluation) -> None:
         """predictions.csv: id, predicted label value, gold label value."""
         write_paraphrase_predictions(out / "predictions.csv", [(i, p, r) for i, p, r in ev.outputs])
 
 
-__all__ = ["ClassifyData", "ClassifyTask"]
+def cs224n_preprocess(s: str) -> str:
+    """The CS224N starter's datasets.py::preprocess_string: lower-case, a space before every `.`, `?`,
+    `,` and `'`, whitespace runs folded to one space."""
+    return " ".join(s.lower().replace(".", " .").replace("?", " ?").replace(",", " ,").replace("'", " '").split())
+
+
+__all__ = ["ClassifyData", "ClassifyTask", "cs224n_preprocess"]

@@ -29,7 +29,7 @@ class ParaphraseTask(ClassifyTask):
         return CS224N_PROMPT.format(q1="", q2="")
 
     def prompt(self, e: ParaphraseExample) -> str:
-        return CS224N_PROMPT.format(q1=e.q1, q2=e.q2)
+        return CS224N_PROMPT.format(q1=self.text(e.q1), q2=self.text(e.q2))
 
     def other_label_id(self, label_id: int) -> int:
         """The wrong answer's token: the rejected response of a DPO pair."""

@@ -35,12 +35,16 @@ class SonnetTask(GenerateTask):
             raise SftdpoError("sonnet data is empty after subsampling: check --train/--dev and --max-*-examples")
         # the whole sonnet is trained, then end of text, so that generation learns where a sonnet stops
         self.set_train([PromptExample(str(s.number), "", s.text) for s in self.train], completion_only=False)
-        self.pair_examples = [PromptExample(str(s.number), self.prompt_text(s), s.continuation(SONNET_PROMPT_LINES))
+        # the gold completion continues the prompt: after its newline, or starting with one (--prompt-newline false)
+        lead = "" if cfg.prompt_newline else "\n"
+        self.pair_examples = [PromptExample(str(s.number), self.prompt_text(s), lead + s.continuation(SONNET_PROMPT_LINES))
                               for s in self.train]
         self.check_prompt_room([self.prompt_text(s) for s in self.dev])
 
     def prompt_text(self, s: Sonnet) -> str:
-        return s.prompt(SONNET_PROMPT_LINES) + "\n"
+        """The first 3 lines, and their newline unless --prompt-newline false (the CS224N starter's
+        prompt has none: the model writes the line break itself)."""
+        return s.prompt(SONNET_PROMPT_LINES) + ("\n" if self.cfg.prompt_newline else "")
 
     def evaluate(self, model, device: torch.device, precision: str) -> Evaluation:
         """chrF (sacrebleu CHRF defaults, corpus level) on the full sonnet, prompt lines included (the CS224N
@@ -50,8 +54,7 @@ class SonnetTask(GenerateTask):
                              top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, num_samples=cfg.num_samples, seed=cfg.seed)
         refs = [s.text for s in self.dev]
         ref_cont = [s.continuation(SONNET_PROMPT_LINES) for s in self.dev]
-        full = [[(s.prompt(SONNET_PROMPT_LINES) + "\n" + g[k]).strip() for s, g in zip(self.dev, gens)]
-                for k in range(cfg.num_samples)]
+        full = [[(self.prompt_text(s) + g[k]).strip() for s, g in zip(self.dev, gens)] for k in range(cfg.num_samples)]
         cont = [[g[k].strip() for g in gens] for k in range(cfg.num_samples)]
         metrics = {
             "chrf": sum(stats.corpus_chrf(h, refs) for h in full) / cfg.num_samples,
