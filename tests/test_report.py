@@ -1,6 +1,9 @@
 """Report from a synthetic study: tables carry the right numbers, files and figures are written."""
 
+import base64
 import csv
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +11,8 @@ import pytest
 
 from sftdpo.config import RunConfig, SftdpoError
 from sftdpo.report import PAPER, write_report
+from sftdpo.report.figures import figure_fft_vs_lora, figure_handoff, labels
+from sftdpo.report.results import StudyResults, param_label
 from sftdpo.store import Store
 
 N_DEV = 200
@@ -17,9 +22,10 @@ TRUE_SONNETS = [f"Line {i} of sonnet {j}, with thee and thou and summer's day" f
 
 
 class Builder:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, f1_curves: bool = False):
         self.store = Store(root / "study.db")
         self.order = 0
+        self.f1_curves = f1_curves  # record macro-F1 per epoch too (the real runs do)
 
     def add(self, status="done", error=None, final=None, wall=10.0, **kw):
         cfg = RunConfig(**kw).validate()
@@ -38,18 +44,23 @@ class Builder:
         curve = {e: final * (0.7 + 0.3 * e / cfg.epochs) for e in range(cfg.epochs + 1)}
         for e, v in curve.items():
             stage = "init" if e == 0 else ("sft" if e <= cfg.sft_epochs else "dpo")
-            self.store.record_epoch(h, stage, e, {key: v * scale, "train/loss": 1.0 / (e + 1)}, None if e == 0 else wall)
+            metrics = {key: v * scale, "train/loss": 1.0 / (e + 1)}
+            if cfg.task == "paraphrase" and self.f1_curves:
+                metrics["dev/macro_f1"] = v - 0.01
+            self.store.record_epoch(h, stage, e, metrics, None if e == 0 else wall)
         rng = np.random.default_rng(cfg.seed + 100 * self.order)
         if cfg.task == "paraphrase":
             correct = np.arange(N_DEV) < round(final * N_DEV)  # deterministic: better runs are right on a superset
             outs = [(f"q{i}", r if c else str(1 - int(r)), r) for i, (r, c) in enumerate(zip(REFS, correct))]
             summary = {"dev/accuracy": final, "dev/macro_f1": final - 0.01, "dev/f1_positive": final - 0.02,
                        "best/dev/accuracy": final, "best/dev/macro_f1": final - 0.01, "best_epoch": cfg.epochs,
-                       "init/dev/accuracy": 0.5, "init/dev/macro_f1": 0.4}
+                       "init/dev/accuracy": 0.5, "init/dev/macro_f1": 0.4, "dev_examples": N_DEV,
+                       "data_source": "data dir /d/qqp: train=quora-train.csv (cs224n, 1,000 rows)"}
         else:
             outs = [(f"s{j}", t if rng.random() < final else t[::-1], t) for j, t in enumerate(TRUE_SONNETS)]
             summary = {"dev/chrf": final * scale, "dev/chrf_continuation": final * scale - 5,
                        "best/dev/chrf": final * scale, "best_epoch": cfg.epochs, "sonnet_source": "cs224n-sonnets",
+                       "data_source": "cs224n sonnets (test data)",
                        "init/dev/chrf": 30.0, "init/dev/chrf_continuation": 12.0}
         lora = cfg.param == "lora"
         summary.update({"wall_clock_s": wall * cfg.epochs, "wall_clock_per_epoch_s": wall, "train_tokens_per_s": 5000.0,
@@ -98,18 +109,18 @@ def test_report_tables_numbers_and_paper_column(study):
     assert "91.00 ± 1.00 [" in row and "(n=3)" in row
     assert "89.87 / 89.21" in row and "+1.13 / +0.79" in row  # macro-F1 mean 90.00 - 89.21
     lora = next(l for l in md.splitlines() if l.startswith("| gpt2 | SFT | LoRA r=8 |"))
-    assert "85.50 ± 0.71" in lora and "87.70 / 87.00" in lora and "-2.20 / -2.50" in lora
+    assert "85.00, 86.00 (n=2)" in lora and "87.70 / 87.00" in lora and "-2.20 / -2.50" in lora  # two seeds: their values
     staged = next(l for l in md.splitlines() if l.startswith("| gpt2 | SFT@2→DPO | FFT |"))
     assert "| — | — |" in staged  # the paper's staged run is SFT@9→DPO: no reference for k=2
     # the baseline to beat: each backbone's untrained (epoch 0) metrics head its table
     untrained = next(l for l in md.splitlines() if l.startswith("| gpt2 | untrained (epoch 0) |"))
     assert "50.00 ± 0.00" in untrained and "40.00 ± 0.00" in untrained
     untrained = next(l for l in md.splitlines() if l.startswith("| smollm2-135m | untrained (epoch 0) |"))
-    assert "30.00 ± 0.00" in untrained and "12.00 ± 0.00" in untrained
+    assert "30.00, 30.00 (n=2)" in untrained and "12.00, 12.00 (n=2)" in untrained
     # sonnets on another backbone: no paper comparison
     assert "n/a (backbone smollm2-135m, paper: gpt2)" in md
     lora_sonnet = next(l for l in md.splitlines() if l.startswith("| smollm2-135m | SFT | — | LoRA r=4 |"))
-    assert "35.00 ± 0.00 [35.00, 35.00] (n=2)" in lora_sonnet
+    assert "35.00, 35.00 (n=2)" in lora_sonnet
     # the temperature-0.7 run has one seed and sits in Table B2 only
     assert "Table B2" in md and "38.00 (n=1)" in md
 
@@ -138,7 +149,7 @@ def test_runs_setup_and_cost_sections(study):
     md = write_report(study).read_text()
     assert "done: 19" in md and "failed: 1" in md and "pending: 1" in md
     assert "CUDA out of memory: tried to allocate 2.00 GiB" in md
-    assert "cs224n-sonnets" in md and "gpt2 (" in md and "smollm2-135m (" in md
+    assert "cs224n sonnets (test data)" in md and "`gpt2` (" in md and "`smollm2-135m` (" in md
     assert "| device | NVIDIA H100 |" in md and "| packages.torch | 2.13.0 |" in md
     cost = read_csv(study / "report" / "table_cost.csv")
     lora = next(r for r in cost if r["Task"] == "paraphrase" and r["Param"] == "LoRA r=8")
@@ -172,7 +183,8 @@ def test_key_comparisons(study):
     assert ("sonnet", "FFT vs LoRA r=4 (SFT)", "chrF") in labels
     fft_lora = next(r for r in rows if r["Comparison (A vs B)"] == "FFT vs LoRA r=8 (SFT)" and r["Metric"] == "accuracy (%)")
     # seeds 0 and 1 exist for both conditions: 2 x 200 pooled examples
-    assert fft_lora["n examples"] == "400" and fft_lora["Seeds"] == "0,1"
+    assert fft_lora["n examples"] == "400" and fft_lora["Seeds"] == "seeds 0, 1"
+    assert fft_lora["Method"] == "paired bootstrap" and float(fft_lora["p_Holm"]) >= float(fft_lora["p"])
     # FFT is right on a superset of LoRA's examples for every seed: 5 points better, never reversed
     assert float(fft_lora["Δ (A − B)"]) == pytest.approx(5.0) and float(fft_lora["p"]) < 0.01
 
@@ -224,3 +236,122 @@ def test_gpt2_sonnet_paper_range(tmp_path):
     assert v2.endswith("| — | — |")  # the paper's range is for v1 pairs only
     sft = next(l for l in md.splitlines() if l.startswith("| gpt2 | SFT | — |"))
     assert "| 41.29 | -1.29 |" in sft
+
+
+# -- seeds: values below three, a t interval from three ------------------------------------------
+
+SEED_ROWS = {  # n seeds -> (Table A accuracy cell, CSV std, CSV interval present)
+    1: "90.00 (n=1)",
+    2: "90.00, 91.00 (n=2)",
+    # 90..94: mean 92, std 1.58, t(0.975, 4) * 1.5811 / sqrt(5) = 1.96
+    5: "92.00 ± 1.58 [90.04, 93.96] (n=5)",
+}
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+def test_seed_count_decides_between_values_and_interval(tmp_path, n):
+    b = Builder(tmp_path, f1_curves=True)
+    for seed in range(n):
+        b.add(task="paraphrase", model="gpt2", regime="sft", param="fft", epochs=2, seed=seed, final=0.90 + seed / 100)
+        b.add(task="paraphrase", model="gpt2", regime="sft", param="lora", lora_rank=8, epochs=2, seed=seed,
+              final=0.80 + seed / 100)
+    md = write_report(tmp_path).read_text()
+    row = next(l for l in md.splitlines() if l.startswith("| gpt2 | SFT | FFT |"))
+    assert SEED_ROWS[n] in row
+    assert ("±" in row) == (n >= 3) and "bootstrap" not in md.lower().split("key comparisons")[0]
+    # best column in bold: FFT beats LoRA in every column, the untrained row is not a candidate
+    assert f"**{SEED_ROWS[n]}**" in row and "**" not in next(l for l in md.splitlines() if "untrained" in l)
+    csv_row = next(r for r in read_csv(tmp_path / "report" / "table_a_paraphrase.csv") if r["Param"] == "FFT")
+    assert csv_row["Accuracy (%) n"] == str(n)
+    assert (csv_row["Accuracy (%) std"] != "") == (n >= 2) and (csv_row["Accuracy (%) ci_lo"] != "") == (n >= 3)
+    if n == 5:
+        assert float(csv_row["Accuracy (%) ci_lo"]) == pytest.approx(92.0 - 1.963243, abs=1e-4)
+    # best epoch: an integer statement, never "2.0 ± 0.0"
+    handoff = next(l for l in md.splitlines() if l.startswith("| paraphrase | gpt2 | FFT | SFT |"))
+    assert ", ".join(["2"] * min(n, 2)) + f" (n={n})" in handoff if n < 3 else "2 ± 0 [2, 2] (n=5)" in handoff
+    # the figure: one row per dev metric (accuracy and macro-F1), one y axis per row; a band only from 3 seeds
+    with Store(tmp_path / "study.db") as store:
+        fig = figure_handoff(StudyResults(store), "paraphrase")
+    axes = fig.axes
+    assert [a.get_ylabel() for a in axes if a.get_ylabel()] == ["Accuracy (%)", "Macro-F1 (%)"]
+    assert len(axes) == 4 and axes[0].get_shared_y_axes().joined(axes[0], axes[1])
+    assert not axes[0].get_shared_y_axes().joined(axes[0], axes[2])
+    bands = [c for a in axes for c in a.collections]
+    assert len(bands) == (4 if n >= 3 else 0)  # 2 conditions x 2 metrics
+    thin = [l for a in axes for l in a.lines if l.get_linewidth() < 0.8]  # not the 0.9 untrained line
+    assert len(thin) == (2 * 2 * 2 if n == 2 else 0)  # each seed's own line, for n = 2 only
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["untrained (epoch 0)", "SFT"] and fig.get_suptitle().endswith(f"(n={n} seed{'s' if n > 1 else ''} each)")
+
+
+def test_figure_labels_name_only_the_fields_that_vary(tmp_path):
+    b = Builder(tmp_path)
+    for alpha in (16, 32):
+        b.add(task="paraphrase", model="gpt2", regime="sft", param="lora", lora_rank=8, lora_alpha=alpha, lr=5e-4,
+              epochs=2, seed=0, final=0.8 + alpha / 1000)
+    b.add(task="paraphrase", model="gpt2", regime="sft", param="lora", lora_rank=4, lr=5e-4, epochs=2, seed=0, final=0.8)
+    b.add(task="paraphrase", model="gpt2", regime="sft", param="fft", epochs=2, seed=0, final=0.85)
+    b.add(task="paraphrase", model="gpt2", regime="sft", param="fft", epochs=2, seed=1, final=0.86)
+    with Store(tmp_path / "study.db") as store:
+        study = StudyResults(store)
+        names = sorted(labels(study.conditions, param_label).values())
+        assert names == ["FFT", "LoRA r=4", "LoRA r=8 (lora_alpha=16)", "LoRA r=8 (lora_alpha=32)"]
+        fig = figure_fft_vs_lora(study, "paraphrase")
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    # seed counts differ between conditions: each label carries its own n
+    assert "FFT (n=2)" in legend and "LoRA r=8 (lora_alpha=32) (n=1)" in legend
+    assert not any("lr=" in t or "lora_targets" in t for t in legend)
+    # the legend sits below the panels, inside the figure
+    fig.canvas.draw()
+    box, panels = fig.legends[0].get_window_extent(), fig.axes[0].get_window_extent()
+    assert box.y1 <= panels.y0 and box.x0 >= 0 and box.x1 <= fig.bbox.x1
+
+
+def test_report_html_is_self_contained_and_figures_are_vector_too(study):
+    write_report(study)
+    out = study / "report"
+    html = (out / "report.html").read_text()
+    srcs = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)  # nothing fetched from disk or net
+    assert base64.b64decode(srcs[0].split(",", 1)[1]).startswith(PNG_MAGIC)
+    assert "<table>" in html and "<b>" in html and "91.00 ± 1.00" in html
+    for fig in ("fig_handoff_paraphrase", "fig_fft_vs_lora_sonnet"):
+        assert (out / f"{fig}.pdf").read_bytes().startswith(b"%PDF")
+        assert b"FontFile2" in (out / f"{fig}.pdf").read_bytes()  # TrueType embedded, no Type 3
+        svg = (out / f"{fig}.svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and "epoch (whole run)" in svg  # text stays text
+
+
+def test_setup_names_each_tasks_data_source_and_size(study):
+    md = write_report(study).read_text()
+    row = next(l for l in md.splitlines() if l.startswith("| paraphrase | data dir /d/qqp"))
+    assert "1,000 / 200" in row and "500 / 200" in row  # the data-scale runs read half the train set
+
+
+GOLDEN = Path(__file__).parent / "fixtures" / "golden"
+
+
+def test_latex_table_matches_the_golden_file(tmp_path):
+    """booktabs, numbers right-aligned, the best mean bold, the paper's number and Δ beside ours, the
+    packages named in a comment. Regenerate after an intended change: SFTDPO_GOLDEN=write pytest -k golden."""
+    b = Builder(tmp_path)
+    for seed, acc in enumerate((0.88, 0.89, 0.90)):
+        b.add(task="paraphrase", model="gpt2", regime="sft", param="fft", epochs=2, seed=seed, final=acc)
+    b.add(task="paraphrase", model="gpt2", regime="sft", param="lora", lora_rank=8, epochs=2, seed=0, final=0.86)
+    b.add(task="paraphrase", model="gpt2", regime="sft", param="lora", lora_rank=8, epochs=2, seed=1, final=0.87)
+    write_report(tmp_path)
+    tex = (tmp_path / "report" / "table_a_paraphrase.tex").read_text()
+    golden = GOLDEN / "table_a_paraphrase.tex"
+    if os.environ.get("SFTDPO_GOLDEN") == "write":
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(tex)
+    assert tex == golden.read_text()
+
+
+def test_writing_a_report_is_quiet_under_the_cli_logging(study, capfd):
+    from sftdpo.system import setup_logging
+
+    setup_logging()  # what every sftdpo command starts with
+    write_report(study)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""  # no library chatter (fontTools logs every glyph subset of a PDF at INFO)

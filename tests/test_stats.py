@@ -8,7 +8,7 @@ from sacrebleu.metrics import CHRF
 from sklearn.metrics import f1_score
 
 from sftdpo.config import SftdpoError
-from sftdpo.stats import (accuracy, bootstrap_ci, chrf_statistics, corpus_chrf, f1_positive, macro_f1,
+from sftdpo.stats import (accuracy, chrf_statistics, holm, t_interval, corpus_chrf, f1_positive, macro_f1,
                           paired_bootstrap)
 
 SONNET_LINES = [
@@ -34,31 +34,25 @@ def triples(preds, refs, prefix="e"):
     return [(f"{prefix}{i}", str(p), str(r)) for i, (p, r) in enumerate(zip(preds, refs))]
 
 
-# -- bootstrap_ci ------------------------------------------------------------------------------
+# -- seed intervals and multiple comparisons ---------------------------------------------------
 
-def test_bootstrap_ci_of_constant_is_that_constant():
-    assert bootstrap_ci([0.3, 0.3, 0.3]) == (0.3, 0.0, 0.3, 0.3)
-
-
-def test_bootstrap_ci_single_value_has_zero_std_and_degenerate_interval():
-    assert bootstrap_ci([41.2]) == (41.2, 0.0, 41.2, 41.2)
-
-
-def test_bootstrap_ci_covers_mean_and_uses_sample_std():
-    vals = [88.1, 89.4, 90.2, 87.7, 89.9]
-    mean, std, lo, hi = bootstrap_ci(vals)
-    assert mean == pytest.approx(np.mean(vals))
-    assert std == pytest.approx(np.std(vals, ddof=1))
-    assert min(vals) <= lo < mean < hi <= max(vals)
-    assert bootstrap_ci(vals, seed=0) == bootstrap_ci(vals, seed=0)
-    # a narrower level gives a narrower interval
-    _, _, lo80, hi80 = bootstrap_ci(vals, alpha=0.2)
-    assert lo <= lo80 and hi80 <= hi
-
-
-def test_bootstrap_ci_rejects_empty():
+def test_t_interval_is_the_student_t_interval_of_the_mean():
+    vals = [90.0, 91.0, 92.0, 93.0, 94.0]
+    mean, std, lo, hi = t_interval(vals)
+    # t(0.975, 4) = 2.776445; std = sqrt(2.5); half width = 2.776445 * 1.581139 / sqrt(5) = 1.963243
+    assert mean == 92.0 and std == pytest.approx(1.5811388, rel=1e-6)
+    assert (lo, hi) == (pytest.approx(92.0 - 1.963243, rel=1e-6), pytest.approx(92.0 + 1.963243, rel=1e-6))
+    _, _, lo80, hi80 = t_interval(vals, alpha=0.2)  # a lower level is narrower
+    assert lo < lo80 and hi80 < hi
     with pytest.raises(ValueError):
-        bootstrap_ci([])
+        t_interval([41.2])
+
+
+def test_holm_adjusts_in_step_down_order():
+    # sorted: 0.01 * 3 = 0.03; 0.03 * 2 = 0.06; 0.04 * 1 = 0.04, kept monotone -> 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == [1.0, 1.0] and holm([0.02]) == [0.02] and holm([]) == []
+
 
 
 # -- metrics -----------------------------------------------------------------------------------

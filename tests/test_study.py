@@ -59,6 +59,29 @@ def test_shipped_specs_expand():
         expand(load_spec("paper"), {"epochs": 2})
 
 
+def test_run_names_carry_every_varied_field():
+    spec = {"name": "t", "defaults": {"task": "sonnet", "model": "tiny-llama", "epochs": 2},
+            "grid": {"top_p": [0.9, 1.0], "lr": [1e-5, 2e-5], "seed": [0, 1]}}
+    names = [n for n, _ in expand(spec)]
+    readable = ["-".join(n.split("-")[:-1]) for n in names]  # without the hash
+    assert len(set(readable)) == len(names) == 8
+    assert "sonnet-sft-fft-lr=1e-05-top_p=0.9-s0" in readable and "sonnet-sft-fft-lr=2e-05-top_p=1-s1" in readable
+    # the spec's aliases give short forms; a field that does not vary is not in the name
+    spec["aliases"] = {"top_p": "p", "temperature": "T"}
+    assert "sonnet-sft-fft-lr=1e-05-p=0.9-s0" in ["-".join(n.split("-")[:-1]) for n, _ in expand(spec)]
+    # a field varied for some runs only: just the runs it tells apart carry it
+    spec2 = {"name": "t", "defaults": {"task": "sonnet", "model": "tiny-llama", "epochs": 2},
+             "grid": {"param": [{"param": "fft"}, {"param": "lora", "lora_rank": 8}]},
+             "overrides": [{"when": {"param": "lora"}, "set": {"lora_alpha": 32}}]}
+    assert sorted(n.rsplit("-", 1)[0] for n, _ in expand(spec2)) == ["sonnet-sft-fft-s0", "sonnet-sft-lora8-s0"]
+    spec["aliases"] = {"top_p": "top p"}
+    with pytest.raises(SftdpoError, match="aliases"):
+        expand(spec)
+    spec["aliases"] = {"topp": "p"}
+    with pytest.raises(SftdpoError, match="aliases"):
+        expand(spec)
+
+
 def test_bad_spec_is_one_clear_error(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("defaults: {epochs: 3}\ngrid: {regime: [{regime: sft-dpo}]}\n")

@@ -1,9 +1,11 @@
-"""Honest statistics for small studies: seed-level bootstrap intervals, dev-set metrics, and
-paired bootstrap tests over dev examples.
+"""Honest statistics for small studies: seed-level t intervals, dev-set metrics, and paired
+bootstrap tests over dev examples (Holm-adjusted when several are shown).
 
-Seeds are few (2-5), so every aggregate carries its spread and an interval; differences between
-two systems are tested on the same dev examples (paired), which is far more sensitive than
-comparing seed means and is what Koehn (2004) / sacreBLEU do for MT.
+Seeds are few (2-5): a bootstrap over so few values has too few distinct resamples to be an
+interval, so seed aggregates use Student's t from three seeds on (report/table.py shows one or two
+seeds' values instead). Differences between two systems are tested on the same dev examples
+(paired), which is far more sensitive than comparing seed means and is what Koehn (2004) /
+sacreBLEU do for MT.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import math
+
 import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
+from scipy.stats import t as student_t
 from sklearn.metrics import accuracy_score, f1_score
 
 from .config import SftdpoError
@@ -20,24 +25,29 @@ from .config import SftdpoError
 
 # -- seed-level aggregates ---------------------------------------------------------------------
 
-def bootstrap_ci(values: Sequence[float], n_boot: int = 10000, alpha: float = 0.05,
-                 seed: int = 0) -> tuple[float, float, float, float]:
-    """(mean, std, lo, hi): mean over seeds, sample std (ddof=1), percentile-bootstrap interval
-    of the mean at level 1 - alpha.
-
-    With one value (or all values equal) there is no spread to resample: std is 0.0 and
-    lo = hi = the value, rather than NaN, so tables stay readable; callers print n beside it.
-    """
+def t_interval(values: Sequence[float], alpha: float = 0.05) -> tuple[float, float, float, float]:
+    """(mean, std, lo, hi): mean over seeds, sample std (ddof=1) and the Student-t interval of the mean
+    at level 1 - alpha, mean ± t(1 - alpha/2, n - 1) · std / sqrt(n). With a handful of seeds a
+    bootstrap over them has too few distinct resamples to be an interval; t assumes the seeds' results
+    are roughly normal, which is what they are asked to be. Needs n >= 2."""
     v = np.asarray([float(x) for x in values], dtype=float)
-    if v.size == 0:
-        raise ValueError("bootstrap_ci needs at least one value")
-    mean = float(v.mean())
-    if v.size == 1 or np.all(v == v[0]):
-        return float(v[0]), 0.0, float(v[0]), float(v[0])
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return mean, float(v.std(ddof=1)), float(lo), float(hi)
+    if v.size < 2:
+        raise ValueError("an interval needs at least two values")
+    mean, std = float(v.mean()), float(v.std(ddof=1))
+    half = float(student_t.ppf(1 - alpha / 2, v.size - 1)) * std / math.sqrt(v.size)
+    return mean, std, mean - half, mean + half
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values for a family of tests (controls the family-wise error)."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        out[i] = running
+    return out
 
 
 # -- dev-set metrics ---------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from pathlib import Path
 WORKER_PARENT_PID_ENV = "SFTDPO_WORKER_PARENT_PID"
 
 # libraries whose INFO chatter (weight loading, hub retries) stays out of the terminal unless -v
-NOISY_LOGGERS = ("transformers", "httpx", "urllib3", "huggingface_hub", "datasets", "accelerate", "peft")
+NOISY_LOGGERS = ("transformers", "httpx", "urllib3", "huggingface_hub", "datasets", "accelerate", "peft",
+                 "fontTools", "matplotlib")  # fontTools logs each glyph subset when a PDF figure is saved
 
 
 def setup_logging(level: int = logging.INFO) -> None:

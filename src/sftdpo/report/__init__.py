@@ -1,94 +1,142 @@
-"""Paper-style report of a study: tables (Markdown, CSV, LaTeX), figures and significance tests,
-all read from the study's index (study_dir/study.db).
+"""Paper-style report of a study: tables (Markdown, CSV, LaTeX), figures (PNG, PDF, SVG) and
+significance tests, all read from the study's index (study_dir/study.db), as `report.md` and one
+self-contained `report.html` (figures embedded).
 
-Seeds of one condition are pooled into mean ± std with a bootstrap interval; differences between
-conditions are tested with paired bootstraps over dev examples. Paper numbers are shown only when
-the backbone is the paper's (GPT-2), because on another backbone a difference means nothing.
+Seeds of one condition: their values below three seeds, mean ± std with a 95% Student-t interval from
+three; differences between conditions are tested with paired bootstraps over dev examples (Holm's
+adjustment when several are shown). Paper numbers are shown only when the backbone is the paper's
+(GPT-2), because on another backbone a difference means nothing.
 
   results.py  conditions and labels      table.py    the table format and its cells
   tables.py   the tables                 figures.py  the figures
-  paper.py    the paper's numbers
+  paper.py    the paper's numbers        setup.py    what a reader needs to rerun the study
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+import base64
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from html import escape
 from pathlib import Path
 
 from ..config import SftdpoError
+from ..files import write_text_atomic
 from ..store import Store
-from .figures import figure_fft_vs_lora, figure_handoff
+from .figures import figure_fft_vs_lora, figure_handoff, save
 from .paper import PAPER
-from .results import StudyResults, _fmt_value
-from .table import Table
+from .results import StudyResults
+from .setup import runs_section, setup_section
+from .table import INTERVAL_NAME, MIN_SEEDS_FOR_INTERVAL, Table
 from .tables import table_a, table_b, table_comparisons, table_cost, table_custom, table_data_scale, table_handoff
 
-__all__ = ["PAPER", "write_report"]
-
-# -- report ------------------------------------------------------------------------------------
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = _fmt_value(v)
-    return out
+__all__ = ["PAPER", "Doc", "write_report"]
 
 
-def _runs_section(study: StudyResults) -> list[str]:
-    counts = study.store.status_counts()
-    out = ["## Runs", "", " · ".join(f"{s}: {n}" for s, n in counts.items()), ""]
-    failed = [r for r in study.all_runs if r["status"] == "failed"]
-    if failed:
-        out += ["Failed runs:", "", "| Run | Hash | Error |", "|---|---|---|"]
-        for r in failed:
-            err = (r["error"] or "(no error recorded)").strip().replace("\n", " ⏎ ").replace("|", "\\|")
-            out.append(f"| {r['name']} | `{r['run_hash']}` | {err} |")
-        out.append("")
-    for status in ("pending", "running"):
-        names = [r["name"] for r in study.all_runs if r["status"] == status]
-        if names:
-            out += [f"{status.capitalize()} runs: " + ", ".join(names), ""]
-    return out
+@dataclass
+class Doc:
+    """The report as blocks, rendered as Markdown and as self-contained HTML."""
+
+    blocks: list[tuple] = field(default_factory=list)
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def items(self, items: list[str]) -> None:
+        if items:
+            self.blocks.append(("ul", items))
+
+    def table(self, table: Table) -> None:
+        self.blocks.append(("table", table))
+
+    def md_table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.blocks.append(("grid", header, rows))
+
+    def figure(self, png: Path, caption: str, others: list[Path]) -> None:
+        self.blocks.append(("figure", png, caption, others))
+
+    def code(self, text: str) -> None:
+        self.blocks.append(("code", text))
+
+    def markdown(self) -> str:
+        out: list[str] = []
+        for b in self.blocks:
+            kind = b[0]
+            if kind == "h":
+                out += ["#" * b[1] + " " + b[2], ""]
+            elif kind == "p":
+                out += [b[1], ""]
+            elif kind == "ul":
+                out += [f"- {x}" for x in b[1]] + [""]
+            elif kind == "table":
+                out += [b[1].markdown(), ""]
+            elif kind == "grid":
+                cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
+                out += ["| " + " | ".join(b[1]) + " |", "|" + "|".join("---" for _ in b[1]) + "|"]
+                out += ["| " + " | ".join(cell(x) for x in r) + " |" for r in b[2]] + [""]
+            elif kind == "figure":
+                also = ", ".join(f"`{p.name}`" for p in b[3])
+                out += [f"![{b[2]}]({b[1].name})", "", f"_{b[2]}. Vector: {also}._", ""]
+            elif kind == "code":
+                out += ["```", b[1].rstrip(), "```", ""]
+        return "\n".join(out).rstrip() + "\n"
+
+    def html(self, title: str) -> str:
+        out = [f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{escape(title)}</title>"
+               f"<style>{_CSS}</style></head><body>"]
+        for b in self.blocks:
+            kind = b[0]
+            if kind == "h":
+                out.append(f"<h{b[1]}>{escape(b[2])}</h{b[1]}>")
+            elif kind == "p":
+                out.append(f"<p>{_inline(b[1])}</p>")
+            elif kind == "ul":
+                out.append("<ul>" + "".join(f"<li>{_inline(x)}</li>" for x in b[1]) + "</ul>")
+            elif kind == "table":
+                out.append(b[1].html())
+            elif kind == "grid":
+                head = "".join(f"<th>{escape(str(x))}</th>" for x in b[1])
+                rows = "".join("<tr>" + "".join(f"<td>{escape(str(x))}</td>" for x in r) + "</tr>" for r in b[2])
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            elif kind == "figure":
+                data = base64.b64encode(b[1].read_bytes()).decode()
+                out.append(f"<figure><img alt=\"{escape(b[2])}\" src=\"data:image/png;base64,{data}\">"
+                           f"<figcaption>{escape(b[2])}</figcaption></figure>")
+            elif kind == "code":  # folded: the spec is for rerunning, not for reading first
+                out.append(f"<details><summary>show</summary><pre>{escape(b[1])}</pre></details>")
+        out.append("</body></html>")
+        return "\n".join(out)
 
 
-def _setup_section(study: StudyResults) -> list[str]:
-    out = ["## Setup", ""]
-    models = Counter(str(r["config"].get("model")) for r in study.all_runs)
-    out.append("Models: " + (", ".join(f"{m} ({n} runs)" for m, n in sorted(models.items())) or "none"))
-    sources = Counter(str(r["summary"].get("sonnet_source")) for r in study.done
-                      if r["config"].get("task") == "sonnet" and r["summary"].get("sonnet_source"))
-    if any(r["config"].get("task") == "sonnet" for r in study.done):
-        out.append("Sonnet source(s): " + (", ".join(f"{s} ({n} runs)" for s, n in sorted(sources.items()))
-                                           or "not recorded"))
-    out += ["", "Environment (from finished runs):", ""]
-    envs: dict[str, Counter] = defaultdict(Counter)
-    for r in study.done:
-        for k, v in _flatten(r["env"] or {}).items():
-            envs[k][v] += 1
-    if envs:
-        out += ["| Key | Value(s) |", "|---|---|"]
-        for k in sorted(envs):
-            vals = envs[k]
-            txt = next(iter(vals)) if len(vals) == 1 else "; ".join(f"{v} ({n} runs)" for v, n in sorted(vals.items()))
-            out.append(f"| {k} | {txt.replace('|', '/')} |")
-    else:
-        out.append("No environment recorded.")
-    return out + [""]
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}"
+        "table{border-collapse:collapse;margin:.5em 0 1em;font-size:13px}th,td{padding:3px 8px;border-bottom:1px solid #ddd}"
+        "th{border-bottom:2px solid #444;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}"
+        ".caption{font-weight:600;margin-bottom:.2em}.note{font-size:12px;color:#555;margin:.2em 0}"
+        "figure{margin:1em 0}img{max-width:100%}figcaption{font-size:12px;color:#555}"
+        "pre{background:#f6f6f6;padding:.6em;font-size:12px;overflow-x:auto}code{background:#f3f3f3}")
+
+
+def _inline(text: str) -> str:
+    """`code` and a paragraph in _emphasis_ of the report's Markdown, as HTML."""
+    em = len(text) > 2 and text.startswith("_") and text.endswith("_")
+    parts = escape(text[1:-1] if em else text).split("`")
+    html = "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    return f"<em>{html}</em>" if em else html
 
 
 def _clear(report_dir: Path) -> None:
-    """Remove files from a previous report so a vanished table does not linger."""
+    """Remove files from a previous report so a vanished table or figure does not linger."""
     for p in report_dir.iterdir():
-        if p.is_file() and (p.name == "report.md" or p.name.startswith(("table_", "fig_"))):
+        if p.is_file() and (p.name in ("report.md", "report.html") or p.name.startswith(("table_", "fig_"))):
             p.unlink()
 
 
 def write_report(study_dir: Path) -> Path:
-    """Write study_dir/report/ (report.md, tables as .csv/.tex, figures as .png); returns report.md."""
+    """Write study_dir/report/ (report.md, report.html, tables as .csv/.tex, figures as .png/.pdf/.svg);
+    returns report.md."""
     study_dir = Path(study_dir)
     db = study_dir / "study.db"
     if not db.exists():
@@ -101,29 +149,31 @@ def _write(study_dir: Path, study: StudyResults) -> Path:
     out_dir = study_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     _clear(out_dir)
-
-    md = [f"# Study report: {study_dir.name}", "",
-          f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from `study.db`: "
+    doc = Doc()
+    doc.h(1, f"Study report: {study_dir.name}")
+    doc.p(f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from `study.db`: "
           f"{len(study.done)} finished runs in {len(study.conditions)} conditions (a condition = all config "
-          "fields except the seed). Cells: mean ± std [95% percentile-bootstrap CI of the mean over seeds] (n seeds); "
-          "a single seed shows its value with n=1. Accuracy/F1 in percent, chrF 0–100.", ""]
-    md += _runs_section(study) + _setup_section(study)
+          "fields except the seed). Cells over seeds: each seed's value with one or two seeds (n=1, n=2); from "
+          f"{MIN_SEEDS_FOR_INTERVAL} seeds, mean ± std [{INTERVAL_NAME}] (n seeds). Accuracy/F1 in percent, "
+          "chrF and BLEU 0–100.")
+    runs_section(doc, study)
 
     def emit(heading: str, table: Table | None, missing: str) -> None:
-        md.extend([f"## {heading}", ""])
+        doc.h(2, heading)
         if table is None:
-            md.extend([missing, ""])
+            if missing:
+                doc.p(missing)
             return
         table.write_csv(out_dir / f"{table.slug}.csv")
         table.write_tex(out_dir / f"{table.slug}.tex")
-        md.extend([table.markdown(), ""])
+        doc.table(table)
 
     def figure(name: str, fn, task: str, caption: str) -> None:
-        path = out_dir / f"{name}_{task}.png"
-        if fn(study, task, path):
-            md.extend([f"![{caption}]({path.name})", ""])
+        paths = save(fn(study, task), out_dir / f"{name}_{task}.png")
+        if paths:
+            doc.figure(paths[0], caption, paths[1:])
         else:
-            md.extend([f"_No {task} figure: {caption.lower()} needs epoch curves of the conditions compared._", ""])
+            doc.p(f"_No {task} figure: {caption.lower()} needs epoch curves of the conditions compared._")
 
     emit("Table A: paraphrase", table_a(study), "No finished paraphrase runs; Table A omitted.")
     b_tables = table_b(study)
@@ -136,13 +186,13 @@ def _write(study_dir: Path, study: StudyResults) -> Path:
 
     emit("SFT→DPO hand-off", table_handoff(study), "No finished runs; hand-off table omitted.")
     for task in study.tasks():
-        figure("fig_handoff", figure_handoff, task, f"{task}: dev metric vs epoch per regime")
+        figure("fig_handoff", figure_handoff, task, f"{task}: dev metrics vs epoch per regime")
 
-    md += ["## FFT vs LoRA at matched depth", ""]
+    doc.h(2, "FFT vs LoRA at matched depth")
     for task in study.tasks():
         figure("fig_fft_vs_lora", figure_fft_vs_lora, task, f"{task}: FFT vs LoRA")
     if not study.conditions:
-        md += ["No finished runs; figures omitted.", ""]
+        doc.p("No finished runs; figures omitted.")
 
     emit("Cost", table_cost(study), "No finished runs; cost table omitted.")
     emit("Data scale", table_data_scale(study),
@@ -152,9 +202,11 @@ def _write(study_dir: Path, study: StudyResults) -> Path:
          "No pair of conditions with matching seeds and dev outputs; key comparisons omitted. "
          "(The paper reports no significance tests.)")
     if skipped:
-        md += ["Comparisons not tested:", ""] + [f"- {s}" for s in skipped] + [""]
+        doc.p("Comparisons not tested:")
+        doc.items(skipped)
+    setup_section(doc, study, study_dir)
 
     report = out_dir / "report.md"
-    report.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+    write_text_atomic(report, doc.markdown())
+    write_text_atomic(out_dir / "report.html", doc.html(f"Study report: {study_dir.name}"))
     return report
-

@@ -210,10 +210,14 @@ class StudyResults:
 
 
 def _settings(conds: list[Condition], shown: set[str]) -> dict[int, str]:
-    """Config fields that vary among these conditions and are not already columns, per condition."""
+    """Per condition, the config fields (not already columns) that tell it apart: those with more than
+    one value among the conditions that read them (lora_alpha only among LoRA runs, dpo_lr only among
+    runs with a DPO stage), so a setting every run shares is never repeated in each row."""
     fields = sorted({k for c in conds for k in c.cfg} - shown - set(NON_CONDITION))
-    varying = [f for f in fields if len({json.dumps(c.cfg.get(f), default=str) for c in conds}) > 1]
-    return {id(c): ", ".join(f"{f}={_fmt_value(c.cfg.get(f))}" for f in varying if _relevant(c.cfg, f))
+    relevant = {(id(c), f): _relevant(c.cfg, f) for c in conds for f in fields}
+    varying = [f for f in fields
+               if len({json.dumps(c.cfg.get(f), default=str) for c in conds if relevant[(id(c), f)]}) > 1]
+    return {id(c): ", ".join(f"{f}={_fmt_value(c.cfg.get(f))}" for f in varying if relevant[(id(c), f)])
             for c in conds}
 
 

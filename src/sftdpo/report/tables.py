@@ -6,11 +6,14 @@ import math
 from collections import defaultdict
 
 from ..config import SftdpoError
-from ..stats import paired_bootstrap
+from ..stats import holm, paired_bootstrap
 from .paper import _paper_cells
 from .results import (SHOWN, TASK_METRICS, Condition, StudyResults, _cond_key, _fmt_value, _settings, _sort_key,
                       metric_columns, param_label, regime_label, test_metrics)
-from .table import Cell, Table, _stat
+from .table import INTERVAL_NAME, MIN_SEEDS_FOR_INTERVAL, Cell, Table, _stat
+
+CELLS = (f"Cells over seeds: one or two seeds show each seed's value (n=1, n=2); from {MIN_SEEDS_FOR_INTERVAL} seeds, "
+         f"mean ± std [{INTERVAL_NAME}] (n seeds). Bold: the best mean of a column.")
 
 # -- tables ------------------------------------------------------------------------------------
 
@@ -32,15 +35,17 @@ def table_a(study: StudyResults) -> Table | None:
     keys = TASK_METRICS["paraphrase"]
     sett = _settings(conds, SHOWN)
     rows = [r + ["", ""] for r in untrained_rows(conds, keys, 2)]
+    frac = conds[0].cfg.get("data_fraction", 1.0)
+    n_ref = len(rows)
     for c in conds:
         paper, delta = _paper_cells("paraphrase", c, keys)
         rows.append([c.cfg.get("model"), regime_label(c.cfg), param_label(c.cfg), sett[id(c)],
                      *(c.stat(k, s) for k, _, s in keys), paper, delta])
-    frac = conds[0].cfg.get("data_fraction", 1.0)
     return Table("table_a_paraphrase", "Table A: paraphrase detection (QQP dev) by regime × parameterization",
                  ["Model", "Regime", "Param", "Setting", *(t for _, t, _ in keys), "Paper acc / F1", "Δ acc / F1 (ours − paper)"],
-                 rows, [f"Final-epoch dev metrics, data fraction {frac:g}; mean ± std [95% bootstrap CI over seeds] (n seeds).",
-                        "Paper numbers (GPT-2) shown only for the gpt2 backbone; Δ uses our seed mean."]).drop_empty("Setting")
+                 rows, [f"Final-epoch dev metrics, data fraction {frac:g}. {CELLS}",
+                        "Paper numbers (GPT-2) shown only for the gpt2 backbone; Δ uses our seed mean."],
+                 best=tuple(t for _, t, _ in keys), reference_rows=n_ref).drop_empty("Setting")
 
 
 def _sonnet_rows(study: StudyResults, conds: list[Condition], with_temp: bool) -> tuple[list[list[Cell]], list[str]]:
@@ -71,10 +76,11 @@ def table_b(study: StudyResults) -> list[Table]:
              "only the generated lines after the prompt. sacreBLEU chrF defaults, final epoch.",
              f"Decoding temperature {_fmt_value(temp)}" + ("; other temperatures in Table B2." if len(temps) > 1 else "."),
              "Pairs: DPO preference-pair construction (not used by SFT). Paper numbers (GPT-2) only for the gpt2 backbone; "
-             "Δ vs a range is the distance to its nearest end (0 inside)."]
+             "Δ vs a range is the distance to its nearest end (0 inside).", CELLS]
+    n_ref = sum(1 for r in rows if r[1] == "untrained (epoch 0)")
     out = [Table("table_b_sonnet", "Table B: sonnet continuation chrF by regime × pair construction",
                  ["Model", "Regime", "Pairs", "Param", "Setting", *titles, "Paper chrF", "Δ chrF (ours − paper)"],
-                 rows, notes).drop_empty("Setting")]
+                 rows, notes, best=tuple(titles), reference_rows=n_ref).drop_empty("Setting")]
     if len(temps) > 1:
         top = max(c.cfg.get("data_fraction", 1.0) for c in study.task_conditions("sonnet"))
         allc = [c for c in study.task_conditions("sonnet") if c.cfg.get("data_fraction", 1.0) == top]
@@ -82,7 +88,8 @@ def table_b(study: StudyResults) -> list[Table]:
         rows2, titles2 = _sonnet_rows(study, allc, with_temp=True)
         out.append(Table("table_b2_sonnet_temperature", "Table B2: sonnet chrF by decoding temperature",
                          ["Model", "Regime", "Pairs", "Param", "Setting", "Temperature", *titles2], rows2,
-                         ["Same runs' settings as Table B, one row per decoding temperature."]).drop_empty("Setting"))
+                         ["Same runs' settings as Table B, one row per decoding temperature.", CELLS],
+                         best=tuple(titles2)).drop_empty("Setting"))
     return out
 
 
@@ -94,13 +101,14 @@ def table_custom(study: StudyResults, task: str) -> Table | None:
     keys = metric_columns(conds[0].cfg)
     sett = _settings(conds, SHOWN)
     rows = untrained_rows(conds, keys, 2)
+    n_ref = len(rows)
     rows += [[c.cfg.get("model"), regime_label(c.cfg), param_label(c.cfg), sett[id(c)], *(c.stat(k, s) for k, _, s in keys)]
              for c in conds]
     kind = conds[0].cfg.get("task")
     return Table(f"table_{_slug(task)}", f"Task {task} ({kind}): dev metrics by regime × parameterization",
                  ["Model", "Regime", "Param", "Setting", *(t for _, t, _ in keys)], rows,
-                 [f"Final-epoch dev metrics; data: {conds[0].runs[0]['summary'].get('data_source', 'not recorded')}."]
-                 ).drop_empty("Setting")
+                 [f"Final-epoch dev metrics; data: {conds[0].runs[0]['summary'].get('data_source', 'not recorded')}.", CELLS],
+                 best=tuple(t for _, t, _ in keys), reference_rows=n_ref).drop_empty("Setting")
 
 
 def _slug(name: str) -> str:
@@ -118,13 +126,13 @@ def table_handoff(study: StudyResults) -> Table | None:
             finals = c.values(key, scale)
             gaps = [None if f is None or b[0] is None else f - b[0] for f, b in zip(finals, bests)]
             rows.append([task, c.cfg.get("model"), param_label(c.cfg), regime_label(c.cfg), sett[id(c)], label,
-                         _stat([b[0] for b in bests]), _stat([b[1] for b in bests], 1), _stat(finals), _stat(gaps)])
+                         _stat([b[0] for b in bests]), _stat([b[1] for b in bests], 0), _stat(finals), _stat(gaps)])
     if not rows:
         return None
     return Table("table_handoff", "Hand-off: best and final dev metric per regime",
                  ["Task", "Model", "Param", "Regime", "Setting", "Metric", "Best", "Best epoch", "Final", "Final − best"],
                  rows, ["Best: best dev value over epochs (per seed, then pooled); epochs count across the whole run, "
-                        "so SFT@k→DPO switches to DPO after epoch k."]).drop_empty("Setting")
+                        "so SFT@k→DPO switches to DPO after epoch k.", CELLS]).drop_empty("Setting")
 
 
 def table_cost(study: StudyResults) -> Table | None:
@@ -238,6 +246,7 @@ def _pooled_outputs(study: StudyResults, cond: Condition, seeds: list) -> list[t
 
 def table_comparisons(study: StudyResults) -> tuple[Table | None, list[str]]:
     rows: list[list[Cell]] = []
+    p_values: list[float] = []
     skipped: list[str] = []
     sett = {k: v for t in study.tasks() for k, v in _settings(study.main_conditions(t), SHOWN).items()}
     for label, a, b in _comparison_pairs(study):
@@ -251,20 +260,33 @@ def table_comparisons(study: StudyResults) -> tuple[Table | None, list[str]]:
         oa, ob = _pooled_outputs(study, a, seeds), _pooled_outputs(study, b, seeds)
         for metric, mlabel, scale in test_metrics(a.cfg):
             try:
-                res = paired_bootstrap(oa, ob, metric, n_boot=1000, seed=0)
+                res = paired_bootstrap(oa, ob, metric, n_boot=N_BOOT, seed=0)
             except SftdpoError as e:
                 skipped.append(f"{a.task}: {label}: {e}")
                 break
+            p_values.append(res["p_value"])
             rows.append([a.task, a.cfg.get("model"), label, setting, mlabel, f"{res['delta'] * scale:+.2f}",
-                         f"[{res['ci_lo'] * scale:+.2f}, {res['ci_hi'] * scale:+.2f}]", f"{res['p_value']:.4f}",
-                         str(res["n"]), ",".join(str(s) for s in seeds)])
+                         f"[{res['ci_lo'] * scale:+.2f}, {res['ci_hi'] * scale:+.2f}]", METHOD, str(res["n"]),
+                         f"{res['p_value']:.4f}", "", _seeds(seeds)])
     if not rows:
         return None, skipped
+    for row, p_holm in zip(rows, holm(p_values)):
+        row[10] = f"{p_holm:.4f}"
+    m = len(rows)
+    notes = ["The paper reports no significance tests; these are ours. Runs of A and B with the same seed are paired "
+             f"and their dev examples pooled (ids prefixed by seed); {N_BOOT} resamples of examples; two-sided "
+             f"p = 2·min(P(Δ* ≤ 0), P(Δ* ≥ 0)), floored at 1/{N_BOOT + 1}."]
+    if m > 1:
+        notes.append(f"{m} tests are shown: read p_Holm (Holm's adjustment over all {m}), which keeps the chance of "
+                     "any false positive among them at the level read; the raw p holds for one test alone.")
     return Table("table_comparisons", "Key comparisons: paired bootstrap over dev examples (A − B)",
-                 ["Task", "Model", "Comparison (A vs B)", "Setting", "Metric", "Δ (A − B)", "95% CI", "p", "n examples", "Seeds"],
-                 rows, ["The paper reports no significance tests; these are ours. Runs of A and B with the same seed are "
-                        "paired and their dev examples pooled (ids prefixed by seed); 1000 resamples of examples; "
-                        "two-sided p = 2·min(P(Δ* ≤ 0), P(Δ* ≥ 0)), floored at 1/1001; no multiple-comparison correction."]
-                 ).drop_empty("Setting"), skipped
+                 ["Task", "Model", "Comparison (A vs B)", "Setting", "Metric", "Δ (A − B)", "95% CI", "Method",
+                  "n examples", "p", "p_Holm", "Seeds"], rows, notes).drop_empty("Setting"), skipped
 
 
+N_BOOT = 1000
+METHOD = "paired bootstrap"
+
+
+def _seeds(seeds: list) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(s) for s in seeds)

@@ -95,7 +95,7 @@ def run_study(spec: str | dict, out: Path | None = None, *, only: list[str] = ()
     if dry_run:
         StudyDir(spec_d, out, runs).dry_run(runs)
         return out
-    runs = resolve_runs([c for _, c in runs])
+    runs = resolve_runs([c for _, c in runs], spec_d.get("aliases"))
     study = StudyDir(spec_d, out, runs)
     if executor == "ray":  # fail before touching the study directory when Ray is missing
         require_ray()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import itertools
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -45,7 +46,7 @@ def load_spec(spec: str) -> dict:
         raise SftdpoError(f"study spec {spec} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(d, dict):
         raise SftdpoError(f"study spec {spec} must be a mapping with defaults/grid/overrides")
-    unknown = set(d) - {"name", "description", "defaults", "grid", "overrides", "exclude", "order", "tasks"}
+    unknown = set(d) - {"name", "description", "defaults", "grid", "overrides", "exclude", "order", "tasks", "aliases"}
     if unknown:
         raise SftdpoError(f"study spec {spec}: unknown key(s) {', '.join(sorted(unknown))}")
     d.setdefault("name", name)
@@ -80,6 +81,11 @@ def check_spec(spec: dict) -> None:
     def bad(msg: str) -> SftdpoError:
         return SftdpoError(f"study spec {name}: {msg}")
 
+    aliases = spec.get("aliases") or {}
+    if not isinstance(aliases, dict) or set(aliases) - fields or not all(
+            isinstance(a, str) and a.strip() and a == _sanitize(a) for a in aliases.values()):
+        raise bad("`aliases` maps config fields to short names for run names (letters, digits, . _ + -), "
+                  "e.g. `aliases: {top_p: p, dpo_lr: dlr}`")
     grid = spec.get("grid")
     if not isinstance(grid, dict) or not grid:
         raise bad("its grid is empty: a study varies at least one field, e.g. `grid: {seed: [0, 1, 2]}` "
@@ -140,27 +146,67 @@ def expand(spec: dict, overrides: dict | None = None) -> list[tuple[str, RunConf
             if "--handoff-epoch" in str(e) and "epochs" in (overrides or {}) and "handoff_epoch" not in (overrides or {}):
                 hint = " (a shorter budget needs its hand-off too, e.g. --set epochs=2 --set handoff_epoch=1)"
             raise SftdpoError(f"study spec {spec.get('name')}: grid point {_short(cfg)} is invalid: {e}{hint}") from None
-        runs.setdefault(rc.hash(), (run_name(rc), rc))
-    return list(runs.values())
+        runs.setdefault(rc.hash(), rc)
+    return name_runs(list(runs.values()), spec.get("aliases"))
 
 
-def resolve_runs(cfgs: list[RunConfig]) -> list[tuple[str, RunConfig]]:
+def resolve_runs(cfgs: list[RunConfig], aliases: dict | None = None) -> list[tuple[str, RunConfig]]:
     """(name, config) of each run with its data resolved (data.resolve_data: absolute paths and a
     fingerprint of the examples, so the name says which data the run reads); each data source is
     read once."""
     memo: dict = {}
-    runs: dict[str, tuple[str, RunConfig]] = {}
-    for c in cfgs:
-        rc = resolve_data(c, memo)
-        runs.setdefault(rc.hash(), (run_name(rc), rc))
-    return list(runs.values())
+    return name_runs([resolve_data(c, memo) for c in cfgs], aliases)
 
 
 def _short(cfg: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in cfg.items() if getattr(_DEFAULTS, k, object()) != v)
 
 
-def run_name(c: RunConfig) -> str:
+# -- run names ---------------------------------------------------------------------------------
+# Fields every name spells out in its own short form (or that only say where data lives, which the
+# data fingerprint covers); any other field is added to the names of the runs it tells apart.
+_IN_BASE = {"task", "task_name", "regime", "handoff_epoch", "param", "lora_rank", "pairs", "data_fraction", "seed",
+            "train", "dev"}
+_ALIASES = {"data_fingerprint": "data"}
+
+
+def _sanitize(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", s).strip("_")
+
+
+def _short_value(field: str, v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "+".join(_short_value(field, x) for x in v)
+    if field == "data_fingerprint" and isinstance(v, str):
+        return v[:8]
+    if isinstance(v, str) and ("/" in v or "\\" in v):
+        return Path(v.removeprefix("file:")).name
+    return str(v)
+
+
+def name_runs(cfgs: list[RunConfig], aliases: dict | None = None) -> list[tuple[str, RunConfig]]:
+    """(name, config) per distinct run: `task-regime-param[-pairs][-fracF]`, then each other field
+    whose value differs between runs that would otherwise share that name (`field=value`, or the
+    spec's `aliases:` short form, `alias=value`), then the seed and the hash."""
+    aliases = {**_ALIASES, **(aliases or {})}
+    unique = list({c.hash(): c for c in cfgs}.values())
+    idents = {c.hash(): c.identity() for c in unique}
+    groups: dict[str, list[dict]] = {}
+    for c in unique:
+        groups.setdefault("-".join(_base_name(c)), []).append(idents[c.hash()])
+    keys = [f.name for f in dataclasses.fields(RunConfig) if f.name not in _IN_BASE]
+    varied = {base: [k for k in keys if len({repr(i.get(k)) for i in group}) > 1] for base, group in groups.items()}
+    names = []
+    for c in unique:
+        base, own = _base_name(c), idents[c.hash()]
+        extra = [f"{aliases.get(k, k)}={_sanitize(_short_value(k, own.get(k)))}" for k in varied["-".join(base)]]
+        names.append(("-".join([*base, *extra, f"s{c.seed}", c.hash()]), c))
+    return names
+
+
+def _base_name(c: RunConfig) -> list[str]:
     regime = {"sft": "sft", "dpo": "dpo"}.get(c.regime) or f"sft{c.handoff_epoch}-dpo"
     param = "fft" if c.param == "fft" else f"lora{c.lora_rank}"
     parts = [c.task_name or c.task, regime, param]
@@ -170,8 +216,7 @@ def run_name(c: RunConfig) -> str:
         parts.append(c.pairs)
     if c.data_fraction != 1.0:
         parts.append(f"frac{c.data_fraction:g}")
-    parts += [f"s{c.seed}", c.hash()]
-    return "-".join(parts)
+    return parts
 
 
 def parse_only(filters: list[str]) -> Callable[[RunConfig], bool]:
