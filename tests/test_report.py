@@ -27,7 +27,7 @@ class Builder:
         self.order = 0
         self.f1_curves = f1_curves  # record macro-F1 per epoch too (the real runs do)
 
-    def add(self, status="done", error=None, final=None, wall=10.0, **kw):
+    def add(self, status="done", error=None, final=None, wall=10.0, macro_f1=None, **kw):
         cfg = RunConfig(**kw).validate()
         h = cfg.hash()
         self.store.add_run(h, f"{cfg.task}-{cfg.regime}-{cfg.param}-s{cfg.seed}-{self.order}", cfg.to_dict(), f"runs/{h}", self.order)
@@ -47,12 +47,17 @@ class Builder:
             metrics = {key: v * scale, "train/loss": 1.0 / (e + 1)}
             if cfg.task == "paraphrase" and self.f1_curves:
                 metrics["dev/macro_f1"] = v - 0.01
+            if stage == "dpo":  # TRL's DPO metrics, epoch means: both log-probs fall, the rejected one faster
+                d = e - cfg.sft_epochs
+                metrics.update({"train/rewards/chosen": -0.1 * d, "train/rewards/rejected": -0.3 * d,
+                                "train/rewards/margins": 0.2 * d, "train/rewards/accuracies": 0.5 + 0.1 * d,
+                                "train/logps/chosen": -10.0 - d, "train/logps/rejected": -10.0 - 3 * d})
             self.store.record_epoch(h, stage, e, metrics, None if e == 0 else wall)
         rng = np.random.default_rng(cfg.seed + 100 * self.order)
         if cfg.task == "paraphrase":
             correct = np.arange(N_DEV) < round(final * N_DEV)  # deterministic: better runs are right on a superset
             outs = [(f"q{i}", r if c else str(1 - int(r)), r) for i, (r, c) in enumerate(zip(REFS, correct))]
-            summary = {"dev/accuracy": final, "dev/macro_f1": final - 0.01, "dev/f1_positive": final - 0.02,
+            summary = {"dev/accuracy": final, "dev/macro_f1": final - 0.01 if macro_f1 is None else macro_f1, "dev/f1_positive": final - 0.02,
                        "best/dev/accuracy": final, "best/dev/macro_f1": final - 0.01, "best_epoch": cfg.epochs,
                        "init/dev/accuracy": 0.5, "init/dev/macro_f1": 0.4, "dev_examples": N_DEV,
                        "data_source": "data dir /d/qqp: train=quora-train.csv (cs224n, 1,000 rows)"}
@@ -355,3 +360,150 @@ def test_writing_a_report_is_quiet_under_the_cli_logging(study, capfd):
     write_report(study)
     out, err = capfd.readouterr()
     assert out == "" and err == ""  # no library chatter (fontTools logs every glyph subset of a PDF at INFO)
+
+
+# -- DPO hyper-parameter and hand-off sweeps (report/sweep.py, report/best.py) ------------------------
+
+BETAS, LRS = (0.1, 0.5), (1e-5, 3e-5, 1e-4)
+MISSING = (1, 0.5, 1e-4)  # (k, beta, dpo_lr) never run: a hole in the k=1 heat map
+
+
+def sweep_final(k, beta, lr):
+    """Dev accuracy of a sweep cell: the best at k=0, beta 0.1, lr 3e-5 (70.0); the same setting at k=1 one
+    dev example behind (69.5: no test can tell them apart); every other cell 10+ points behind."""
+    if (beta, lr) == (0.1, 3e-5):
+        return 0.700 if k == 0 else 0.695
+    return 0.60 - 0.02 * BETAS.index(beta) - 0.01 * LRS.index(lr) - 0.03 * k
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    root.mkdir()
+    b = Builder(root)
+    common = dict(task="paraphrase", model="gpt2", param="fft", epochs=2, seed=0)
+    b.add(regime="sft", final=0.62, **common)
+    for k in (0, 1):
+        for beta in BETAS:
+            for lr in LRS:
+                if (k, beta, lr) == MISSING:
+                    continue
+                regime = {"regime": "dpo"} if k == 0 else {"regime": "sft-dpo", "handoff_epoch": 1}
+                # macro-F1 would pick SFT@1, beta 0.5, lr 1e-5 (`study best --metric macro_f1`)
+                f1 = 0.9 if (k, beta, lr) == (1, 0.5, 1e-5) else None
+                b.add(final=sweep_final(k, beta, lr), macro_f1=f1, beta=beta, dpo_lr=lr, **regime, **common)
+    b.store.close()
+    return root
+
+
+def _results(path):
+    return StudyResults(Store(path / "study.db"))
+
+
+def test_sweep_groups_and_non_sweep_studies(sweep, study):
+    from sftdpo.report.sweep import study_sweeps
+
+    (g,) = study_sweeps(_results(sweep))
+    assert g.axis("beta") == list(BETAS) and g.axis("dpo_lr") == list(LRS) and g.axis("k") == [0, 1]
+    assert g.sft is not None and g.sft.cfg["regime"] == "sft" and len(g.dpo) == 11
+    # a study that varies neither beta nor the DPO learning rate (nor hands off at 3+ points) has no sweep
+    assert study_sweeps(_results(study)) == []
+    assert "DPO hyper-parameters" not in write_report(study).read_text()
+
+
+def test_heatmap_marks_best_indistinguishable_and_missing_cells(sweep):
+    from matplotlib.patches import Rectangle
+
+    from sftdpo.report.sweep import figure_heatmap, study_sweeps
+
+    study = _results(sweep)
+    (g,) = study_sweeps(study)
+    fig = figure_heatmap(study, g)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 4  # rows accuracy, macro-F1 x columns k=0, k=1
+    titles = [ax.get_title() for ax in panels[:2]]
+    assert titles == ["DPO-only (k=0)", "SFT@1→DPO (k=1)"]
+
+    def boxes(ax):
+        return sorted((round(r.get_x() + r.get_width() / 2), round(r.get_y() + r.get_height() / 2), r.get_linewidth())
+                      for r in ax.patches if isinstance(r, Rectangle) and not r.get_fill())
+
+    def text_at(ax, x, y):
+        return next(t.get_text() for t in ax.texts if t.get_position() == (x, y))
+
+    # accuracy: x = DPO lr index, y = beta index: best at lr 3e-5 (x=1), beta 0.1 (y=0), thick; its k=1 twin,
+    # one dev example behind, thin; the others (10+ points behind) unmarked
+    assert boxes(panels[0]) == [(1, 0, 2.4)]
+    assert boxes(panels[1]) == [(1, 0, 0.9)]
+    # macro-F1 row: its own best (the summary's 90.0 at k=1, beta 0.5, lr 1e-5), thick
+    assert (0, 1, 2.4) in boxes(panels[3]) and not any(b[2] == 2.4 for b in boxes(panels[2]))
+    assert text_at(panels[1], 2, 1) == text_at(panels[3], 2, 1) == "no run"  # beta 0.5, lr 1e-4 at k=1
+    assert text_at(panels[0], 1, 0) == "70.0" and text_at(panels[0], 0, 0) == "60.0" and text_at(panels[0], 0, 1) == "58.0"
+    assert text_at(panels[1], 1, 0) == "69.5" and text_at(panels[1], 0, 1) == "55.0"
+    # the SFT-only value is marked on each row's colour bar, the scale diverging around it
+    bars = [ax for ax in fig.axes if not ax.images]
+    assert [ax.get_ylabel() for ax in bars] == ["line: SFT-only 62.0", "line: SFT-only 61.0"]
+    assert [l.get_ydata()[0] for l in bars[0].get_lines()] == [pytest.approx(62.0)]
+    norm = panels[0].images[0].norm
+    assert norm.vcenter == pytest.approx(62.0)
+
+
+def test_metric_against_handoff_k_and_sft_curve(sweep):
+    from sftdpo.report.sweep import figure_handoff_k, study_sweeps
+
+    study = _results(sweep)
+    fig = figure_handoff_k(study, "paraphrase", study_sweeps(study))
+    ax = fig.axes[0]
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    best = lines["best β, DPO lr at each k"]
+    assert list(best.get_xdata()) == [0, 1] and list(best.get_ydata()) == pytest.approx([70.0, 69.5])
+    sft = lines["SFT-only dev curve (epoch k = the hand-off model)"]
+    # the Builder's curve: final * (0.7 + 0.3 e / epochs), in percent
+    assert list(sft.get_xdata()) == [0, 1, 2] and list(sft.get_ydata()) == pytest.approx([43.4, 52.7, 62.0])
+    assert list(lines["SFT-only, final epoch"].get_ydata()) == pytest.approx([62.0, 62.0])
+    assert ax.get_xlabel() == "" and fig.axes[1].get_xlabel() == "hand-off epoch k (0 = DPO-only)"
+
+
+def test_selected_settings_table_gain_test_and_trl_trends(sweep):
+    md = write_report(sweep).read_text()
+    out = sweep / "report"
+    assert "## DPO hyper-parameters and hand-off timing" in md
+    assert "β ∈ {0.1, 0.5} × DPO lr ∈ {1e-05, 3e-05, 0.0001} × k ∈ {0, 1} (11 of 12 settings run, 1 missing)" in md
+    for stem in ("fig_heatmap_paraphrase_gpt2_fft", "fig_handoff_k_paraphrase"):
+        assert all((out / f"{stem}.{ext}").stat().st_size > 0 for ext in ("png", "pdf", "svg"))
+    rows = {r["Selected on"]: r for r in read_csv(out / "table_selected.csv")}
+    acc = rows["Accuracy (%)"]
+    assert acc["Setting"] == "DPO-only, β=0.1, DPO lr=3e-05"
+    assert float(acc["Dev (selected) mean"]) == pytest.approx(70.0)
+    assert float(acc["Dev (SFT-only) mean"]) == pytest.approx(62.0)
+    assert acc["Δ vs SFT-only [95% CI]"].startswith("+8.00 [") and float(acc["p"]) < 0.01
+    assert float(acc["p_Holm"]) >= float(acc["p"])
+    # TRL metrics of the selected (DPO-only) run over its DPO epochs 1 -> 2
+    assert acc["rewards/chosen"] == "-0.10 → -0.20" and acc["rewards/rejected"] == "-0.30 → -0.60"
+    assert acc["rewards/margins"] == "0.20 → 0.40" and acc["logps/rejected"] == "-13.00 → -16.00"
+    # macro-F1 (the summary's) selects another cell
+    assert rows["Macro-F1 (%)"]["Setting"] == "SFT@1→DPO, β=0.5, DPO lr=1e-05"
+    assert rows["Macro-F1 (%)"]["rewards/chosen"] == "-0.10 → -0.10"  # one DPO epoch (2)
+    assert r"\begin{tabular}" in (out / "table_selected.tex").read_text()
+
+
+def test_study_best_writes_configs_train_accepts(sweep, tmp_path):
+    from sftdpo.cli import build_parser, config_from_args
+    from sftdpo.report.best import write_best
+
+    study = _results(sweep)
+    by_hash = {r["run_hash"]: r["config"] for r in study.done}
+
+    def round_trip(metric):
+        ((b, path),) = write_best(study, tmp_path / "best", metric)
+        cfg = config_from_args(build_parser().parse_args(["train", "--config", str(path)]))
+        assert cfg.hash() in by_hash  # the very run the study trained
+        return by_hash[cfg.hash()], path
+
+    cfg, path = round_trip(None)
+    assert (cfg["regime"], cfg["beta"], cfg["dpo_lr"]) == ("dpo", 0.1, 3e-5)
+    assert path.name == "paraphrase-gpt2-fft.yaml" and "best dev/accuracy = 0.7" in path.read_text()
+    cfg, _ = round_trip("macro_f1")
+    assert (cfg["regime"], cfg["handoff_epoch"], cfg["beta"], cfg["dpo_lr"]) == ("sft-dpo", 1, 0.5, 1e-5)
+    with pytest.raises(SftdpoError, match="known dev metrics: .*dev/accuracy"):
+        write_best(study, tmp_path / "best", "bleu")

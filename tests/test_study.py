@@ -1,9 +1,13 @@
 """Studies: grid expansion and hashing, skipping finished runs, shared SFT prefixes, failures."""
 
 
+import json
+import re
+
 import pytest
 import yaml
 
+from sftdpo.cli import main
 from sftdpo.config import SftdpoError
 from sftdpo.store import Store
 from sftdpo.study import expand, load_spec, run_study
@@ -57,6 +61,23 @@ def test_shipped_specs_expand():
     assert {c.handoff_epoch for _, c in small if c.regime == "sft-dpo"} == {1} and len(small) < len(paper)
     with pytest.raises(SftdpoError, match="--set epochs=2 --set handoff_epoch=1"):
         expand(load_spec("paper"), {"epochs": 2})
+
+
+def test_dpo_sweep_specs_cross_beta_lr_and_handoff():
+    sweep = [c for _, c in expand(load_spec("dpo-sweep"))]
+    dpo = [c for c in sweep if c.regime != "sft"]
+    k = lambda c: 0 if c.regime == "dpo" else c.handoff_epoch  # noqa: E731
+    assert {k(c) for c in dpo} == {0, 1, 3, 6, 9, 12} and {c.beta for c in dpo} == {0.01, 0.05, 0.1, 0.2, 0.5, 1.0}
+    for task, param, paper_lr in (("paraphrase", "fft", 2e-6), ("paraphrase", "lora", 5e-5), ("sonnet", "fft", 1e-6),
+                                  ("sonnet", "lora", 3e-5)):
+        cell = [c for c in dpo if c.task == task and c.param == param]
+        assert sorted({c.dpo_lr for c in cell}) == pytest.approx([paper_lr / 2, paper_lr, paper_lr * 2.5])
+        # the full cross: 6 hand-offs x 6 betas x 3 learning rates x 3 seeds, plus 3 SFT-only runs
+        assert len(cell) == 6 * 6 * 3 * 3
+        assert len([c for c in sweep if c.task == task and c.param == param and c.regime == "sft"]) == 3
+    assert {c.lora_rank for c in sweep if c.param == "lora"} == {8} and {c.seed for c in sweep} == {0, 1, 2}
+    quick = [c for _, c in expand(load_spec("dpo-sweep-quick"))]
+    assert len(quick) == 1 + 2 * 3 * 3 and {c.model for c in quick} == {"smollm2-135m"}
 
 
 def test_run_names_carry_every_varied_field():
@@ -157,6 +178,20 @@ def test_dry_run_lists_runs_without_training(spec, tmp_path, capsys):
     run_study(spec, tmp_path / "s", dry_run=True)
     text = capsys.readouterr().out
     assert "2 runs" in text and "CPU-h" in text and not (tmp_path / "s" / "study.db").exists()
+    assert re.search(r"disk: [\d.]+ GB kept after the study, up to [\d.]+ GB while it runs", text)
+
+
+def test_a_finished_study_keeps_what_its_runs_keep(spec, cache, tmp_path):
+    """keep_checkpoints none: no weights left once every run is done, the shared SFT prefix included;
+    the staged run still reused the prefix while it existed."""
+    out = tmp_path / "study"
+    run_study(dict(spec, defaults=dict(spec["defaults"], keep_checkpoints="none")), out, report=False)
+    with Store(out / "study.db") as store:
+        runs = store.runs()
+    assert [r["status"] for r in runs] == ["done", "done"]
+    assert next(r for r in runs if r["config"]["regime"] == "sft-dpo")["summary"]["prefix_reused_epochs"] == 1
+    assert not (out / "prefixes").exists()
+    assert not list(out.glob("runs/*/checkpoints")) and not list(out.rglob("weights.safetensors"))
 
 
 def test_demo_without_qqp_data_says_how_to_provide_it(tmp_path, monkeypatch):
@@ -166,3 +201,23 @@ def test_demo_without_qqp_data_says_how_to_provide_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     why = qqp_available()
     assert why and "\n" not in why and "SFTDPO_DATA_DIR" in why and "--train/--dev" in why
+
+
+def test_study_best_round_trips_into_train(spec, cache, tmp_path, capsys):
+    """`study best` writes the best run's config; `train --config` on it trains that very run again
+    (same config hash, same dev metrics)."""
+    out = tmp_path / "study"
+    run_study(spec, out, report=False)
+    assert main(["study", "best", str(out), "--metric", "macro_f1"]) == 0
+    (path,) = sorted((out / "best").glob("*.yaml"))
+    assert f"# -> {path}" in capsys.readouterr().out
+    with Store(out / "study.db") as store:
+        runs = store.runs()
+    best = max(runs, key=lambda r: (r["summary"]["dev/macro_f1"], r["config"]["regime"] == "sft"))
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["run_hash"] == best["run_hash"]
+    assert again["dev/macro_f1"] == best["summary"]["dev/macro_f1"]
+    assert again["dev/accuracy"] == best["summary"]["dev/accuracy"]
+    assert main(["study", "best", str(out), "--metric", "chrf"]) == 2
+    assert "known dev metrics" in capsys.readouterr().err

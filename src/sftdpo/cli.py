@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
@@ -21,8 +22,9 @@ from typing import Any
 
 import yaml
 
+from . import __version__
 from .config import RunConfig, SftdpoError, task_definition
-from .system import setup_logging
+from .system import VERBOSE_ENV, setup_logging
 
 log = logging.getLogger("sftdpo")
 
@@ -39,26 +41,123 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+# `train --help`: every RunConfig field as a flag, in groups, each with what it does, its choices and default
+# (tests/test_cli.py checks that every field has its line here)
+FLAG_GROUPS: dict[str, dict[str, str]] = {
+    "task and data": {
+        "task": "paraphrase | sonnet (the paper's tasks) | classify | generate (your own data)",
+        "task_name": "a custom task's name, used in reports (set by --task-file)",
+        "train": "training file (paraphrase: QQP CSV/TSV; sonnet: CS224N sonnets.txt; own tasks: "
+                 ".csv .tsv .jsonl .json .parquet); default: the data directory's",
+        "dev": "dev file, as --train",
+        "dataset": "own tasks: a Hugging Face dataset (hub id or save_to_disk directory) instead of files",
+        "train_split": "split of --dataset to train on",
+        "dev_split": "split of --dataset to evaluate on",
+        "id_column": "column with example ids (rows without one are numbered)",
+        "template": "classify: the prompt, {column} filled from each row",
+        "label_column": "classify: the label column",
+        "labels": "classify: VALUE=WORD,... (e.g. 0=no,1=yes); each word one token",
+        "label_words": "paraphrase answer words positive,negative; each must be one token",
+        "max_train_examples": "train on at most this many examples (a subset drawn with the seed)",
+        "max_dev_examples": "evaluate on at most this many dev examples (one fixed subset, whatever the seed)",
+        "data_fraction": "train on this fraction of the training set, in (0, 1]",
+        "balance_labels": "classification: equal counts of each label in the training subset",
+        "max_length": "tokens per training sequence (sftdpo 512, cs224n 1024); prompts cut from the left",
+        "prompt_lines": "generate on plain text rows: lines of each dev text given as the prompt",
+    },
+    "conventions (docs/cs224n.md)": {
+        "conventions": "sftdpo | cs224n: the CS224N starter code's preprocessing, prediction and decoding at once",
+        "preprocess": "none | cs224n (lower-case, a space before . ? , ')",
+        "predict": "label-pair (the better label word) | argmax (over the whole vocabulary, as CS224N)",
+        "prompt_newline": "sonnet: the 3-line prompt ends with a newline (CS224N: it does not)",
+    },
+    "model and parameterization": {
+        "model": "smollm2-135m (offline default) | gpt2 | tiny-gpt2 | tiny-llama | a Hugging Face id or local directory",
+        "param": "fft (full fine-tuning) | lora",
+        "lora_rank": "LoRA r",
+        "lora_alpha": "LoRA alpha (scale alpha/r)",
+        "lora_dropout": "LoRA dropout",
+        "lora_targets": "attention | all-linear | comma-separated module names",
+        "use_rslora": "rank-stabilised LoRA scale alpha/sqrt(r) (PEFT use_rslora)",
+        "use_dora": "weight-decomposed LoRA (PEFT use_dora)",
+    },
+    "training": {
+        "regime": "sft | dpo (DPO from the pretrained model) | sft-dpo (SFT, then DPO from --handoff-epoch)",
+        "epochs": "the whole run's epoch budget (SFT and DPO epochs together)",
+        "handoff_epoch": "sft-dpo: SFT epochs before DPO takes over (1 .. epochs-1)",
+        "lr": "SFT learning rate (AdamW)",
+        "batch_size": "examples (or pairs) per optimizer step, before --grad-accum",
+        "grad_accum": "micro-batches per optimizer step",
+        "weight_decay": "AdamW weight decay",
+        "warmup_ratio": "share of all optimizer steps spent warming up, in [0, 1]",
+        "schedule": "linear | cosine | constant after warm-up; spans the whole epoch budget",
+        "max_grad_norm": "gradient clipping norm (0: none)",
+        "seed": "seed for data order, initialisation and sampling",
+        "device": "auto | cpu | cuda | cuda:N",
+        "precision": "auto (bf16 where the hardware has it) | fp32 | bf16",
+    },
+    "DPO": {
+        "dpo_lr": "DPO learning rate",
+        "beta": "DPO beta (the paper: 0.2)",
+        "loss_type": "sigmoid (DPO) | ipo | hinge | robust (TRL's names)",
+        "label_smoothing": "robust DPO's label noise, in [0, 0.5)",
+        "logp_reduction": "auto (TRL: mean over tokens for ipo, else sum) | sum | mean",
+        "pairs": "preference pairs: v1 | v2 | v3 (sonnet constructions) | hardest (classification) | file:PATH "
+                 "(TRL preference format)",
+        "pairs_n": "v2/v3: rejections generated per prompt",
+        "pairs_top_k": "v3: pairs kept (default: one per training example)",
+        "pairs_temperatures": "v3: sampling temperatures of the rejections, comma-separated",
+    },
+    "decoding and generation metrics": {
+        "temperature": "sampling temperature (0: greedy; sftdpo 1.0, cs224n 1.2)",
+        "top_p": "nucleus sampling p (0.9)",
+        "max_new_tokens": "tokens generated per prompt (sftdpo 160, cs224n 128)",
+        "num_samples": "samples per dev prompt",
+        "metric": "generate: chrf | bleu (sacrebleu, corpus level)",
+        "completion_only_loss": "generate: SFT loss on the completion only (TRL's default)",
+    },
+    "output and logging": {
+        "log_every": "optimizer steps between training log lines",
+        "eval_batch_size": "dev examples per forward pass",
+        "eval_init": "evaluate before training (epoch 0, the untrained baseline)",
+        "report_to": "experiment trackers, comma-separated: none | tensorboard | mlflow | wandb (Hugging Face's "
+                     "report_to; each an optional extra: pip install 'sftdpo[tensorboard]')",
+        "keep_checkpoints": "what a finished run keeps: all (best and last) | best | last | none (metrics and dev "
+                            "outputs only)",
+    },
+}
+_CHOICES = {"task": "TASKS", "param": "PARAMS", "regime": "REGIMES", "loss_type": "LOSS_TYPES"}
+
+
 def add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per RunConfig field; defaults stay None so only given flags override."""
+    """One flag per RunConfig field, grouped as in FLAG_GROUPS; defaults stay None so only given flags override."""
+    from . import config
+
     hints = typing.get_type_hints(RunConfig)
-    for f in dataclasses.fields(RunConfig):
-        if f.name == "data_fingerprint":  # filled in from the data, never given
-            continue
-        t = hints[f.name]
-        args = typing.get_args(t)
-        base = next((a for a in args if a is not type(None)), t) if args else t
-        kw: dict[str, Any] = {"default": None, "dest": f.name}
-        if base is bool:
-            kw["type"] = _parse_bool
-            kw["nargs"] = "?"
-            kw["const"] = True
-        elif typing.get_origin(t) is tuple or base is float and typing.get_origin(t) is tuple:
-            kw["type"] = lambda s: tuple(float(x) for x in s.split(","))
-        elif base in (int, float, str):
-            kw["type"] = base
-        default = f.default if f.default is not dataclasses.MISSING else None
-        p.add_argument(_flag(f.name), help=f"(default: {default})", **kw)
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for title, helps in FLAG_GROUPS.items():
+        g = p.add_argument_group(title)
+        for name, text in helps.items():
+            f = fields[name]
+            t = hints[name]
+            args = typing.get_args(t)
+            base = next((a for a in args if a is not type(None)), t) if args else t
+            kw: dict[str, Any] = {"default": None, "dest": name}
+            if base is bool:
+                kw.update(type=_parse_bool, nargs="?", const=True, metavar="true|false")
+            elif typing.get_origin(t) is tuple:
+                kw.update(type=lambda s: tuple(float(x) for x in s.split(",")), metavar="T,T,...")
+            elif base in (int, float, str):
+                kw["type"] = base
+            if name in _CHOICES:
+                kw["choices"] = getattr(config, _CHOICES[name])
+                kw.pop("metavar", None)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if isinstance(default, tuple):
+                default = ",".join(f"{x:g}" for x in default)
+            if default is None:
+                default = "the conventions' value" if name in config.CONVENTIONS["sftdpo"] else "unset"
+            g.add_argument(_flag(name), help=f"{text} (default: {default})", **kw)
 
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
@@ -197,6 +296,7 @@ def cmd_study_run(ns: argparse.Namespace) -> int:
 def cmd_study_status(ns: argparse.Namespace) -> int:
     from .store import Store
     from .study.index import epoch_records, index_study
+    from .study.local import metrics_line
 
     if not (Path(ns.dir) / "runs").is_dir():
         raise SftdpoError(f"{ns.dir} is not a study directory (no runs/)")
@@ -210,7 +310,7 @@ def cmd_study_status(ns: argparse.Namespace) -> int:
         extra = ""
         if r["status"] == "done" and r.get("summary"):
             s = r["summary"]
-            extra = " ".join(f"{k.removeprefix('dev/')}={s[k]:.4f}" for k in s if k.startswith("dev/"))
+            extra = metrics_line(s)
         elif r["status"] == "failed":
             extra = r.get("error") or ""
         elif r["status"] in ("running", "pending"):
@@ -231,6 +331,33 @@ def cmd_study_report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study_best(ns: argparse.Namespace) -> int:
+    from .report.best import write_best
+    from .report.results import StudyResults
+    from .store import Store
+    from .study.index import index_study
+
+    study_dir = Path(ns.dir)
+    if not (study_dir / "runs").is_dir():
+        raise SftdpoError(f"{ns.dir} is not a study directory (no runs/)")
+    with Store(index_study(study_dir)) as store:
+        study = StudyResults(store)
+        written = write_best(study, Path(ns.out) if ns.out else study_dir / "best", ns.metric)
+    for task in sorted(set(study.tasks()) - {b.task for b, _ in written}):
+        print(f"# {task}: no finished run reports {ns.metric}", file=sys.stderr)
+    for b, path in written:
+        print(f"# -> {path}")
+        print(b.yaml())
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from .export import export_run
+
+    print(export_run(ns.run, ns.out, ns.checkpoint, ns.merge, ns.push_to_hub))
+    return 0
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
     from .bench import cli_bench
 
@@ -247,6 +374,9 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="sftdpo", description=__doc__.split("\n")[0])
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also the libraries' chatter (weight loading bars, GGUF conversion, hub requests)")
+    p.add_argument("--version", action="version", version=f"sftdpo {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train one run (SFT, DPO or SFT->DPO; FFT or LoRA)")
@@ -279,13 +409,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="paraphrase test prompt: the train/dev template (default) or the starter's test template")
     pr.set_defaults(func=cmd_predict)
 
+    x = sub.add_parser("export", help="a trained run as a Hugging Face model directory (from_pretrained), with a "
+                                      "model card")
+    x.add_argument("run", help="run directory")
+    x.add_argument("--out", required=True, help="new directory for the model")
+    x.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which weights (default: best)")
+    x.add_argument("--merge", action="store_true", help="LoRA: merge the adapter into the base (a full model) "
+                                                        "instead of writing a PEFT adapter directory")
+    x.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hugging Face repo (needs network and a "
+                                                         "token)")
+    x.set_defaults(func=cmd_export)
+
     d = sub.add_parser("demo", help="the README's main job: the `quick` study on the offline default")
     d.add_argument("--out", default="studies/quick")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("study", help="run, inspect and report whole studies")
     ss = s.add_subparsers(dest="study_cmd", required=True)
-    sr = ss.add_parser("run", help="run a study spec (YAML; or a shipped name: quick, paper)")
+    sr = ss.add_parser("run", help="run a study spec (YAML; or a shipped name: quick, paper, own-tasks, dpo-sweep, "
+                                   "dpo-sweep-quick)")
     sr.add_argument("spec")
     sr.add_argument("--out", help="study directory (default: studies/<spec name>)")
     sr.add_argument("--dry-run", action="store_true", help="list the runs and the estimated cost; train nothing")
@@ -305,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp = ss.add_parser("report", help="write report.md, tables and figures")
     rp.add_argument("dir")
     rp.set_defaults(func=cmd_study_report)
+    bs = ss.add_parser("best", help="the best configuration per task x backbone x parameterization, as run config "
+                                    "files for `sftdpo train --config`")
+    bs.add_argument("dir")
+    bs.add_argument("--metric", help="dev metric to select on (default: the task's primary one: accuracy for "
+                                     "classification, chrf for generation), e.g. macro_f1, chrf_continuation")
+    bs.add_argument("--out", help="where the config files go (default: DIR/best/)")
+    bs.set_defaults(func=cmd_study_best)
 
 
     b = sub.add_parser("bench", help="speed benchmark against TRL and a CS224N-style loop")
@@ -320,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    setup_logging(logging.WARNING if ns.quiet else logging.INFO)
+    if ns.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the run processes of a study too
+    setup_logging(logging.WARNING if ns.quiet else logging.INFO, verbose=ns.verbose)
     try:
         return ns.func(ns)
     except SftdpoError as e:

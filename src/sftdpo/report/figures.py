@@ -20,8 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg without touch
 from matplotlib.figure import Figure
 
 from ..stats import t_interval
-from .results import (SHOWN, Condition, StudyResults, _settings, _sort_key, metric_columns, param_label,
-                      regime_label)
+from .results import (SHOWN, Condition, StudyResults, _settings, _sort_key, best_of, metric_columns, param_label,
+                      primary_metric, regime_label)
 from .table import MIN_SEEDS_FOR_INTERVAL
 from .tables import BASE_MATCH
 
@@ -154,8 +154,31 @@ def save(fig: Figure | None, path: Path) -> list[Path]:
     return paths
 
 
+MAX_CURVES = 6
+
+
+def _best_per_regime(conds: list[Condition]) -> tuple[list[Condition], dict[int, str]]:
+    """A panel of a DPO sweep would carry a curve per setting: above MAX_CURVES conditions, each regime
+    (hand-off) keeps its best condition on the final primary dev metric, labelled with what it was chosen from."""
+    if len(conds) <= MAX_CURVES:
+        return conds, {}
+    by_regime: dict[str, list[Condition]] = defaultdict(list)
+    for c in conds:
+        by_regime[regime_label(c.cfg)].append(c)
+    key, _, scale = primary_metric(conds[0].cfg)
+    kept, names = [], {}
+    for regime, group in by_regime.items():
+        best = best_of(group, key, scale) or group[0]
+        kept.append(best)
+        if len(group) > 1:
+            setting = _settings(group, SHOWN)[id(best)]
+            names[id(best)] = f"{regime} (best of {len(group)}{': ' + setting if setting else ''})"
+    return kept, names
+
+
 def figure_handoff(study: StudyResults, task: str) -> Figure | None:
-    """One column per backbone x parameterization, one row per dev metric: each regime's curve."""
+    """One column per backbone x parameterization, one row per dev metric: each regime's curve (in a
+    DPO sweep, each regime's best setting)."""
     conds = study.main_conditions(task)
     if not conds:
         return None
@@ -171,7 +194,8 @@ def figure_handoff(study: StudyResults, task: str) -> Figure | None:
     with matplotlib.rc_context(FONT):
         fig, axes = _figure(len(metrics), len(panels))
         for j, pconds in enumerate(panels.values()):
-            names = _with_seeds(labels(pconds, regime_label), pconds, seeds)
+            pconds, best_names = _best_per_regime(pconds)
+            names = _with_seeds({**labels(pconds, regime_label), **best_names}, pconds, seeds)
             for i, (key, _, scale) in enumerate(metrics):
                 _untrained(study, axes[i][j], pconds, key, scale)
                 for k, c in enumerate(sorted(pconds, key=lambda c: _sort_key(c.cfg))):

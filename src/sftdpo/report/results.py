@@ -115,6 +115,17 @@ class Condition:
         return _stat(self.values(key, scale), decimals)
 
 
+def _mean(c: Condition | None, key: str, scale: float) -> float | None:
+    s = c.stat(key, scale) if c is not None else None
+    return None if s is None else s.mean
+
+
+def best_of(conds: list[Condition], key: str, scale: float = 1.0) -> Condition | None:
+    """The condition with the highest seed mean of `key` (ties: the first in report order)."""
+    scored = [(m, i, c) for i, c in enumerate(conds) if (m := _mean(c, key, scale)) is not None]
+    return max(scored, key=lambda t: (t[0], -t[1]))[2] if scored else None
+
+
 def _cond_key(cfg: dict, drop: tuple[str, ...] = ()) -> str:
     return json.dumps({k: v for k, v in cfg.items() if k not in NON_CONDITION + drop}, sort_keys=True, default=str)
 

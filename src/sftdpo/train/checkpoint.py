@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -30,6 +32,7 @@ class RunState:
     """What survives an interruption: saved with each epoch checkpoint."""
 
     epoch: int = 0  # global epochs completed (0 = none)
+    steps: int = 0  # optimizer steps completed (trackers' x axis)
     metric_lines: int = 0
     best_value: float = -math.inf
     best_epoch: int = 0
@@ -84,6 +87,21 @@ def save_checkpoint(ckpt_dir: Path, model, state: RunState, opt, sched, *, final
     replace_dir(ckpt_dir / "last", build)
 
 
+def prune_checkpoints(ckpt_dir: Path, keep: str) -> None:
+    """What a finished run keeps (--keep-checkpoints all | best | last | none); idempotent."""
+    for name in {"all": (), "best": ("last",), "last": ("best",), "none": ("best", "last")}[keep]:
+        shutil.rmtree(ckpt_dir / name, ignore_errors=True)
+    if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
+        ckpt_dir.rmdir()
+
+
+def missing_checkpoint(run_dir: Path, checkpoint: str, keep: str) -> SftdpoError:
+    """The one-line error for a checkpoint a run does not have."""
+    why = (f"the run kept only --keep-checkpoints {keep}: train it again with --keep-checkpoints {checkpoint} "
+           "(or all)") if keep != "all" and checkpoint not in (keep,) else "train the run first"
+    return SftdpoError(f"no {checkpoint} checkpoint in {run_dir}/checkpoints: {why}")
+
+
 def load_checkpoint(ckpt_dir: Path, model) -> tuple[RunState, dict] | None:
     """(state, the saved blob with optimizer/scheduler state) of checkpoints/last, with the weights
     and the RNG restored; None when there is no checkpoint."""
@@ -101,8 +119,8 @@ def load_checkpoint(ckpt_dir: Path, model) -> tuple[RunState, dict] | None:
 class MetricsLog:
     """Append-only metrics.jsonl; on resume it is cut back to what the checkpoint had seen."""
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool = True, on_write: Callable[[dict], None] | None = None) -> None:
+        self.path, self.enabled, self.on_write = path, enabled, on_write
         self.lines = sum(1 for _ in path.open()) if path.exists() else 0
 
     def truncate(self, n: int) -> None:
@@ -120,3 +138,5 @@ class MetricsLog:
             f.flush()
             os.fsync(f.fileno())
         self.lines += 1
+        if self.on_write:  # experiment trackers (trackers.py)
+            self.on_write(record)

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ..config import RunConfig, SftdpoError, cache_dir
 from ..data import data_fingerprint, load_task_data, resolve_data
@@ -38,9 +37,11 @@ from ..models import (apply_lora, count_params, device_description, load_model, 
 from ..objectives import Objective, StageContext
 from ..objectives.dpo import build_dpo_objective
 from ..objectives.sft import SFTObjective
-from ..system import git_commit, package_versions
+from ..system import format_duration, git_commit, package_versions, progress
 from ..tasks import Evaluation, make_task
-from .checkpoint import STATE_FILE, WEIGHTS_FILE, MetricsLog, RunState, load_checkpoint, load_weights, save_checkpoint, save_weights
+from ..trackers import Trackers, check_trackers
+from .checkpoint import (STATE_FILE, WEIGHTS_FILE, MetricsLog, RunState, load_checkpoint, load_weights, missing_checkpoint,
+                         prune_checkpoints, save_checkpoint, save_weights)
 from .prefix import SFTPrefixes
 from .step import make_optimizer, make_scheduler, train_step
 
@@ -67,6 +68,7 @@ class EpochTraining:
     seconds: float
     tokens: int
     logs: dict[str, float]
+    steps: int  # optimizer steps taken
 
     def record(self) -> dict[str, Any]:
         return {"train/loss": self.loss, "train_s": self.seconds, "train_tokens": self.tokens,
@@ -179,7 +181,10 @@ class Run:
         t0 = time.perf_counter()
         ev = self.task.evaluate(self.model, self.device, self.precision) if self.is_main else None
         metrics = broadcast_from_main(ev.metrics if ev else None)
-        return {f"dev/{k}": v for k, v in metrics.items()}, ev, time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        if self.is_main:
+            log.info("evaluated %d dev examples in %s", len(self.task.dev), format_duration(dt))
+        return {f"dev/{k}": v for k, v in metrics.items()}, ev, dt
 
     def init_metrics(self) -> tuple[dict, float]:
         """Dev metrics of the untrained model. Every run of a study with the same backbone, data and
@@ -218,8 +223,11 @@ class Run:
 
     def _train(self) -> dict:
         self.check_config()
+        check_trackers(self.cfg)
         done = self.out / "summary.json"
         if done.exists():
+            if self.is_main:  # a process stopped between the summary and the pruning
+                prune_checkpoints(self.out / "checkpoints", self.cfg.keep_checkpoints)
             return json.loads(done.read_text())
         self.build()  # a failure here (data, model, label words) leaves no config.json behind
         self.write_config()
@@ -228,9 +236,12 @@ class Run:
             self.prefix_reused = self.prefixes.seed(self.out, self.cfg, self.world_size, self.is_main)
             if self.prefix_reused:
                 resumed = load_checkpoint(self.out / "checkpoints", self.model)
-        mlog = MetricsLog(self.out / "metrics.jsonl", enabled=self.is_main)
+        trackers = Trackers(self.cfg, self.out) if self.is_main else None
+        mlog = MetricsLog(self.out / "metrics.jsonl", enabled=self.is_main, on_write=trackers.log if trackers else None)
         state, blob = resumed if resumed else (RunState(), None)
         mlog.truncate(state.metric_lines if resumed else 0)
+        if trackers and resumed:
+            trackers.replay(mlog.path)
         if resumed:
             log.info("resuming %s after epoch %d", self.out, state.epoch)
         start = time.perf_counter() - state.train_time_s - state.eval_time_s
@@ -238,7 +249,7 @@ class Run:
         if not resumed and self.cfg.eval_init:
             metrics, dt = self.init_metrics()
             state.eval_time_s += dt
-            rec = {"kind": "epoch", "stage": "init", "epoch": 0, **metrics, "eval_s": dt}
+            rec = {"kind": "epoch", "stage": "init", "epoch": 0, "global_step": 0, **metrics, "eval_s": dt}
             state.history.append(rec)
             mlog.write(rec)
             log.info("epoch 0 (before training): %s", _fmt(metrics))
@@ -261,16 +272,21 @@ class Run:
                 opt.load_state_dict(blob["optimizer"])
                 sched.load_state_dict(blob["scheduler"])
             for epoch in range(max(first, state.epoch + 1), last + 1):
-                trained = self.train_epoch(obj, stage, epoch, opt, sched, mlog)
+                trained = self.train_epoch(obj, stage, epoch, opt, sched, mlog, state.steps)
+                state.steps += trained.steps
                 state.train_time_s += trained.seconds
                 state.train_tokens += trained.tokens
                 metrics, evaluation, dt = self.evaluate()
                 evaluated = True
                 state.eval_time_s += dt
-                rec = {"kind": "epoch", "stage": stage, "epoch": epoch, **trained.record(), **metrics, "eval_s": dt}
+                rec = {"kind": "epoch", "stage": stage, "epoch": epoch, "global_step": state.steps, **trained.record(),
+                       **metrics, "eval_s": dt}
                 state.history.append(rec)
                 mlog.write(rec)
-                log.info("epoch %d (%s): %s", epoch, stage, _fmt(metrics))
+                elapsed = time.perf_counter() - start
+                log.info("epoch %d/%d (%s): %s [%s elapsed, ETA %s]", epoch, self.cfg.epochs, stage, _fmt(metrics),
+                         format_duration(elapsed), format_duration((state.train_time_s + state.eval_time_s) / epoch
+                                                                    * (self.cfg.epochs - epoch)))
                 if state.update_best(epoch, metrics[f"dev/{self.task.primary_metric}"]) and self.is_main:
                     save_weights(self.model, self.ckpt("best"))
                 state.epoch = epoch
@@ -287,9 +303,12 @@ class Run:
         if self.is_main:
             self.write_outputs(evaluation)
             write_json_atomic(done, summary)
+            prune_checkpoints(self.out / "checkpoints", self.cfg.keep_checkpoints)
+            trackers.finish(summary)
         return summary
 
-    def train_epoch(self, obj: Objective, stage: str, epoch: int, opt, sched, mlog: MetricsLog) -> EpochTraining:
+    def train_epoch(self, obj: Objective, stage: str, epoch: int, opt, sched, mlog: MetricsLog,
+                    step0: int = 0) -> EpochTraining:
         """One epoch of optimizer steps. Losses and metrics stay on the device and are read back (summed
         over ranks) only every --log-every steps and at the epoch's end, so the host never waits for
         the device in between."""
@@ -301,7 +320,7 @@ class Run:
         loss_sum: torch.Tensor | None = None
         logs_sum: dict[str, torch.Tensor] = {}
         tokens = window_tokens = 0
-        bar = tqdm(total=n, desc=f"{stage} epoch {epoch}", disable=not (sys.stderr.isatty() and self.is_main), leave=False)
+        bar = progress(n, f"{stage} epoch {epoch}", self.is_main)
         for i, window in enumerate(obj.steps(epoch), 1):
             st = train_step(model, obj, window, opt, sched, params, device=self.device, precision=self.precision,
                             max_grad_norm=cfg.max_grad_norm)
@@ -314,14 +333,14 @@ class Run:
             if i % cfg.log_every == 0 or i == n:
                 loss, logs, window_total = _read(st.loss, st.logs, window_tokens)
                 now = time.perf_counter()
-                mlog.write({"kind": "train", "stage": stage, "epoch": epoch, "step": i, "loss": loss,
+                mlog.write({"kind": "train", "stage": stage, "epoch": epoch, "step": i, "global_step": step0 + i, "loss": loss,
                             "lr": sched.get_last_lr()[0], "tokens_per_s": window_total / max(now - window_t, 1e-9),
                             **logs})
                 bar.set_postfix(loss=f"{loss:.4f}")
                 window_t, window_tokens = now, 0
         bar.close()
         loss, logs, total = _read(loss_sum, logs_sum, tokens)
-        return EpochTraining(loss / max(n, 1), time.perf_counter() - t0, total, {k: v / max(n, 1) for k, v in logs.items()})
+        return EpochTraining(loss / max(n, 1), time.perf_counter() - t0, total, {k: v / max(n, 1) for k, v in logs.items()}, n)
 
     def summarise(self, state: RunState, wall: float) -> dict:
         epochs = [h for h in state.history if h["stage"] != "init"]
@@ -380,20 +399,28 @@ def train(cfg: RunConfig, out: str | Path, **kw: Any) -> dict:
     return Run(cfg, Path(out), **kw).train()
 
 
-def evaluate_run(run_dir: str | Path, checkpoint: str = "best") -> dict:
-    """Rebuild a finished (or interrupted) run's model from its checkpoint and evaluate it on dev."""
+def load_run(run_dir: str | Path, checkpoint: str = "best") -> Run:
+    """A finished (or interrupted) run's model rebuilt from its config and a checkpoint (best | last)."""
     run_dir = Path(run_dir)
     cfg_file = run_dir / "config.json"
     if not cfg_file.exists():
         raise SftdpoError(f"{run_dir} is not a run directory (no config.json)")
+    if checkpoint not in ("best", "last"):
+        raise SftdpoError(f"--checkpoint must be best or last (got {checkpoint!r})")
     cfg = RunConfig.from_dict(json.loads(cfg_file.read_text())["config"])
     run = Run(cfg, run_dir)
     ck = run.ckpt(checkpoint)
     if not (ck / WEIGHTS_FILE).exists():
-        raise SftdpoError(f"no {checkpoint} checkpoint in {run_dir}/checkpoints: train the run first")
+        raise missing_checkpoint(run_dir, checkpoint, cfg.keep_checkpoints)
     run.build()
     load_weights(run.model, ck)
+    return run
+
+
+def evaluate_run(run_dir: str | Path, checkpoint: str = "best") -> dict:
+    """Rebuild a finished (or interrupted) run's model from its checkpoint and evaluate it on dev."""
+    run = load_run(run_dir, checkpoint)
     metrics, ev, dt = run.evaluate()
     result = {"checkpoint": checkpoint, **metrics, "eval_s": dt}
-    write_json_atomic(run_dir / f"eval_{checkpoint}.json", result)
+    write_json_atomic(Path(run_dir) / f"eval_{checkpoint}.json", result)
     return {**result, "outputs": ev.outputs}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import RunConfig, SftdpoError
-from ..system import WORKER_PARENT_PID_ENV, setup_logging
+from ..system import VERBOSE_ENV, WORKER_PARENT_PID_ENV, setup_logging
 from .loop import train
 from .prefix import SFTPrefixes
 
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--prefix-dir")
     p.add_argument("--prefix-epochs", default="")
     ns = p.parse_args(argv)
-    setup_logging()
+    setup_logging(verbose=os.environ.get(VERBOSE_ENV) == "1")
     run_dir = Path(ns.run_dir)
     die_with_parent()
     try:

@@ -1,0 +1,119 @@
+"""`sftdpo export RUN --out DIR`: a trained run as a Hugging Face model directory.
+
+FFT runs become a directory that `AutoModelForCausalLM.from_pretrained(DIR)` and
+`AutoTokenizer.from_pretrained(DIR)` load; LoRA runs a PEFT adapter directory
+(`PeftModel.from_pretrained(base, DIR)`), or with `--merge` the merged full model. Each gets a model
+card (README.md) with the base model, task, regime, the resolved config and the dev metrics. The
+offline backbone (smollm2-135m) exports as a plain Llama model. The directory is written beside its
+final place and renamed into it, so an interrupted export leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import yaml
+
+from .config import SftdpoError, hub_reachable
+from .files import atomic_dir
+from .models import weights_origin
+from .train.loop import load_run
+
+log = logging.getLogger("sftdpo")
+
+
+def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best", merge: bool = False,
+               push_to_hub: str | None = None) -> Path:
+    """Write run `run_dir`'s `checkpoint` weights to `out` (see the module docstring); returns `out`."""
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SftdpoError(f"--out {out} exists and is not empty: give a new directory")
+    if push_to_hub and not hub_reachable():
+        raise SftdpoError(f"--push-to-hub {push_to_hub} needs the Hugging Face hub, which does not answer (offline?): "
+                          f"export without it, and upload later with `huggingface-cli upload {push_to_hub} DIR`")
+    run = load_run(run_dir, checkpoint)
+    cfg = run.cfg
+    lora = cfg.param == "lora"
+    if merge and not lora:
+        raise SftdpoError("--merge applies to LoRA runs (an FFT run exports its full weights already)")
+    model = run.model.to("cpu")
+    if lora and merge:
+        model = model.merge_and_unload()
+    kind = "merged" if lora and merge else ("adapter" if lora else "full")
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+
+    def build(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        run.tok.save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(cfg.to_dict(), summary, checkpoint, kind), encoding="utf-8")
+        (tmp / "sftdpo_config.json").write_text(json.dumps({"hash": cfg.hash(), "config": cfg.to_dict()}, indent=1))
+
+    if out.exists():
+        out.rmdir()  # empty (checked above): atomic_dir renames the finished directory into its place
+    atomic_dir(out, build)
+    log.info("exported %s (%s checkpoint, %s weights) to %s", run_dir, checkpoint, kind, out)
+    if push_to_hub:
+        _push(out, push_to_hub)
+    return out
+
+
+def _push(folder: Path, repo: str) -> None:
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo)
+    except Exception as e:  # network, auth, permissions: the export itself is done and stays
+        raise SftdpoError(f"--push-to-hub {repo} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); the "
+                          f"export is complete in {folder}: upload it with `huggingface-cli upload {repo} {folder}`") from None
+    log.info("pushed %s to https://huggingface.co/%s", folder, repo)
+
+
+def _regime(cfg: dict) -> str:
+    r = cfg.get("regime")
+    return {"sft": "SFT", "dpo": "DPO-only"}.get(r) or f"SFT for {cfg.get('handoff_epoch')} epochs, then DPO (SFT@k→DPO)"
+
+
+def model_card(cfg: dict, summary: dict, checkpoint: str, kind: str) -> str:
+    """The exported directory's README.md: what the model is, how it was trained, how it scored, how to load it."""
+    base = cfg.get("model")
+    metrics = {k: v for k, v in summary.items() if k.startswith(("dev/", "best/", "init/")) and isinstance(v, (int, float))}
+    load = {
+        "full": "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                "model = AutoModelForCausalLM.from_pretrained(DIR)\ntokenizer = AutoTokenizer.from_pretrained(DIR)",
+        "merged": "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+                  "model = AutoModelForCausalLM.from_pretrained(DIR)\ntokenizer = AutoTokenizer.from_pretrained(DIR)",
+        "adapter": "from peft import PeftModel\nfrom transformers import AutoTokenizer\n"
+                   f"base = ...  # the base model below ({base}), as sftdpo loads it\n"
+                   "model = PeftModel.from_pretrained(base, DIR)\ntokenizer = AutoTokenizer.from_pretrained(DIR)",
+    }[kind]
+    what = {"full": "full fine-tuning (all weights)", "merged": f"LoRA r={cfg.get('lora_rank')}, merged into the base weights",
+            "adapter": f"a LoRA adapter (r={cfg.get('lora_rank')}, alpha={cfg.get('lora_alpha')}, "
+                       f"targets {cfg.get('lora_targets')}) for the base model"}[kind]
+    tags = ["sftdpo", *(["sft"] if cfg.get("regime") != "dpo" else []), *(["dpo"] if cfg.get("regime") != "sft" else [])]
+    lines = [
+        "---", "library_name: " + ("peft" if kind == "adapter" else "transformers"), f"tags: [{', '.join(tags)}]",
+        "---", "",
+        f"# {cfg.get('task_name') or cfg.get('task')}: {_regime(cfg)}, {what}", "",
+        f"Trained with sftdpo from `{base}`: {weights_origin(str(base))}.", "",
+        f"- Task: {cfg.get('task_name') or cfg.get('task')}; regime: {_regime(cfg)}; {cfg.get('epochs')} epochs; "
+        f"checkpoint: {checkpoint} (best = highest dev {'accuracy' if cfg.get('task') != 'sonnet' else 'chrF'} epoch)",
+        f"- Weights here: {what}",
+        f"- sftdpo run hash: `{summary.get('run_hash', '')}`; data: {summary.get('data_source', 'see the config')}",
+        "", "## Dev metrics (sftdpo's evaluation of the run)", "",
+    ]
+    lines += [f"- `{k}`: {v:.4f}" if isinstance(v, float) else f"- `{k}`: {v}" for k, v in metrics.items()] or ["- (none recorded)"]
+    if summary.get("best_epoch") is not None:
+        lines.append(f"- best epoch: {summary['best_epoch']}")
+    if base == "smollm2-135m":
+        lines += ["", "The base is SmolLM2-135M-Instruct as dequantized from its Q4_1 GGUF, not the hub's bf16 "
+                      "checkpoint: an adapter belongs to that base (sftdpo caches it as safetensors); `--merge` gives a "
+                      "self-contained model."]
+    lines += ["", "## Load", "", "```python", load.replace("DIR", '"."'), "```", "",
+              "## Config (sftdpo's resolved run config)", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
