@@ -86,7 +86,7 @@ FLAG_GROUPS: dict[str, dict[str, str]] = {
         "epochs": "the whole run's epoch budget (SFT and DPO epochs together)",
         "handoff_epoch": "sft-dpo: SFT epochs before DPO takes over (1 .. epochs-1)",
         "lr": "SFT learning rate (AdamW)",
-        "batch_size": "examples (or pairs) per optimizer step, before --grad-accum",
+        "batch_size": "examples (or pairs) per micro-batch; an optimizer step trains on batch_size x grad_accum",
         "grad_accum": "micro-batches per optimizer step",
         "weight_decay": "AdamW weight decay",
         "warmup_ratio": "share of all optimizer steps spent warming up, in [0, 1]",
