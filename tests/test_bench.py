@@ -45,3 +45,13 @@ def test_fft_and_lora_measurements(cache):
     assert fft["trainable"] == fft["total"] and lora["total"] > fft["total"] > 100 * lora["trainable"] > 0
     assert fft["summary"]["timed_steps"] == lora["summary"]["timed_steps"] == 1
     assert fft["peak_memory_mb"] > 0 and lora["peak_memory_mb"] > 0
+
+
+def test_study_jobs_line_runs_both_sides_with_the_same_results(cache):
+    require_tiny_gpt2()
+    res = bench.run_bench(["tiny-gpt2"], steps=1, device="cpu", only=["study/jobs"])
+    (line,) = res["models"]["tiny-gpt2"]["lines"]
+    assert line["name"] == "study/jobs" and line["unit"] == "runs/h" and line["sftdpo"] > 0 and line["peer"] > 0
+    d = line["details"]
+    assert line["ratio"] == pytest.approx(d["wall_s"]["jobs1"] / d["wall_s"]["jobs2"])
+    assert d["results_identical"] and len(d["results"][1]) == 6 and all("accuracy=" in r for r in d["results"][1].values())

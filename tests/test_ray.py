@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from sftdpo.cli import main
-from sftdpo.study.ray import after_failure, forwarded_env, plan_prefix_waits
+from sftdpo.study.ray import forwarded_env
 from sftdpo.store import Store
-from sftdpo.study import expand, run_study
+from sftdpo.study import run_study
 
 SPEC = {"name": "raytiny",
         "defaults": {"task": "paraphrase", "model": "tiny-gpt2", "param": "fft", "epochs": 2, "max_train_examples": 16,
@@ -30,35 +31,6 @@ MB = 2**20
 
 
 # -- no cluster needed --------------------------------------------------------------------------
-
-def test_prefix_producers_go_first():
-    spec = {"name": "p", "defaults": {"epochs": 3, "model": "tiny-gpt2"},
-            "grid": {"regime": [{"regime": "sft"}, {"regime": "sft-dpo", "handoff_epoch": 1},
-                                {"regime": "sft-dpo", "handoff_epoch": 2}, {"regime": "dpo"}],
-                     "param": [{"param": "fft"}, {"param": "lora", "lora_rank": 4}],
-                     "beta": [0.1, 0.5]}}
-    runs = expand(spec)
-    by = {(c.regime, c.handoff_epoch, c.param, c.beta): n for n, c in runs}
-    waits = plan_prefix_waits(runs)
-    for p in ("fft", "lora"):
-        producer = by[("sft", None, p, 0.1)]  # beta is reset for SFT-only runs
-        for h in (1, 2):
-            for b in (0.1, 0.5):
-                assert waits[by[("sft-dpo", h, p, b)]] == producer
-    assert not any(c.regime in ("sft", "dpo") and n in waits for n, c in runs)
-    # without the SFT-only run the staged run with the latest hand-off produces the prefix
-    staged = [(n, c) for n, c in runs if c.regime == "sft-dpo" and c.param == "fft"]
-    waits = plan_prefix_waits(staged)
-    producer = next(n for n, c in staged if c.handoff_epoch == 2)
-    assert set(waits.values()) == {producer} and len(waits) == 3
-    # that producer fails: the next-longest staged run produces the prefix, the others wait for it
-    after_failure(waits, producer, [nc for nc in staged if nc[0] != producer])
-    producer2 = next(n for n, c in staged if c.handoff_epoch == 2 and n != producer)
-    assert waits == {n: producer2 for n, c in staged if c.handoff_epoch == 1}
-    # the SFT-only run finished in an earlier study run: its prefixes are on disk, nobody waits
-    done = [c for _, c in runs if c.regime == "sft"]
-    assert plan_prefix_waits([nc for nc in runs if nc[1].regime != "sft"], done) == {}
-
 
 def test_forwarded_env_is_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -213,7 +185,12 @@ def test_dead_worker_is_failed_then_resumed(ray_cluster, study_env, local_result
     dead = by_name(first, SFT_RUN)
     assert dead["status"] == "failed" and dead["error"], dead
     if sys.platform.startswith("linux"):  # the training process did not outlive its Ray worker
-        assert worker_processes(dead["name"]) == []
+        # (it sleeps 60 s after killing the worker, unless the parent-death signal ends it; under load
+        # the kernel may take a moment to deliver it and to reap the process)
+        deadline = time.monotonic() + 30
+        while worker_processes(str((out / "runs" / dead["name"]).resolve())) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert worker_processes(str((out / "runs" / dead["name"]).resolve())) == []
     # the producer failed: the staged run was released and trained its own SFT epoch
     assert by_name(first, STAGED_RUN)["status"] == "done"
     capsys.readouterr()

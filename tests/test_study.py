@@ -177,7 +177,8 @@ def test_a_run_killed_in_the_study_resumes_to_the_uninterrupted_result(spec, cac
 def test_dry_run_lists_runs_without_training(spec, tmp_path, capsys):
     run_study(spec, tmp_path / "s", dry_run=True)
     text = capsys.readouterr().out
-    assert "2 runs" in text and "CPU-h" in text and not (tmp_path / "s" / "study.db").exists()
+    assert "2 runs" in text and "rates measured" in text and "H100-hours" in text
+    assert not (tmp_path / "s" / "study.db").exists()
     assert re.search(r"disk: [\d.]+ GB kept after the study, up to [\d.]+ GB while it runs", text)
 
 

@@ -52,13 +52,13 @@ from typing import Any, Sequence
 
 import torch
 
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
 from .config import RunConfig, SftdpoError
 from .data import load_paraphrase_data, load_sonnet_data
-from .models import (_gpt2_tokenizer, apply_lora, autocast, count_params, load_model, prepare_tokenizer, resolve_device,
+from .models import (apply_lora, autocast, count_params, load_model_for_timing, resolve_device,
                      resolve_precision)
 from .objectives.dpo import DPOObjective
 from .objectives.dpo.pairs import label_pair_set, sequence_pair_set
@@ -137,26 +137,6 @@ def machine_description(device: torch.device) -> dict:
 # ================================================================================================
 # Models and data
 # ================================================================================================
-
-
-def load_bench_model(name: str, seed: int = 0):
-    """(model, tokenizer, weights note). `gpt2` falls back to a randomly initialised GPT-2 (124M) with the
-    GPT-2 tokenizer from the data directory when the hub is out of reach: speed does not depend on weights."""
-    try:
-        model, tok = load_model(name, seed=seed)
-        return model, tok, "pretrained" if name not in ("tiny-gpt2", "tiny-llama") else "random init (tiny)"
-    except SftdpoError:
-        if name not in ("gpt2", "gpt2-random"):
-            raise
-    tok = _gpt2_tokenizer()
-    config = GPT2Config(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = GPT2LMHeadModel(config)
-    prepare_tokenizer(tok)
-    model.config.pad_token_id = tok.pad_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok, "random init (GPT-2 124M config; hub unreachable)"
 
 
 def bench_config(task: str, model: str, batch: int, n_train: int, device: torch.device, precision: str) -> RunConfig:
@@ -431,7 +411,7 @@ def _param_child(spec: dict) -> dict:
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
     device = torch.device(spec["device"])
-    model, tok, _ = load_bench_model(spec["model"])
+    model, tok, _ = load_model_for_timing(spec["model"])
     choose_attention(model, device)
     cfg = bench_config("paraphrase", spec["model"], spec["batch"], spec["n_train"], device, spec["precision"])
     cfg = RunConfig.from_dict({**cfg.to_dict(), "param": spec["param"], "lora_rank": 8}).validate()
@@ -502,7 +482,7 @@ class Bench:
         self.gen = GEN["cuda" if device.type == "cuda" else "cpu"]
         self.trl_missing = trl_available()
         t0 = time.perf_counter()
-        model, self.tok, self.weights = load_bench_model(model_name)
+        model, self.tok, self.weights = load_model_for_timing(model_name)
         choose_attention(model, device)  # as training.Run.build; the same model for both sides of a line
         model.eval()
         self.notes["attention"] = model.config._attn_implementation + (
@@ -548,6 +528,8 @@ class Bench:
             self.mfu()
         if self.compile and self.wanted("sft/sonnet/compiled"):
             self.sft_compiled("sonnet")
+        if self.wanted("study/jobs"):
+            self.study_jobs()
         return self.lines
 
     def sft(self, task_name: str, with_trl: bool = True) -> None:
@@ -591,6 +573,40 @@ class Bench:
             details["trl"] = trl
         self.add(Line(f"sft/{task_name}/compiled", f"SFT sonnets with torch.compile: train tokens/s, B={cfg.batch_size}",
                       "tokens/s", ours["tokens_per_s"], peer, "TRL SFTTrainer (torch_compile)", details=details))
+
+    def study_jobs(self, jobs: int = 2) -> None:
+        """A slice of the quick study (its paraphrase runs, cut small) with `--jobs 2`, each run on half
+        the CPU threads, against one run at a time on all of them; each side with a fresh cache (no
+        untrained-model evaluation or reference log-probs carried over), the converted backbone shared."""
+        from .config import cache_dir
+        from .study import load_spec, run_study
+        from .study.local import result_line, threads_per_run
+
+        overrides = {"model": self.name, "device": self.device.type if self.device.type == "cpu" else str(self.device),
+                     "precision": self.precision, "max_train_examples": 32, "max_dev_examples": 48}
+        user_cache = cache_dir()
+        walls, results = {}, {}
+        for n in (1, jobs):
+            with tempfile.TemporaryDirectory(prefix="sftdpo-bench-study-") as d:
+                for sub in ("models", "tokenizers", "sources"):
+                    if (user_cache / sub).exists():
+                        (Path(d) / "cache").mkdir(exist_ok=True)
+                        os.symlink(user_cache / sub, Path(d) / "cache" / sub)
+                old = os.environ.get("SFTDPO_CACHE_DIR")
+                os.environ["SFTDPO_CACHE_DIR"] = str(Path(d) / "cache")
+                try:
+                    t0 = time.perf_counter()
+                    out = run_study(load_spec("quick"), Path(d) / "study", only=["task=paraphrase"], overrides=overrides,
+                                    report=False, jobs=n)
+                    walls[n] = time.perf_counter() - t0
+                    results[n] = {p.name: result_line(p) for p in sorted((out / "runs").iterdir())}
+                finally:
+                    os.environ.pop("SFTDPO_CACHE_DIR", None) if old is None else os.environ.update(SFTDPO_CACHE_DIR=old)
+        runs = len(results[1])
+        self.add(Line("study/jobs", f"quick's {runs} paraphrase runs (32 train, 48 dev): runs/hour, --jobs {jobs} "
+                      f"({threads_per_run(jobs)} CPU thread(s) each) vs --jobs 1", "runs/h", runs * 3600 / walls[jobs], runs * 3600 / walls[1],
+                      "--jobs 1", details={"wall_s": {f"jobs{k}": v for k, v in walls.items()},
+                                           "results_identical": results[1] == results[jobs], "results": results}))
 
     def dpo(self, task_name: str) -> None:
         cfg, task = self.task(task_name, batch=self.batch.get(f"dpo-{task_name}"))

@@ -24,7 +24,7 @@ import yaml
 
 from . import __version__
 from .config import RunConfig, SftdpoError, task_definition
-from .system import VERBOSE_ENV, setup_logging
+from .system import VERBOSE_ENV, format_duration, setup_logging
 
 log = logging.getLogger("sftdpo")
 
@@ -283,10 +283,15 @@ def cmd_study_run(ns: argparse.Namespace) -> int:
     overrides = parse_set(ns.set or [])
     if ns.model:
         overrides["model"] = ns.model
-    opts = {"address": ns.address, "gpus_per_run": ns.gpus_per_run, "cpus_per_run": ns.cpus_per_run} \
-        if ns.executor == "ray" else {}
-    out = run_study(ns.spec, ns.out, only=ns.only, overrides=overrides, dry_run=ns.dry_run, executor=ns.executor,
-                    report=not ns.no_report, **opts)
+    if ns.executor == "ray":
+        if ns.jobs is not None:
+            raise SftdpoError("--jobs is for the local executor; with --executor ray, --cpus-per-run and "
+                              "--gpus-per-run decide how many runs share a node")
+        opts = {"address": ns.address, "gpus_per_run": ns.gpus_per_run, "cpus_per_run": ns.cpus_per_run}
+    else:
+        opts = {"jobs": ns.jobs, "gpus_per_run": ns.gpus_per_run}
+    out = run_study(ns.spec, ns.out, only=ns.only, overrides=overrides, dry_run=ns.dry_run, probe=not ns.no_probe,
+                    executor=ns.executor, report=not ns.no_report, **opts)
     if ns.dry_run:
         return 0
     counts = study_counts(out)
@@ -295,28 +300,37 @@ def cmd_study_run(ns: argparse.Namespace) -> int:
 
 def cmd_study_status(ns: argparse.Namespace) -> int:
     from .store import Store
-    from .study.index import epoch_records, index_study
+    from .study.index import epoch_records, index_study, read_run_file
     from .study.local import metrics_line
+    from .study.schedule import calibrated_eta
 
     if not (Path(ns.dir) / "runs").is_dir():
         raise SftdpoError(f"{ns.dir} is not a study directory (no runs/)")
     with Store(index_study(Path(ns.dir))) as store:
         runs = store.runs()
     counts: dict[str, int] = {}
+    timing: list[tuple[str, float | None, float | None]] = []  # (status, estimated s, actual s)
+    lines = []
     for r in runs:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    print(f"{ns.dir}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    for r in runs:
-        extra = ""
+        est = read_run_file(Path(r["run_dir"])).get("estimated_s")
+        extra, took = "", None
         if r["status"] == "done" and r.get("summary"):
             s = r["summary"]
-            extra = metrics_line(s)
+            took = s.get("wall_clock_s")
+            extra = metrics_line(s) + (f" [{format_duration(took)}" + (f", estimated {format_duration(est)}]" if est else "]")
+                                       if took is not None else "")
         elif r["status"] == "failed":
             extra = r.get("error") or ""
         elif r["status"] in ("running", "pending"):
             epochs = epoch_records(Path(r["run_dir"]))
             extra = f"epoch {epochs[-1]['epoch']} done" if epochs else ""
-        print(f"  {r['status']:8s} {r['name']:60s} {extra}")
+        timing.append((r["status"], est, took))
+        lines.append(f"  {r['status']:8s} {r['name']:60s} {extra}")
+    eta = calibrated_eta(timing)
+    print(f"{ns.dir}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+          + (f"; ETA {format_duration(eta[0])} one run at a time ({eta[1]})" if eta else ""))
+    print("\n".join(lines))
     return 0
 
 
@@ -430,15 +444,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "dpo-sweep-quick)")
     sr.add_argument("spec")
     sr.add_argument("--out", help="study directory (default: studies/<spec name>)")
-    sr.add_argument("--dry-run", action="store_true", help="list the runs and the estimated cost; train nothing")
+    sr.add_argument("--dry-run", action="store_true",
+                    help="list the runs with their estimated time on this machine (measured by a short probe of each "
+                         "kind of run, cached), GPU hours and disk; train nothing")
+    sr.add_argument("--no-probe", action="store_true",
+                    help="with --dry-run: measure nothing, use cached rates or a FLOP count")
+    sr.add_argument("--jobs", type=int, default=None, metavar="N",
+                    help="local executor: N runs at once, each in its own process with 1/N of the CPU threads "
+                         "(default 1; with --gpus-per-run F on a GPU machine: 1/F runs per GPU)")
     sr.add_argument("--only", action="append", default=[], help="run only runs matching FIELD=VALUE (repeatable)")
     sr.add_argument("--model", help="override the spec's model for every run (e.g. tiny-gpt2)")
     sr.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a config field for every run (repeatable), e.g. --set epochs=2 --set max_train_examples=16")
     sr.add_argument("--executor", default="local", choices=["local", "ray"])
     sr.add_argument("--address", help="Ray cluster address (with --executor ray)")
-    sr.add_argument("--gpus-per-run", type=float, default=0.0)
-    sr.add_argument("--cpus-per-run", type=float, default=1.0)
+    sr.add_argument("--gpus-per-run", type=float, default=0.0,
+                    help="GPUs per run, a fraction to share a GPU between runs (Ray; local: e.g. 0.25 = 4 runs per GPU)")
+    sr.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs per run (Ray)")
     sr.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
     sr.set_defaults(func=cmd_study_run)
     st = ss.add_parser("status", help="runs done/running/pending/failed")

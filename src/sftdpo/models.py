@@ -190,6 +190,27 @@ def load_model(name: str, seed: int = 0) -> tuple[Any, Any]:
     return model, tok
 
 
+def load_model_for_timing(name: str, seed: int = 0) -> tuple[Any, Any, str]:
+    """(model, tokenizer, weights note) for measuring speed (`sftdpo bench`, the study estimates'
+    probe). `gpt2` falls back to a randomly initialised GPT-2 (124M) with the GPT-2 tokenizer from
+    the data directory when the hub is out of reach: speed does not depend on the weights."""
+    try:
+        model, tok = load_model(name, seed=seed)
+        return model, tok, "pretrained" if name not in ("tiny-gpt2", "tiny-llama") else "random init (tiny)"
+    except SftdpoError:
+        if name not in ("gpt2", "gpt2-random"):
+            raise
+    tok = _gpt2_tokenizer()
+    config = GPT2Config(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(config)
+    prepare_tokenizer(tok)
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok, "random init (GPT-2 124M config; hub unreachable)"
+
+
 def prepare_tokenizer(tok) -> None:
     """GPT-2 has no pad token: reuse EOS. Training pads on the right; masks and lengths, never
     token ids, decide what is padding, so pad == eos is safe."""

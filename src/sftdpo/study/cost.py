@@ -1,43 +1,83 @@
-"""What a study will cost, before it runs (`sftdpo study run SPEC --dry-run`)."""
+"""What a study will cost, before it runs (`sftdpo study run SPEC --dry-run`): time on this
+machine from measured rates (rates.py), a FLOP count where no rate could be measured, and disk."""
 
 from __future__ import annotations
 
 from ..config import RunConfig
+from .rates import Rates, rate_key
 
 # rough sizes used only by --dry-run; a real run measures everything
 _PARAMS = {"smollm2-135m": 135e6, "gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "tiny-gpt2": 3.3e6, "tiny-llama": 3.2e6}
-_TRAIN_SIZE = {"paraphrase": 283_003, "sonnet": 131}
+_TRAIN_SIZE = {"paraphrase": 283_003, "sonnet": 131}  # the CS224N files; own tasks: a guess, measured by the probe
 _DEV_SIZE = {"paraphrase": 40_429, "sonnet": 12}
 _TOKENS = {"paraphrase": 55, "sonnet": 170}
+# effective training FLOP/s where nothing was measured: a 2-core CPU in bf16 (docs/bench-cpu.md), and
+# the 12 TFLOP/s an H100 reached on a 124M model (docs/bench-gpu.md; launch-bound, ~2% of its peak)
+FLOPS_PER_S = {"cpu": 0.12e12, "cuda": 12e12}
 
 
 def estimate_flops(c: RunConfig, reused_sft_epochs: int = 0) -> float:
     """Training and evaluation FLOPs of one run; `reused_sft_epochs` of its SFT stage (trained and
     evaluated once for the study's shared prefix) cost nothing."""
     n = _PARAMS.get(c.model, 124e6)
-    train = min(c.max_train_examples or 10**9, _TRAIN_SIZE[c.task]) * c.data_fraction
-    dev = min(c.max_dev_examples or 10**9, _DEV_SIZE[c.task])
-    tok = _TOKENS[c.task]
-    dpo_factor = 2 if c.task == "sonnet" else 1  # chosen + rejected rows
+    train = min(c.max_train_examples or 10**9, _TRAIN_SIZE.get(c.task, 10_000)) * c.data_fraction
+    dev = min(c.max_dev_examples or 10**9, _DEV_SIZE.get(c.task, 1_000))
+    tok = _TOKENS.get(c.task, 170 if c.task == "generate" else 55)
+    dpo_factor = 2 if c.task in ("sonnet", "generate") else 1  # chosen + rejected rows
     evals = c.epochs + 1 - reused_sft_epochs
     train_flops = 6 * n * tok * train * (c.sft_epochs - reused_sft_epochs + dpo_factor * c.dpo_epochs)
-    if c.task == "sonnet":  # generation: one token at a time, ~2N FLOPs each, plus rejection sampling
+    if c.task in ("sonnet", "generate"):  # generation: one token at a time, ~2N FLOPs each, plus rejection sampling
         gen = 2 * n * c.max_new_tokens * (dev * c.num_samples * evals + (train * c.pairs_n if c.dpo_epochs else 0))
     else:
         gen = 2 * n * tok * dev * evals
     return train_flops + gen
 
 
-def study_flops(runs: list[RunConfig]) -> list[float]:
-    """Per run, its FLOPs with shared SFT prefixes charged once: the runs on one SFT trajectory
+def estimate_seconds(c: RunConfig, r: Rates, reused_sft_epochs: int = 0, init_eval: bool = True) -> float:
+    """Seconds of one run at the measured rates `r`: load, SFT epochs, DPO preparation and epochs,
+    and the evaluations (one per epoch, plus the untrained model's unless `init_eval` is False: a
+    study measures that once per backbone and dev set). `reused_sft_epochs` come from a shared prefix."""
+    n_train = min(c.max_train_examples or 10**9, r.n_train) * c.data_fraction
+    n_dev = min(c.max_dev_examples or 10**9, r.n_dev)
+    evals = c.epochs - reused_sft_epochs + (1 if c.eval_init and init_eval else 0)
+    seconds = r.load_s + n_train * (c.sft_epochs - reused_sft_epochs) * r.sft_s + evals * n_dev * r.eval_s
+    if c.dpo_epochs:
+        seconds += n_train * (r.dpo_prep_s + c.dpo_epochs * r.dpo_s)
+    return seconds
+
+
+def reused_epochs(runs: list[RunConfig]) -> list[int]:
+    """Per run, the SFT epochs it takes from a shared prefix: the runs on one SFT trajectory
     (RunConfig.trajectory_key) pay its epochs once, to the run that goes furthest along it."""
     longest: dict[str, RunConfig] = {}
     for c in runs:
         key = c.trajectory_key()
         if key is not None and (key not in longest or c.sft_epochs > longest[key].sft_epochs):
             longest[key] = c
-    return [estimate_flops(c, 0 if c.trajectory_key() is None or longest[c.trajectory_key()] is c else c.sft_epochs)
-            for c in runs]
+    return [0 if c.trajectory_key() is None or longest[c.trajectory_key()] is c else c.sft_epochs for c in runs]
+
+
+def study_flops(runs: list[RunConfig]) -> list[float]:
+    """Per run, its FLOPs with shared SFT prefixes charged once."""
+    return [estimate_flops(c, k) for c, k in zip(runs, reused_epochs(runs))]
+
+
+def study_seconds(runs: list[RunConfig], rates: dict[str, Rates | None]) -> list[float | None]:
+    """Per run, its estimated seconds on this machine (None where its kind has no measured rates),
+    shared SFT prefixes and the untrained model's evaluation charged once."""
+    seen_init: set[str] = set()
+    out: list[float | None] = []
+    for c, k in zip(runs, reused_epochs(runs)):
+        r = rates.get(rate_key(c))
+        init = c.init_eval_key() not in seen_init
+        seen_init.add(c.init_eval_key())
+        out.append(None if r is None else estimate_seconds(c, r, k, init))
+    return out
+
+
+def flop_seconds(flops: float, device: str) -> float:
+    """Seconds at the rough effective rate of FLOPS_PER_S (used where nothing was measured)."""
+    return flops / FLOPS_PER_S["cuda" if device.startswith("cuda") else "cpu"]
 
 
 def weight_bytes(c: RunConfig) -> float:
@@ -66,6 +106,6 @@ def format_disk(after: float, peak: float) -> str:
     return f"disk: {after / 1e9:.1f} GB kept after the study, up to {peak / 1e9:.1f} GB while it runs (rough)"
 
 
-def format_cost(flops: float) -> str:
-    # effective rates seen for small models: ~0.12 TFLOP/s on a 2-core CPU (bf16), ~60 TFLOP/s on an H100
-    return f"{flops / 0.12e12 / 3600:9.1f} CPU-h {flops / 60e12 / 3600:8.2f} GPU-h"
+def format_gpu_hours(flops: float) -> str:
+    return (f"{flops / FLOPS_PER_S['cuda'] / 3600:,.1f} H100-hours at the 12 TFLOP/s a 124M model reached there "
+            "(docs/bench-gpu.md; FLOP count, rough)")

@@ -24,9 +24,14 @@ FAILED_FILE = "failed.json"
 INDEX_FILE = "study.db"
 
 
-def write_run_file(run_dir: Path, name: str, order: int, cfg: RunConfig) -> None:
-    """The run's entry in the study: written when the study is prepared (order refreshed each time)."""
+def write_run_file(run_dir: Path, name: str, order: int, cfg: RunConfig,
+                   estimate: tuple[float, bool] | None = None) -> None:
+    """The run's entry in the study: written when the study is prepared (order and estimate refreshed
+    each time). `estimate`: (seconds on this machine, from measured rates or not), kept beside the
+    run's actual time for `study status`."""
     info = {"name": name, "order": order, "hash": cfg.hash(), "config": cfg.to_dict()}
+    if estimate is not None:
+        info["estimated_s"], info["estimate_measured"] = round(estimate[0], 1), estimate[1]
     path = run_dir / RUN_FILE
     if not path.exists() or json.loads(path.read_text()) != info:
         write_json_atomic(path, info)

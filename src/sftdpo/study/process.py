@@ -38,12 +38,13 @@ def last_error_line(stderr: str, code: int) -> str:
 
 
 def execute_run(run_dir: Path, prefix_dir: Path, prefix_epochs: Iterable[int], *, fork: bool = False,
-                threads: int | None = None) -> tuple[bool, str | None]:
+                threads: int | None = None, env: dict[str, str] | None = None) -> tuple[bool, str | None]:
     """Train one run in its own process; (ok, error line). Either way a crash, an OOM kill or kill -9
     ends that run only. `fork`: forked from the fork server (see the module docstring), not started
-    afresh. `threads`: torch's thread count in the run's process (default: torch's own choice)."""
+    afresh. `threads`: torch's thread count in the run's process (default: torch's own choice);
+    `env`: variables set for it (CUDA_VISIBLE_DEVICES)."""
     log_path = run_dir / "train.log"
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     if fork:
@@ -84,6 +85,14 @@ def _fork_context():
         _CONTEXT.set_forkserver_preload([WORKER_MODULE, "transformers.models.llama.modeling_llama",
                                          "transformers.models.gpt2.modeling_gpt2"])
     return _CONTEXT
+
+
+def warm_fork_server() -> None:
+    """Start the fork server now (from one thread), before runs are forked from several."""
+    from multiprocessing import forkserver
+
+    _fork_context()
+    forkserver.ensure_running()
 
 
 def _forked_worker(argv: list[str], log_path: Path, err_path: Path, env: dict[str, str], cwd: str,

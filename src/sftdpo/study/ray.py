@@ -10,14 +10,8 @@ under the same name (NFS, a shared disk); the driver resolves it to an absolute 
 variables that tell sftdpo and Hugging Face where data and caches are (`SFTDPO_*`, `HF_*`,
 `TRANSFORMERS_*`) travel with every task in its `runtime_env`.
 
-Scheduling: the SFT prefix of staged (sft-dpo) runs is shared through `<study>/prefixes/`. Runs
-whose SFT trajectory is the same (`RunConfig.trajectory_key`: same config except regime, hand-off
-and DPO settings) form a group; one run of the group produces the prefix
-(the SFT-only run if the group has one, otherwise the staged run with the latest hand-off, whose
-SFT stage passes every hand-off of the group) and the other runs of the group are dispatched only
-once it finished. If the producer fails, the waiting run with the longest SFT stage takes its place
-(it trains the SFT stage itself and exports the prefix) and the others wait for that one. Runs
-without a shared prefix (SFT-only and DPO runs of other groups, DPO from the base model) run in
+Scheduling (schedule.py, as for `--jobs N` on one machine): the runs of a group that shares an SFT
+prefix are dispatched once the group's producer finished; runs without a shared prefix run in
 parallel.
 
 Failures: a run whose task raised, whose training subprocess failed or whose Ray worker died
@@ -33,14 +27,13 @@ import logging
 import os
 import socket
 import sys
-import time
 from pathlib import Path
-from typing import Any, Iterable
 
 from ..config import RunConfig, SftdpoError
 from ..system import WORKER_PARENT_PID_ENV as PARENT_PID_ENV
-from .local import OnDone
+from .local import result_line
 from .process import execute_run
+from .schedule import OnDone, Progress, dispatch, plan_prefix_waits
 
 RAY_MISSING = "--executor ray needs Ray, which is not installed: pip install 'sftdpo[ray]'"
 
@@ -60,54 +53,6 @@ def require_ray():
     except ImportError:
         raise SftdpoError(RAY_MISSING) from None
     return ray
-
-
-# -- prefix scheduling --------------------------------------------------------------------------
-
-def _producer_rank(c: RunConfig) -> tuple[int, int]:
-    # the SFT-only run passes every epoch of the trajectory; else the latest hand-off
-    return (1, c.epochs) if c.regime == "sft" else (0, c.sft_epochs)
-
-
-def plan_prefix_waits(todo: list[tuple[str, RunConfig]], done: Iterable[RunConfig] = ()) -> dict[str, str]:
-    """{run name: name of the run it waits for}. Only staged runs share a prefix; in each group of
-    runs with one SFT trajectory the producer goes first (see the module docstring). If the
-    producer finished before (in `done`), its prefixes are on disk and nobody waits."""
-    groups: dict[str, list[tuple[str, RunConfig]]] = {}
-    for name, c in todo:
-        key = c.trajectory_key()
-        if key is not None:
-            groups.setdefault(key, []).append((name, c))
-    done_best: dict[str, tuple[int, int]] = {}
-    for c in done:
-        key = c.trajectory_key()
-        if key in groups:
-            done_best[key] = max(done_best.get(key, (-1, -1)), _producer_rank(c))
-    waits: dict[str, str] = {}
-    for key, members in groups.items():
-        if not any(c.regime == "sft-dpo" for _, c in members) or len(members) < 2:
-            continue  # nothing to share
-        producer, pc = max(members, key=lambda nc: _producer_rank(nc[1]))  # first of the best, in todo order
-        if key in done_best and done_best[key] >= _producer_rank(pc):
-            continue  # a finished run already exported every prefix this group needs
-        for name, _ in members:
-            if name != producer:
-                waits[name] = producer
-    return waits
-
-
-def after_failure(waits: dict[str, str], failed: str, waiting: list[tuple[str, RunConfig]]) -> None:
-    """The producer `failed` (its prefix may be missing): the first waiting run of its group with
-    the longest SFT stage becomes the producer and the others wait for it, so the prefix is still
-    trained once (and never exported by two runs at the same time)."""
-    waiters = [(n, c) for n, c in waiting if waits.get(n) == failed]
-    if not waiters:
-        return
-    new, _ = max(waiters, key=lambda nc: _producer_rank(nc[1]))
-    del waits[new]
-    for n, _ in waiters:
-        if n != new:
-            waits[n] = new
 
 
 # -- the Ray side -------------------------------------------------------------------------------
@@ -168,7 +113,7 @@ def _total(ray) -> str:
 
 
 def run_ray(study, todo: list[tuple[str, RunConfig]], on_done: OnDone, *, address: str | None = None,
-            gpus_per_run: float = 0.0, cpus_per_run: float = 1.0) -> None:
+            gpus_per_run: float = 0.0, cpus_per_run: float = 1.0, estimates: dict[str, float] | None = None) -> None:
     """Dispatch `todo` (from StudyDir.pending) as Ray tasks; report each result to `on_done` as it comes back."""
     ray = require_ray()
     gpus_per_run, cpus_per_run = float(gpus_per_run or 0.0), float(1.0 if cpus_per_run is None else cpus_per_run)
@@ -194,60 +139,34 @@ def run_ray(study, todo: list[tuple[str, RunConfig]], on_done: OnDone, *, addres
         started = True
     try:
         _check_resources(ray, cpus_per_run, gpus_per_run, local)
-        _dispatch(ray, study, todo, on_done, cpus_per_run, gpus_per_run)
+        _dispatch(ray, study, todo, on_done, cpus_per_run, gpus_per_run, estimates or {})
     finally:
         if started:
             ray.shutdown()
 
 
-def _dispatch(ray, study, todo, on_done: OnDone, cpus: float, gpus: float) -> None:
+def _dispatch(ray, study, todo, on_done: OnDone, cpus: float, gpus: float, estimates: dict[str, float]) -> None:
     waits = plan_prefix_waits(todo, study.done_configs())
     env = forwarded_env()
     task = ray.remote(run_task)
     prefix_dir = str(Path(study.prefix_dir).resolve())
     prefix_epochs = sorted(study.prefix_epochs)
-    n = len(todo)
-    index = {name: i for i, (name, _) in enumerate(todo, 1)}
-    waiting = list(todo)
-    finished: set[str] = set()
-    inflight: dict[Any, tuple[str, RunConfig, float]] = {}
-    print(f"ray: {n} run(s) as tasks of {cpus:g} CPU / {gpus:g} GPU each"
+    print(f"ray: {len(todo)} run(s) as tasks of {cpus:g} CPU / {gpus:g} GPU each"
           + (f"; {len(waits)} wait for the shared SFT prefix of another run" if waits else ""), flush=True)
-    try:
-        while waiting or inflight:
-            still = []
-            for name, c in waiting:
-                if name in waits and waits[name] not in finished:
-                    still.append((name, c))
-                    continue
-                ref = task.options(num_cpus=cpus, num_gpus=gpus, max_retries=0, name=name,
-                                   runtime_env={"env_vars": env}).remote(
-                    str(study.run_dir(name).resolve()), prefix_dir, prefix_epochs)
-                inflight[ref] = (name, c, time.perf_counter())
-                print(f"[{index[name]}/{n}] {name} dispatched", flush=True)
-            waiting = still
-            if not inflight:  # cannot happen (producers never wait); never hang on it
-                waits.clear()
-                continue
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            for ref in ready:
-                name, c, t0 = inflight.pop(ref)
-                try:
-                    ok, err = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - worker or node died, task raised, cancelled
-                    ok, err = False, error_line(e)
-                ok, err = on_done(name, ok, err)
-                if ok:
-                    print(f"[{index[name]}/{n}] {name} done in {time.perf_counter() - t0:.0f} s", flush=True)
-                else:
-                    print(f"[{index[name]}/{n}] {name} FAILED: {err}", flush=True)
-                    after_failure(waits, name, waiting)
-                finished.add(name)
-    except BaseException:  # KeyboardInterrupt included: stop what runs, say so in its run directory
-        for ref, (name, c, _) in inflight.items():
-            try:
-                ray.cancel(ref, force=True)
-            except Exception:  # noqa: BLE001 - best effort
-                pass
-            on_done(name, False, "interrupted (the driver stopped): run the study again to resume")
-        raise
+
+    def submit(name: str):
+        return task.options(num_cpus=cpus, num_gpus=gpus, max_retries=0, name=name, runtime_env={"env_vars": env}).remote(
+            str(study.run_dir(name).resolve()), prefix_dir, prefix_epochs)
+
+    def result(ref) -> tuple[bool, str | None]:
+        try:
+            return ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - worker or node died, task raised, cancelled
+            return False, error_line(e)
+
+    # the cluster's resources decide how many run at once; the ETA assumes what fits on its CPUs/GPUs
+    res = ray.cluster_resources()
+    at_once = min(res.get("GPU", 0) / gpus if gpus else float("inf"), res.get("CPU", 1) / cpus if cpus else float("inf"))
+    dispatch(todo, waits, submit=submit, wait_any=lambda refs: ray.wait(refs, num_returns=1)[0], result=result,
+             on_done=on_done, progress=Progress(todo, estimates, int(max(1, min(at_once, len(todo))))),
+             details=lambda name: result_line(study.run_dir(name)), cancel=lambda ref: ray.cancel(ref, force=True))

@@ -19,9 +19,11 @@ from ..config import RunConfig, SftdpoError
 from ..files import DirectoryBusy, DirLock, write_text_atomic
 from ..report import write_report
 from ..store import Store
-from .cost import format_cost, format_disk, study_disk, study_flops
+from ..system import format_duration
+from .cost import flop_seconds, format_disk, format_gpu_hours, study_disk, study_flops, study_seconds
 from .index import RUN_FILE, clear_failure, index_run, index_study, read_run_file, record_failure, run_status, write_run_file
 from .local import run_local
+from .rates import study_rates
 from .ray import require_ray, run_ray
 from .spec import expand, load_spec, parse_only, resolve_runs
 
@@ -40,20 +42,38 @@ class StudyDir:
     def run_dir(self, name: str) -> Path:
         return self.out / "runs" / name
 
-    def dry_run(self, runs: list[tuple[str, RunConfig]]) -> None:
-        flops = study_flops([c for _, c in runs])
-        print(f"{len(runs)} runs in study {self.spec.get('name')} (estimated cost, rough; shared SFT prefixes "
-              "charged once):")
-        for (name, _), f in zip(runs, flops):
-            print(f"  {name:60s} {format_cost(f)}")
-        print(f"  {'total':60s} {format_cost(sum(flops))}")
+    def estimates(self, runs: list[tuple[str, RunConfig]], *, measure: bool, say=print) -> dict[str, tuple[float, bool]]:
+        """{run name: (estimated seconds on this machine, measured)}: from the measured rates of its
+        kind of run (probed now if `measure`, else only if cached), else from its FLOP count."""
+        configs = [c for _, c in runs]
+        rates = study_rates(configs, measure=measure, say=say)
+        seconds = study_seconds(configs, rates)
+        flops = study_flops(configs)
+        return {name: (s, True) if s is not None else (flop_seconds(f, c.device), False)
+                for (name, c), s, f in zip(runs, seconds, flops)}
+
+    def dry_run(self, runs: list[tuple[str, RunConfig]], *, measure: bool = True) -> None:
+        est = self.estimates(runs, measure=measure)
+        sources = sorted({r.source for r in study_rates([c for _, c in runs], measure=False).values() if r})
+        print(f"{len(runs)} runs in study {self.spec.get('name')}; estimated time on this machine, one run at a time "
+              "(shared SFT prefixes and the untrained model's evaluation charged once):")
+        for src in sources:
+            print(f"  rates {src} (cached per model/device/precision; --no-probe skips measuring)")
+        if not all(m for m, in ((m,) for _, m in est.values())):
+            print("  * no measured rate: a FLOP count at a rough rate (see study/cost.py)")
+        for name, _ in runs:
+            s, measured = est[name]
+            print(f"  {name:60s} {format_duration(s):>12s}{'' if measured else ' *'}")
+        total = sum(s for s, _ in est.values())
+        print(f"  {'total':60s} {format_duration(total):>12s}  (--jobs N: up to N times less, cores permitting)")
+        print(f"GPU: {format_gpu_hours(sum(study_flops([c for _, c in runs])))}")
         print(format_disk(*study_disk([c for _, c in runs])))
 
-    def prepare(self, runs: list[tuple[str, RunConfig]]) -> None:
+    def prepare(self, runs: list[tuple[str, RunConfig]], estimates: dict[str, tuple[float, bool]]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "spec.yaml", yaml.safe_dump(self.spec, sort_keys=False))
         for order, (name, c) in enumerate(runs):
-            write_run_file(self.run_dir(name), name, order, c)
+            write_run_file(self.run_dir(name), name, order, c, estimates.get(name))
 
     def pending(self, runs: list[tuple[str, RunConfig]]) -> list[tuple[str, RunConfig]]:
         """Runs without a result on disk, SFT-only and staged runs first: they create the shared SFT
@@ -93,7 +113,8 @@ class StudyDir:
 
 
 def run_study(spec: str | dict, out: Path | None = None, *, only: list[str] = (), overrides: dict | None = None,
-              dry_run: bool = False, executor: str = "local", report: bool = True, **executor_opts: Any) -> Path:
+              dry_run: bool = False, probe: bool = True, executor: str = "local", report: bool = True,
+              **executor_opts: Any) -> Path:
     """Run (or resume) a study; returns its directory."""
     spec_d = load_spec(spec) if isinstance(spec, str) else spec
     out = Path(out or Path("studies") / spec_d["name"])
@@ -102,12 +123,12 @@ def run_study(spec: str | dict, out: Path | None = None, *, only: list[str] = ()
     if not runs:
         raise SftdpoError(f"no run of study {spec_d['name']} matches --only {' '.join(only)}")
     if dry_run:
-        StudyDir(spec_d, out, runs).dry_run(runs)
+        StudyDir(spec_d, out, runs).dry_run(runs, measure=probe)
         return out
+    if executor == "ray":  # fail before reading data or touching the study directory when Ray is missing
+        require_ray()
     runs = resolve_runs([c for _, c in runs], spec_d.get("aliases"))
     study = StudyDir(spec_d, out, runs)
-    if executor == "ray":  # fail before touching the study directory when Ray is missing
-        require_ray()
     try:
         with DirLock(out, f"sftdpo study run {spec_d['name']}"):
             _run(study, runs, executor, executor_opts)
@@ -120,17 +141,21 @@ def run_study(spec: str | dict, out: Path | None = None, *, only: list[str] = ()
 
 
 def _run(study: StudyDir, runs: list[tuple[str, RunConfig]], executor: str, executor_opts: dict) -> None:
-    study.prepare(runs)
+    # estimates from cached rates only (a --dry-run measures them); the ETA corrects them as runs finish
+    estimates = study.estimates(runs, measure=False, say=lambda line: None)
+    study.prepare(runs, estimates)
     index_study(study.out)
     todo = study.pending(runs)
     for name, _ in todo:
         clear_failure(study.run_dir(name))
+    left = sum(estimates[name][0] for name, _ in todo)
     print(f"study {study.spec['name']}: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run "
-          f"-> {study.out}", flush=True)
+          f"(estimated {format_duration(left)} one at a time) -> {study.out}", flush=True)
+    seconds = {name: s for name, (s, _) in estimates.items()}
     if executor == "ray":
-        run_ray(study, todo, study.on_done, **executor_opts)
+        run_ray(study, todo, study.on_done, estimates=seconds, **executor_opts)
     else:
-        run_local(study, todo, study.on_done)
+        run_local(study, todo, study.on_done, estimates=seconds, **executor_opts)
     study.prune_prefixes()
     with Store(index_study(study.out)) as store:
         counts = store.status_counts()

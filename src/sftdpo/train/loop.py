@@ -79,13 +79,15 @@ class Run:
     """One experiment in one directory."""
 
     def __init__(self, cfg: RunConfig, out: Path, *, prefixes: SFTPrefixes | None = None, rank: int = 0,
-                 world_size: int = 1, on_checkpoint: Callable[[int], None] | None = None) -> None:
+                 world_size: int = 1, on_checkpoint: Callable[[int], None] | None = None,
+                 loader: Callable[..., tuple[Any, Any]] = load_model) -> None:
         cfg = cfg.validate()
         # the run's identity covers the data it reads (data.resolve_data)
         self.cfg = cfg if cfg.data_fingerprint else resolve_data(cfg)
         self.out = Path(out)
         self.prefixes = prefixes  # a study's shared SFT prefixes (prefix.py)
         self.on_checkpoint = on_checkpoint  # called with the epoch after each checkpoint is on disk
+        self.loader = loader  # (name, seed=) -> (model, tokenizer); the study's speed probe swaps in random weights
         # data parallel (distributed.py): rank and world size from init_from_env, one process per device
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
@@ -103,7 +105,7 @@ class Run:
     def build(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.model, self.tok = load_model(cfg.model, seed=cfg.seed)
+        self.model, self.tok = self.loader(cfg.model, seed=cfg.seed)
         choose_attention(self.model, self.device)
         data = load_task_data(cfg)
         if data_fingerprint(data) != cfg.data_fingerprint:

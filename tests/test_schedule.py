@@ -1,0 +1,213 @@
+"""Running a study's runs side by side (study/schedule.py, `--jobs N`) and estimating them
+(study/rates.py, study/cost.py): prefix producers first, capacity, ETA, measured rates."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from sftdpo.cli import main
+from sftdpo.config import RunConfig
+from sftdpo.data import load_task_data
+from sftdpo.store import Store
+from sftdpo.study import expand, run_study
+from sftdpo.study import rates as rates_mod
+from sftdpo.study.cost import estimate_seconds, study_seconds
+from sftdpo.study.local import gpu_slots, threads_per_run
+from sftdpo.study.rates import Rates, rate_key, study_rates
+from sftdpo.study.schedule import Progress, after_failure, calibrated_eta, dispatch, plan_prefix_waits
+
+from conftest import write_synthetic_qqp
+
+
+def test_prefix_producers_go_first():
+    spec = {"name": "p", "defaults": {"epochs": 3, "model": "tiny-gpt2"},
+            "grid": {"regime": [{"regime": "sft"}, {"regime": "sft-dpo", "handoff_epoch": 1},
+                                {"regime": "sft-dpo", "handoff_epoch": 2}, {"regime": "dpo"}],
+                     "param": [{"param": "fft"}, {"param": "lora", "lora_rank": 4}],
+                     "beta": [0.1, 0.5]}}
+    runs = expand(spec)
+    by = {(c.regime, c.handoff_epoch, c.param, c.beta): n for n, c in runs}
+    waits = plan_prefix_waits(runs)
+    for p in ("fft", "lora"):
+        producer = by[("sft", None, p, 0.1)]  # beta is reset for SFT-only runs
+        for h in (1, 2):
+            for b in (0.1, 0.5):
+                assert waits[by[("sft-dpo", h, p, b)]] == producer
+    assert not any(c.regime in ("sft", "dpo") and n in waits for n, c in runs)
+    # without the SFT-only run the staged run with the latest hand-off produces the prefix
+    staged = [(n, c) for n, c in runs if c.regime == "sft-dpo" and c.param == "fft"]
+    waits = plan_prefix_waits(staged)
+    producer = next(n for n, c in staged if c.handoff_epoch == 2)
+    assert set(waits.values()) == {producer} and len(waits) == 3
+    # that producer fails: the next-longest staged run produces the prefix, the others wait for it
+    after_failure(waits, producer, [nc for nc in staged if nc[0] != producer])
+    producer2 = next(n for n, c in staged if c.handoff_epoch == 2 and n != producer)
+    assert waits == {n: producer2 for n, c in staged if c.handoff_epoch == 1}
+    # the SFT-only run finished in an earlier study run: its prefixes are on disk, nobody waits
+    done = [c for _, c in runs if c.regime == "sft"]
+    assert plan_prefix_waits([nc for nc in runs if nc[1].regime != "sft"], done) == {}
+
+
+
+class FakeExecutor:
+    """Runs finish when `wait_any` is called, the most recently started first (the order a real
+    executor could pick that is hardest on the waits); records how many ran at once."""
+
+    def __init__(self, fail: set[str] = frozenset()) -> None:
+        self.inflight: list[str] = []
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.most = 0
+        self.fail = fail
+
+    def submit(self, name: str) -> str:
+        self.inflight.append(name)
+        self.started.append(name)
+        self.most = max(self.most, len(self.inflight))
+        return name
+
+    def wait_any(self, handles: list[str]) -> list[str]:
+        name = self.inflight.pop()
+        self.finished.append(name)
+        return [name]
+
+    def result(self, name: str) -> tuple[bool, str | None]:
+        return (False, "boom") if name in self.fail else (True, None)
+
+
+def _dispatch(todo, ex: FakeExecutor, capacity: int, capsys) -> None:
+    waits = plan_prefix_waits(todo)
+    dispatch(todo, waits, submit=ex.submit, wait_any=ex.wait_any, result=ex.result, on_done=lambda n, ok, e: (ok, e),
+             progress=Progress(todo, {}, capacity), capacity=capacity)
+    capsys.readouterr()
+
+
+def _grid():
+    spec = {"name": "g", "defaults": {"epochs": 3, "model": "tiny-gpt2"},
+            "grid": {"regime": [{"regime": "sft"}, {"regime": "sft-dpo", "handoff_epoch": 1},
+                                {"regime": "sft-dpo", "handoff_epoch": 2}, {"regime": "dpo"}],
+                     "param": [{"param": "fft"}, {"param": "lora", "lora_rank": 4}]}}
+    runs = expand(spec)
+    order = {"sft": 0, "sft-dpo": 1, "dpo": 2}  # StudyDir.pending's order
+    return sorted(runs, key=lambda nc: order[nc[1].regime])
+
+
+def test_dispatch_runs_n_at_once_and_never_before_the_prefix_producer(capsys):
+    todo = _grid()
+    ex = FakeExecutor()
+    _dispatch(todo, ex, 3, capsys)
+    assert sorted(ex.finished) == sorted(n for n, _ in todo) and ex.most == 3
+    waits = plan_prefix_waits(todo)
+    for waiter, producer in waits.items():  # a staged run starts only after its SFT-only run finished
+        assert ex.finished.index(producer) < ex.started.index(waiter)
+    ex1 = FakeExecutor()
+    _dispatch(todo, ex1, 1, capsys)
+    assert ex1.most == 1 and ex1.started == ex1.finished
+
+
+def test_a_failed_producer_hands_the_prefix_to_one_waiting_run(capsys):
+    todo = [nc for nc in _grid() if nc[1].param == "fft" and nc[1].regime != "dpo"]
+    producer = next(n for n, c in todo if c.regime == "sft")
+    ex = FakeExecutor(fail={producer})
+    _dispatch(todo, ex, 3, capsys)
+    late = next(n for n, c in todo if c.handoff_epoch == 2)  # the longest SFT stage takes over
+    early = next(n for n, c in todo if c.handoff_epoch == 1)
+    assert ex.finished.index(late) < ex.started.index(early)
+
+
+def test_eta_scales_the_estimates_by_what_finished_runs_took():
+    assert calibrated_eta([("done", 10.0, 20.0), ("pending", 30.0, None), ("running", 5.0, None)]) == (
+        pytest.approx(70.0), "the estimates x 2.00, actual/estimated of 1 finished run(s)")
+    assert calibrated_eta([("pending", 30.0, None)])[0] == 30.0
+    assert calibrated_eta([("pending", None, None)]) is None and calibrated_eta([("done", 1.0, 1.0)]) is None
+
+
+def test_threads_and_gpu_slots_share_the_machine():
+    assert threads_per_run(1) is None and threads_per_run(2, cpus=2) == 1 and threads_per_run(4, cpus=16) == 4
+    assert threads_per_run(3, cpus=2) == 1
+    assert gpu_slots(0.25, 2) == ["0", "1"] * 4 and gpu_slots(1.0, 1) == ["0"]
+    with pytest.raises(Exception, match="has none"):
+        gpu_slots(0.5, 0)
+    with pytest.raises(Exception, match="0 < F <= 1"):
+        gpu_slots(2, 4)
+
+
+RATES = Rates(load_s=5.0, sft_s=0.1, eval_s=0.02, dpo_prep_s=0.3, dpo_s=0.2, n_train=1000, n_dev=400, source="test")
+
+
+def test_estimate_counts_every_stage_once_and_shared_work_once():
+    c = RunConfig(regime="sft-dpo", epochs=3, handoff_epoch=1, max_train_examples=100, max_dev_examples=50).validate()
+    # load + 1 SFT epoch + DPO preparation + 2 DPO epochs + 4 evaluations (untrained model included)
+    assert estimate_seconds(c, RATES) == pytest.approx(5 + 100 * 0.1 + 100 * (0.3 + 2 * 0.2) + 4 * 50 * 0.02)
+    assert estimate_seconds(c, RATES, reused_sft_epochs=1, init_eval=False) == pytest.approx(5 + 100 * 0.7 + 2 * 50 * 0.02)
+    sft = RunConfig(regime="sft", epochs=3, max_train_examples=100, max_dev_examples=50).validate()
+    whole = RunConfig(regime="sft", epochs=3).validate()  # the data's size when no cut is set
+    assert estimate_seconds(whole, RATES) == pytest.approx(5 + 1000 * 3 * 0.1 + 4 * 400 * 0.02)
+    table = {rate_key(c): RATES}
+    got = study_seconds([sft, c], table)
+    # the staged run reuses the SFT-only run's first epoch and its untrained evaluation
+    assert got == [pytest.approx(estimate_seconds(sft, RATES)), pytest.approx(estimate_seconds(c, RATES, 1, False))]
+    assert study_seconds([c], {}) == [None]
+
+
+def test_probe_measures_the_real_pipeline_once_and_caches_it(cache, tmp_path, monkeypatch, capsys):
+    train = write_synthetic_qqp(tmp_path / "train.csv", 40, seed=0)
+    dev = write_synthetic_qqp(tmp_path / "dev.csv", 12, seed=1)
+    c = RunConfig(model="tiny-llama", batch_size=4, eval_batch_size=8, train=str(train), dev=str(dev),
+                  device="cpu", precision="fp32").validate()
+    got = study_rates([c], say=print)[rate_key(c)]
+    data = load_task_data(c)  # the sizes of the data the study reads (dev pairs seen in train dropped), not a table's
+    assert (got.n_train, got.n_dev) == (40, len(data.dev)) and "measured" in got.source and "cpu" in got.source
+    assert all(v > 0 for v in (got.load_s, got.sft_s, got.eval_s, got.dpo_prep_s, got.dpo_s))
+    assert "measuring paraphrase tiny-llama fft" in capsys.readouterr().out
+    monkeypatch.setattr(rates_mod, "probe", lambda c: pytest.fail("probed twice"))
+    assert study_rates([dataclasses.replace(c, lr=1.0, seed=3, epochs=5)])[rate_key(c)] == got  # same kind of run: the cache
+    assert study_rates([dataclasses.replace(c, batch_size=2)], measure=False) == {rate_key(dataclasses.replace(c, batch_size=2)): None}
+
+
+def _spec(tmp_path: Path) -> dict:
+    train = write_synthetic_qqp(tmp_path / "train.csv", 16, seed=0)
+    dev = write_synthetic_qqp(tmp_path / "dev.csv", 8, seed=1)
+    return {"name": "jobs",
+            "defaults": {"task": "paraphrase", "model": "tiny-llama", "epochs": 2, "batch_size": 8, "lr": 3e-3,
+                         "dpo_lr": 1e-3, "precision": "fp32", "device": "cpu", "train": str(train), "dev": str(dev)},
+            "grid": {"regime": [{"regime": "sft"}, {"regime": "sft-dpo", "handoff_epoch": 1}, {"regime": "dpo"}]}}
+
+
+def test_jobs_2_gives_the_results_of_one_at_a_time_and_records_estimates(cache, tmp_path, capsys):
+    spec = _spec(tmp_path)
+    run_study(spec, tmp_path / "dry", dry_run=True)
+    dry = capsys.readouterr().out
+    assert "rates measured" in dry and re.search(r"total +\d+:\d\d", dry) and "H100-hours" in dry
+    run_study(spec, tmp_path / "one", report=False)
+    run_study(spec, tmp_path / "two", report=False, jobs=2)
+    out = capsys.readouterr().out
+    assert "local: 2 runs at once, 1 CPU thread(s) each; 1 wait for the shared SFT prefix" in out
+    assert re.search(r"done in \d+:\d\d, estimated \d+:\d\d", out)
+
+    def results(d):
+        with Store(d / "study.db") as st:
+            return {r["name"]: [{k: v for k, v in e["metrics"].items() if not k.endswith("_s")}
+                                for e in st.epochs(r["run_hash"])] for r in st.runs()}
+
+    one, two = results(tmp_path / "one"), results(tmp_path / "two")
+    assert two.keys() == one.keys()
+    for name in one:
+        for a, b in zip(one[name], two[name], strict=True):
+            assert {k: v for k, v in a.items() if k.startswith("dev/")} == {k: v for k, v in b.items() if k.startswith("dev/")}
+            # 1 thread vs 2 sums in another order: fp32 rounding (eps 1.2e-7 x log-probs of a few nats)
+            # shows in TRL's rewards, differences of two log-probs; everything else is equal
+            assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    with Store(tmp_path / "two" / "study.db") as st:
+        staged = next(r for r in st.runs() if r["config"]["regime"] == "sft-dpo")
+        assert staged["summary"]["prefix_reused_epochs"] == 1  # waited for the SFT-only run's prefix
+    for f in (tmp_path / "two" / "runs").glob("*/run.json"):
+        assert json.loads(f.read_text())["estimated_s"] > 0
+    assert main(["study", "status", str(tmp_path / "two")]) == 0
+    status = capsys.readouterr().out
+    assert "done 3" in status and re.search(r"\[\d+:\d\d, estimated \d+:\d\d\]", status)
