@@ -12,6 +12,8 @@ the ratio (sftdpo / peer; for the FFT-vs-LoRA lines FFT / LoRA, for the MFU line
                                   FFT vs LoRA r=8 (a finding, not a race)
   generate/sonnet                 generated tokens/s: batched KV-cache generation vs a CS224N-style loop
   mfu/bf16, mfu/fp32              training FLOP/s (6 x params x tokens/s) vs the measured matmul peak
+  compile/sft-<task>              (with --compile) train tokens/s of `train --compile`'s step vs the eager step
+  study/jobs                      runs/hour of a slice of the quick study with --jobs 2 vs one run at a time
 
 Method (same for both sides of every line):
   * Same model weights (one load, deep-copied for each measurement), same tokenizer, same training
@@ -56,14 +58,17 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
-from .config import RunConfig, SftdpoError
+from .config import RunConfig, SftdpoError, cache_dir
 from .data import load_paraphrase_data, load_sonnet_data
 from .models import (apply_lora, autocast, count_params, load_model_for_timing, resolve_device,
                      resolve_precision)
+from .ops.logprobs import compile_decoder
 from .objectives.dpo import DPOObjective
 from .objectives.dpo.pairs import label_pair_set, sequence_pair_set
 from .objectives.dpo.reference import compute_reference_logps
 from .objectives.sft import SFTObjective
+from .study import load_spec, run_study
+from .study.local import result_line, threads_per_run
 from .system import cpu_bf16, cpu_model, rss_mb
 from .tasks import ParaphraseTask, SonnetTask
 from .train.loop import choose_attention
@@ -506,10 +511,11 @@ class Bench:
         m = copy.deepcopy(self.pristine).to(self.device)
         return m
 
-    def task(self, task: str, batch: int | None = None, precision: str | None = None):
-        """(config, task) with a fixed subset of batch x (warm-up + steps) training examples."""
+    def task(self, task: str, batch: int | None = None, precision: str | None = None, extra_steps: int = 0):
+        """(config, task) with a fixed subset of batch x (warm-up + extra + steps) training examples."""
         b = batch or self.batch[task]
-        cfg = bench_config(task, self.name, b, b * (self.warmup + self.steps), self.device, precision or self.precision)
+        cfg = bench_config(task, self.name, b, b * (self.warmup + extra_steps + self.steps), self.device,
+                           precision or self.precision)
         return cfg, build_task(cfg, self.tok, self.data_cache)
 
     # -- lines ------------------------------------------------------------------------------------
@@ -526,8 +532,9 @@ class Bench:
             self.generation()
         if self.wanted("mfu/bf16", "mfu/fp32"):
             self.mfu()
-        if self.compile and self.wanted("sft/sonnet/compiled"):
-            self.sft_compiled("sonnet")
+        for task in ("paraphrase", "sonnet"):
+            if self.compile and self.wanted(f"compile/sft-{task}"):
+                self.compiled(task)
         if self.wanted("study/jobs"):
             self.study_jobs()
         return self.lines
@@ -557,31 +564,33 @@ class Bench:
         self.add(Line(f"sft/{task_name}", f"{what}: train tokens/s (non-padding), B={cfg.batch_size}, {self.precision}",
                       "tokens/s", ours["tokens_per_s"], peer, "TRL SFTTrainer", details=details))
 
-    def sft_compiled(self, task_name: str) -> None:
-        cfg, task = self.task(task_name)
-        n = self.warmup + self.steps
-        model = self.fresh_model()
-        model.get_decoder().compile(dynamic=True)  # the losses call the decoder, then the head on chosen positions
-        ours = summarise_steps(sftdpo_steps(model, SFTObjective(task), device=self.device, precision=self.precision,
-                                            lr=cfg.lr, n_steps=n), self.warmup)
-        peer, details = None, {"sftdpo": ours, "note": "sftdpo: decoder.compile(dynamic=True); TRL: torch_compile=True"}
-        if not self.trl_missing:
-            res = trl_sft(self.fresh_model(), self.tok, task, device=self.device, precision=self.precision,
-                          batch=cfg.batch_size, n_steps=n, lr=cfg.lr, seed=cfg.seed, compile=True)
-            trl = summarise_steps(res["steps"], self.warmup)
-            peer = trl["tokens_per_s"]
-            details["trl"] = trl
-        self.add(Line(f"sft/{task_name}/compiled", f"SFT sonnets with torch.compile: train tokens/s, B={cfg.batch_size}",
-                      "tokens/s", ours["tokens_per_s"], peer, "TRL SFTTrainer (torch_compile)", details=details))
+    def compiled(self, task_name: str) -> None:
+        """`--compile`'s step (ops.logprobs.compile_decoder: the decoder through torch.compile with
+        dynamic shapes) against the eager step, side by side on fresh copies of one model, same
+        batches; the compiled side gets an extra warm-up step (its first steps compile)."""
+        cfg, task = self.task(task_name, extra_steps=1)
+        n = self.warmup + 1 + self.steps
+        sides = {}
+        for side in ("eager", "compiled"):
+            model = self.fresh_model()
+            if side == "compiled":
+                compile_decoder(model)
+            torch.manual_seed(0)
+            steps = sftdpo_steps(model, SFTObjective(task), device=self.device, precision=self.precision, lr=cfg.lr,
+                                 n_steps=n)
+            sides[side] = {**summarise_steps(steps, self.warmup + 1), "first_step_s": steps[0]["s"],
+                           "losses": [s["loss"] for s in steps]}
+            del model
+        diff = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(sides["eager"]["losses"], sides["compiled"]["losses"]))
+        self.add(Line(f"compile/sft-{task_name}", f"SFT {task_name} step, torch.compile vs eager: train tokens/s, "
+                      f"B={cfg.batch_size}, {self.precision}", "tokens/s", sides["compiled"]["tokens_per_s"],
+                      sides["eager"]["tokens_per_s"], "eager step",
+                      details={**sides, "max_rel_loss_diff": diff, "compile": "decoder, dynamic=True"}))
 
     def study_jobs(self, jobs: int = 2) -> None:
         """A slice of the quick study (its paraphrase runs, cut small) with `--jobs 2`, each run on half
         the CPU threads, against one run at a time on all of them; each side with a fresh cache (no
         untrained-model evaluation or reference log-probs carried over), the converted backbone shared."""
-        from .config import cache_dir
-        from .study import load_spec, run_study
-        from .study.local import result_line, threads_per_run
-
         overrides = {"model": self.name, "device": self.device.type if self.device.type == "cpu" else str(self.device),
                      "precision": self.precision, "max_train_examples": 32, "max_dev_examples": 48}
         user_cache = cache_dir()

@@ -95,6 +95,8 @@ FLAG_GROUPS: dict[str, dict[str, str]] = {
         "seed": "seed for data order, initialisation and sampling",
         "device": "auto | cpu | cuda | cuda:N",
         "precision": "auto (bf16 where the hardware has it) | fp32 | bf16",
+        "compile": "torch.compile the decoder for training and evaluation (dynamic shapes: one graph for every "
+                   "length; the first steps compile, about a minute on a CPU); generation stays eager",
     },
     "DPO": {
         "dpo_lr": "DPO learning rate",
@@ -317,7 +319,8 @@ def cmd_study_status(ns: argparse.Namespace) -> int:
         extra, took = "", None
         if r["status"] == "done" and r.get("summary"):
             s = r["summary"]
-            took = s.get("wall_clock_s")
+            # its own time: epochs taken from a shared prefix were trained (and estimated) elsewhere
+            took = s["wall_clock_s"] - s.get("prefix_reused_s", 0.0) if "wall_clock_s" in s else None
             extra = metrics_line(s) + (f" [{format_duration(took)}" + (f", estimated {format_duration(est)}]" if est else "]")
                                        if took is not None else "")
         elif r["status"] == "failed":
@@ -484,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench.json")
     b.add_argument("--only", action="append", default=[], help="run only lines whose name contains this")
     b.add_argument("--device", default="auto")
-    b.add_argument("--compile", action="store_true", help="also measure torch.compile (GPU)")
+    b.add_argument("--compile", action="store_true", help="also measure the --compile step against the eager one "
+                   "(compile/* lines; compiling takes minutes on a CPU)")
     b.set_defaults(func=cmd_bench)
     return p
 

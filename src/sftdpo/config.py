@@ -54,7 +54,9 @@ TRAINING_FIELDS = ("param", "regime", "handoff_epoch", "epochs", "lr", "batch_si
                    "warmup_ratio", "schedule", "max_train_examples", "data_fraction", "max_grad_norm",
                    *DPO_FIELDS, *LORA_FIELDS)
 # bookkeeping that never changes a run's result (`conventions` is recorded; the fields it sets carry its effect)
-NON_RESULT_FIELDS = ("log_every", "eval_batch_size", "eval_init", "conventions", "report_to", "keep_checkpoints")
+# (`compile`: kernels fused differently, equal to eager up to float rounding, tests/test_compile.py)
+NON_RESULT_FIELDS = ("log_every", "eval_batch_size", "eval_init", "conventions", "report_to", "keep_checkpoints",
+                     "compile")
 KEEP_CHECKPOINTS = ("all", "best", "last", "none")
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 
@@ -231,6 +233,7 @@ class RunConfig:
     # execution (recorded, and part of the hash: bf16 changes numbers)
     device: str = "auto"
     precision: str = "auto"
+    compile: bool = False  # torch.compile the training and evaluation forwards (equal to eager up to rounding)
     # sonnet decoding
     temperature: float | None = None  # sftdpo: 1.0, cs224n: 1.2 (0: greedy)
     top_p: float | None = None  # 0.9

@@ -13,6 +13,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 # -v on the command line, for the run processes a study starts
 VERBOSE_ENV = "SFTDPO_VERBOSE"
 # Under the Ray executor: the pid of the Ray worker a run's process must not outlive (train/worker.py)
@@ -39,8 +41,6 @@ def setup_logging(level: int = logging.INFO, verbose: bool = False) -> None:
 def progress(total: int, desc: str, main: bool = True):
     """A tqdm bar where a person watches a terminal; nothing otherwise (CI, nohup, a log file get the
     per-epoch and per-evaluation lines instead)."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=not (main and sys.stderr.isatty()), leave=False)
 
 

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,6 @@ class _WandB:
 
 
 def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    import socket
-
     try:
         socket.create_connection((host, port), timeout=timeout).close()
         return True

@@ -9,6 +9,17 @@ from typing import Sequence
 import torch
 
 
+def to_device(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A batch tensor on `device` without holding the host: on CUDA copied from pinned memory with
+    non_blocking (from pageable memory the copy waits), so the host builds the next batch while the
+    GPU runs this step."""
+    if t is None:
+        return None
+    if device.type == "cuda" and not t.is_cuda:
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 @dataclass
 class Batch:
     """Right-padded token batch. `last` is each row's last real position."""
@@ -22,9 +33,8 @@ class Batch:
     share: float = 1.0  # this batch's share of its optimizer step's loss (train.step; distributed.shard)
 
     def to(self, device: torch.device) -> "Batch":
-        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return replace(self, input_ids=mv(self.input_ids), attention_mask=mv(self.attention_mask), last=mv(self.last),
-                       labels=mv(self.labels))
+        return replace(self, input_ids=to_device(self.input_ids, device), attention_mask=to_device(self.attention_mask, device),
+                       last=to_device(self.last, device), labels=to_device(self.labels, device))
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, index: Sequence[int]) -> Batch:

@@ -5,15 +5,35 @@ logits up to float rounding (tests/test_ops.py)."""
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .batching import Batch
+
+# --compile: each model's compiled decoder (the models themselves stay as they are: checkpoints,
+# LoRA merging and generation see the plain modules)
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def compile_decoder(model) -> None:
+    """Send the decoder calls of the losses and of classification evaluation (the two functions
+    below) through torch.compile with dynamic shapes: one graph serves every sequence length and
+    batch size of the length-bucketed batches, where static shapes would compile one per length.
+    Generation stays eager: its KV-cache loop meets a new cache length at every token."""
+    _COMPILED[model] = torch.compile(model.get_decoder(), dynamic=True)
+
+
+def decoder(model) -> torch.nn.Module:
+    """The model's decoder, compiled if compile_decoder was called for it."""
+    compiled = _COMPILED.get(model)
+    return model.get_decoder() if compiled is None else compiled
 
 
 def last_token_logits(model, batch: Batch) -> torch.Tensor:
     """Logits at each row's last real position only. Running the decoder and projecting just
     those rows skips the (seq_len x vocab) LM-head product that a plain forward computes."""
-    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    hidden = decoder(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     h = hidden[torch.arange(hidden.size(0), device=hidden.device), batch.last]
     return model.get_output_embeddings()(h).float()
 
@@ -89,7 +109,7 @@ def target_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if plain:  # an adapted or transformed output layer: the model's own forward
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask].float()
         return torch.log_softmax(logits, dim=-1).gather(1, target[mask][:, None]).squeeze(1), rows
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = decoder(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     h = hidden[:, :-1][mask]
     dev = h.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype

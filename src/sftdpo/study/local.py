@@ -10,6 +10,8 @@ import queue
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
+import torch
+
 from ..config import RunConfig, SftdpoError
 from .process import can_fork, execute_run, warm_fork_server
 from .schedule import OnDone, Progress, dispatch, plan_prefix_waits
@@ -40,8 +42,6 @@ def run_local(study, todo: list[tuple[str, RunConfig]], on_done: OnDone, *, jobs
               gpus_per_run: float = 0.0, estimates: dict[str, float] | None = None) -> None:
     slots: list[str | None] = [None]
     if gpus_per_run:
-        import torch  # only here: the driver needs no torch otherwise
-
         slots = gpu_slots(gpus_per_run, torch.cuda.device_count())
         jobs = jobs or len(slots)
     jobs = 1 if jobs is None else jobs

@@ -10,6 +10,7 @@ minute of the quick study); the Ray executor starts it as a subprocess on the wo
 from __future__ import annotations
 
 import multiprocessing
+from multiprocessing import forkserver
 import os
 import subprocess
 import sys
@@ -89,8 +90,6 @@ def _fork_context():
 
 def warm_fork_server() -> None:
     """Start the fork server now (from one thread), before runs are forked from several."""
-    from multiprocessing import forkserver
-
     _fork_context()
     forkserver.ensure_running()
 

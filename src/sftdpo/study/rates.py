@@ -27,6 +27,7 @@ from typing import Iterator
 import torch
 
 from ..config import RunConfig, SftdpoError, cache_dir
+from ..data import load_task_data
 from ..files import stable_hash, write_json_atomic
 from ..models import device_description, load_model_for_timing, resolve_device, resolve_precision
 from ..train.loop import Run
@@ -38,7 +39,7 @@ PROBE_STEPS = 3  # optimizer steps timed per stage; the first is a warm-up, the 
 RATE_FIELDS = ("task", "task_name", "model", "param", "lora_targets", "use_dora", "batch_size", "grad_accum",
                "eval_batch_size", "max_new_tokens", "num_samples", "pairs", "pairs_n", "max_length", "conventions",
                "logp_reduction", "train", "dev", "dataset", "template", "label_words", "labels", "predict",
-               "completion_only_loss")
+               "completion_only_loss", "compile")
 
 
 @dataclasses.dataclass
@@ -110,8 +111,6 @@ def _step_seconds(run: Run, obj) -> float:
 
 def probe(c: RunConfig) -> Rates:
     """Measure `c`'s kind of run on a slice of its data (see the module docstring)."""
-    from ..data import load_task_data
-
     data = load_task_data(c)
     n_train, n_dev = len(data.train), len(data.dev)
     slice_ = dataclasses.replace(
@@ -125,6 +124,7 @@ def probe(c: RunConfig) -> Rates:
         model, tok, note = load_model_for_timing(name, seed)
         return model, tok
 
+    load_model_for_timing(c.model, c.seed)  # a backbone's one-off conversion (smollm2: ~20 s) is no run's cost
     with tempfile.TemporaryDirectory(prefix="sftdpo-probe-") as d:
         run = Run(slice_, Path(d), loader=loader)
         t0 = time.perf_counter()

@@ -35,6 +35,7 @@ from ..files import DirectoryBusy, DirLock, ensure_dir, stable_hash, write_json_
 from ..models import (apply_lora, count_params, device_description, load_model, peak_memory_mb, resolve_device,
                       resolve_precision)
 from ..objectives import Objective, StageContext
+from ..ops.logprobs import compile_decoder
 from ..objectives.dpo import build_dpo_objective
 from ..objectives.sft import SFTObjective
 from ..system import format_duration, git_commit, package_versions, progress
@@ -100,6 +101,7 @@ class Run:
         self.effective_batch_size = cfg.batch_size * cfg.grad_accum * world_size
         self.stage_info: dict[str, dict] = {}
         self.prefix_reused = 0
+        self.prefix_reused_s = 0.0  # the training and evaluation time of those epochs, spent by another run
 
     # setup
     def build(self) -> None:
@@ -116,6 +118,8 @@ class Run:
         if cfg.param == "lora":
             self.model = apply_lora(self.model, cfg)
         self.model.to(self.device)
+        if cfg.compile:
+            compile_decoder(self.model)
         self.trainable, self.total = count_params(self.model)
 
     def trained(self) -> bool:
@@ -238,6 +242,7 @@ class Run:
             self.prefix_reused = self.prefixes.seed(self.out, self.cfg, self.world_size, self.is_main)
             if self.prefix_reused:
                 resumed = load_checkpoint(self.out / "checkpoints", self.model)
+                self.prefix_reused_s = resumed[0].train_time_s + resumed[0].eval_time_s
         trackers = Trackers(self.cfg, self.out) if self.is_main else None
         mlog = MetricsLog(self.out / "metrics.jsonl", enabled=self.is_main, on_write=trackers.log if trackers else None)
         state, blob = resumed if resumed else (RunState(), None)
@@ -367,7 +372,7 @@ class Run:
             "world_size": self.world_size, "effective_batch_size": self.effective_batch_size,
             "data_source": self.task.source,
             "stages": self.stage_info,
-            "prefix_reused_epochs": self.prefix_reused,
+            "prefix_reused_epochs": self.prefix_reused, "prefix_reused_s": self.prefix_reused_s,
         }
         if self.cfg.task == "sonnet":
             summary["sonnet_source"] = self.task.source

@@ -49,7 +49,7 @@ import torch
 from ... import stats
 from ...config import RunConfig, cache_dir
 from ...files import hash_id_lists, stable_hash, write_text_atomic
-from ...ops.batching import Batch, pad_batch
+from ...ops.batching import Batch, pad_batch, to_device
 from ...data.preferences import Preference
 from ...errors import SftdpoError
 from ...tasks import ClassifyTask, GenerateTask
@@ -111,7 +111,7 @@ class PairBatch:
     mask: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "PairBatch":
-        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        mv = lambda t: to_device(t, device)  # noqa: E731
         return PairBatch(self.batch.to(device), mv(self.ref_chosen), mv(self.ref_rejected), mv(self.chosen_len),
                          mv(self.rejected_len), mv(self.chosen), mv(self.rejected), mv(self.mask))
 
