@@ -400,7 +400,7 @@ def _results(path):
     return StudyResults(Store(path / "study.db"))
 
 
-def test_sweep_groups_and_non_sweep_studies(sweep, study):
+def test_sweep_groups_and_non_sweep_studies(sweep, study, tmp_path):
     from sftdpo.report.sweep import study_sweeps
 
     (g,) = study_sweeps(_results(sweep))
@@ -409,6 +409,16 @@ def test_sweep_groups_and_non_sweep_studies(sweep, study):
     # a study that varies neither beta nor the DPO learning rate (nor hands off at 3+ points) has no sweep
     assert study_sweeps(_results(study)) == []
     assert "DPO hyper-parameters" not in write_report(study).read_text()
+    # nor one that gives each regime its own tuned DPO learning rate (quick's LoRA runs): one setting per k
+    root = tmp_path / "per-regime"
+    root.mkdir()
+    b = Builder(root)
+    common = dict(task="paraphrase", model="gpt2", param="lora", lora_rank=8, epochs=2, seed=0)
+    b.add(regime="sft", final=0.62, **common)
+    b.add(regime="dpo", dpo_lr=3e-4, final=0.6, **common)
+    b.add(regime="sft-dpo", handoff_epoch=1, dpo_lr=6e-4, final=0.61, **common)
+    b.store.close()
+    assert study_sweeps(_results(root)) == []
 
 
 def test_heatmap_marks_best_indistinguishable_and_missing_cells(sweep):

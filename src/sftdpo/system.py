@@ -34,8 +34,15 @@ def setup_logging(level: int = logging.INFO, verbose: bool = False) -> None:
     if not verbose:  # read by transformers and huggingface_hub when they are imported (in this process or a child)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-        if "transformers" in sys.modules:
-            sys.modules["transformers"].utils.logging.disable_progress_bar()
+        quiet_transformers()
+
+
+def quiet_transformers() -> None:
+    """transformers' own bars (weight loading, GGUF conversion) off unless -v. setup_logging calls it,
+    and models.py once more after importing transformers: the CLI sets logging up before a command
+    imports transformers, a run process after."""
+    if os.environ.get(VERBOSE_ENV) != "1" and "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def progress(total: int, desc: str, main: bool = True):

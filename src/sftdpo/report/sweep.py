@@ -92,9 +92,13 @@ class SweepGroup:
         return re.sub(r"[^A-Za-z0-9.]+", "_", f"{self.task}_{c.get('model')}_{param}").strip("_")
 
     def is_sweep(self) -> bool:
-        """Whether this group varies the DPO hyper-parameters (β or DPO learning rate), or hands off at
-        three or more points: the sweep sections are for it."""
-        return len(self.axis("beta")) > 1 or len(self.axis("dpo_lr")) > 1 or len(self.axis("k")) > 2
+        """Whether this group tries several DPO settings (β, DPO learning rate) at one hand-off k, or
+        hands off at three or more points: the sweep sections are for it. A spec that gives each
+        regime its own tuned DPO learning rate (quick) is not a sweep: its heat map would be all holes."""
+        settings: dict = {}
+        for c in self.dpo:
+            settings.setdefault(hand_off(c.cfg), set()).add((c.cfg.get("beta"), c.cfg.get("dpo_lr")))
+        return any(len(s) > 1 for s in settings.values()) or len(settings) > 2
 
 
 def sweep_groups(study: StudyResults, task: str) -> list[SweepGroup]:

@@ -81,14 +81,16 @@ class Run:
 
     def __init__(self, cfg: RunConfig, out: Path, *, prefixes: SFTPrefixes | None = None, rank: int = 0,
                  world_size: int = 1, on_checkpoint: Callable[[int], None] | None = None,
-                 loader: Callable[..., tuple[Any, Any]] = load_model) -> None:
+                 loader: Callable[..., tuple[Any, Any]] | None = None) -> None:
         cfg = cfg.validate()
         # the run's identity covers the data it reads (data.resolve_data)
         self.cfg = cfg if cfg.data_fingerprint else resolve_data(cfg)
         self.out = Path(out)
         self.prefixes = prefixes  # a study's shared SFT prefixes (prefix.py)
         self.on_checkpoint = on_checkpoint  # called with the epoch after each checkpoint is on disk
-        self.loader = loader  # (name, seed=) -> (model, tokenizer); the study's speed probe swaps in random weights
+        # (name, seed=) -> (model, tokenizer): load_model, looked up now (tests patch it); the study's
+        # speed probe passes one that falls back to random weights
+        self.loader = loader or load_model
         # data parallel (distributed.py): rank and world size from init_from_env, one process per device
         self.rank, self.world_size = rank, world_size
         self.is_main = rank == 0
