@@ -181,6 +181,9 @@ def _spec(tmp_path: Path) -> dict:
 
 def test_jobs_2_gives_the_results_of_one_at_a_time_and_records_estimates(cache, tmp_path, capsys):
     spec = _spec(tmp_path)
+    run_study({**spec, "name": "unmeasured"}, tmp_path / "flop", report=False, only=["regime=dpo"],
+              overrides={"batch_size": 4})  # a kind of run no probe measured: said so
+    assert "measured rates for 0 of 1 runs, a rough FLOP count for the rest" in capsys.readouterr().out
     run_study(spec, tmp_path / "dry", dry_run=True)
     dry = capsys.readouterr().out
     assert "rates measured" in dry and re.search(r"total +\d+:\d\d", dry) and "H100-hours" in dry
@@ -188,6 +191,7 @@ def test_jobs_2_gives_the_results_of_one_at_a_time_and_records_estimates(cache, 
     run_study(spec, tmp_path / "two", report=False, jobs=2)
     out = capsys.readouterr().out
     assert "local: 2 runs at once, 1 CPU thread(s) each; 1 wait for the shared SFT prefix" in out
+    assert re.search(r"3 to run \(estimated \d+:\d\d one at a time; measured rates\)", out)  # the dry-run measured them
     assert re.search(r"done in \d+:\d\d, estimated \d+:\d\d", out)
 
     def results(d):

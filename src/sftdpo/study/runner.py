@@ -149,8 +149,11 @@ def _run(study: StudyDir, runs: list[tuple[str, RunConfig]], executor: str, exec
     for name, _ in todo:
         clear_failure(study.run_dir(name))
     left = sum(estimates[name][0] for name, _ in todo)
+    measured = sum(estimates[name][1] for name, _ in todo)
+    how = "measured rates" if measured == len(todo) else \
+        f"measured rates for {measured} of {len(todo)} runs, a rough FLOP count for the rest: --dry-run measures them"
     print(f"study {study.spec['name']}: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run "
-          f"(estimated {format_duration(left)} one at a time) -> {study.out}", flush=True)
+          f"(estimated {format_duration(left)} one at a time; {how}) -> {study.out}", flush=True)
     seconds = {name: s for name, (s, _) in estimates.items()}
     if executor == "ray":
         run_ray(study, todo, study.on_done, estimates=seconds, **executor_opts)
