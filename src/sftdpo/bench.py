@@ -58,10 +58,10 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.utils import logging as hf_logging
 
-from .config import RunConfig, SftdpoError, cache_dir
+from .config import RunConfig, SftdpoError, cache_dir, cache_dir_at
 from .data import load_paraphrase_data, load_sonnet_data
 from .models import (apply_lora, autocast, count_params, load_model_for_timing, resolve_device,
-                     resolve_precision)
+                     resolve_precision, synchronize)
 from .ops.logprobs import compile_decoder
 from .objectives.dpo import DPOObjective
 from .objectives.dpo.pairs import label_pair_set, sequence_pair_set
@@ -92,11 +92,6 @@ TARGETS = {
 # ================================================================================================
 # Small helpers
 # ================================================================================================
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median(xs: Sequence[float]) -> float:
@@ -184,12 +179,12 @@ def sftdpo_steps(model, obj, *, device: torch.device, precision: str, lr: float,
     for i, window in enumerate(obj.steps(1)):
         if i >= n_steps:
             break
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         st = train_step(model, obj, window, opt, sched, params, device=device, precision=precision,
                         max_grad_norm=max_grad_norm)
         loss = st.loss.item()  # the loop reads it back every --log-every steps; here every step is timed whole
-        _sync(device)
+        synchronize(device)
         rows = sum(b.ref_chosen.numel() if hasattr(b, "ref_chosen") else b.input_ids.size(0) for b in window)
         out.append({"s": time.perf_counter() - t0, "tokens": st.tokens, "rows": rows, "loss": loss})
     return out
@@ -217,10 +212,10 @@ def sftdpo_dpo_objective(model, task, cfg: RunConfig, device: torch.device, prec
         ps = label_pair_set(task)
     else:
         ps = sequence_pair_set(task, sonnet_bench_pairs(task))
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     ref_c, ref_r = compute_reference_logps(model, task, ps, cfg, device, precision, adapter_disabled=False)
-    _sync(device)
+    synchronize(device)
     pre_s = time.perf_counter() - t0
     return DPOObjective(cfg, task, ps, ref_c, ref_r, {"bench": True}), pre_s
 
@@ -263,11 +258,11 @@ def _step_timer(device: torch.device):
             self.t0 = 0.0
 
         def on_step_begin(self, args, state, control, **kw):
-            _sync(device)
+            synchronize(device)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            _sync(device)
+            synchronize(device)
             self.times.append(time.perf_counter() - self.t0)
 
     return StepTimer()
@@ -340,10 +335,10 @@ def trl_dpo(model, ref_model, tok, task, pairs: list[dict], *, device, precision
         precompute_s = 0.0
 
         def _precompute_ref_logps(self, dataset, name, batch_size):
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             out = super()._precompute_ref_logps(dataset, name, batch_size)
-            _sync(device)
+            synchronize(device)
             TimedDPOTrainer.precompute_s += time.perf_counter() - t0
             return out
 
@@ -459,12 +454,12 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int | None =
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    _sync(device)
+    synchronize(device)
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
         a @ b
-        _sync(device)
+        synchronize(device)
         ts.append(time.perf_counter() - t0)
     return 2 * n**3 / median(ts) / 1e9
 
@@ -601,16 +596,12 @@ class Bench:
                     if (user_cache / sub).exists():
                         (Path(d) / "cache").mkdir(exist_ok=True)
                         os.symlink(user_cache / sub, Path(d) / "cache" / sub)
-                old = os.environ.get("SFTDPO_CACHE_DIR")
-                os.environ["SFTDPO_CACHE_DIR"] = str(Path(d) / "cache")
-                try:
+                with cache_dir_at(Path(d) / "cache"):
                     t0 = time.perf_counter()
                     out = run_study(load_spec("quick"), Path(d) / "study", only=["task=paraphrase"], overrides=overrides,
                                     report=False, jobs=n)
                     walls[n] = time.perf_counter() - t0
                     results[n] = {p.name: result_line(p) for p in sorted((out / "runs").iterdir())}
-                finally:
-                    os.environ.pop("SFTDPO_CACHE_DIR", None) if old is None else os.environ.update(SFTDPO_CACHE_DIR=old)
         runs = len(results[1])
         self.add(Line("study/jobs", f"quick's {runs} paraphrase runs (32 train, 48 dev): runs/hour, --jobs {jobs} "
                       f"({threads_per_run(jobs)} CPU thread(s) each) vs --jobs 1", "runs/h", runs * 3600 / walls[jobs], runs * 3600 / walls[1],
@@ -693,11 +684,11 @@ class Bench:
                             batch_size=len(prompts))
         runs = []
         for _ in range(3):
-            _sync(self.device)
+            synchronize(self.device)
             t0 = time.perf_counter()
             ids = sftdpo_generate_ids(task, model, prompts, device=self.device, precision=self.precision,
                                       max_new_tokens=m, batch_size=len(prompts))
-            _sync(self.device)
+            synchronize(self.device)
             dt = time.perf_counter() - t0
             runs.append((sum(map(len, ids)) / dt, dt, sum(map(len, ids))))
         ours = median([r[0] for r in runs])
@@ -708,10 +699,10 @@ class Bench:
         loop = []
         for p in loop_prompts:
             pid = self.tok(p, add_special_tokens=False).input_ids
-            _sync(self.device)
+            synchronize(self.device)
             t0 = time.perf_counter()
             new = cs224n_generate(model, pid, max_new_tokens=m, eos_token_id=eos, device=self.device, precision=self.precision)
-            _sync(self.device)
+            synchronize(self.device)
             dt = time.perf_counter() - t0
             loop.append((len(new) / dt, dt, len(new)))
         peer = median([r[0] for r in loop])

@@ -13,7 +13,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from .errors import SftdpoError
@@ -449,6 +449,20 @@ def cache_dir() -> Path:
         p = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sftdpo"
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+@contextlib.contextmanager
+def cache_dir_at(path: str | Path) -> Iterator[Path]:
+    """cache_dir() is `path` inside the block (this process and the runs it starts), as before after it."""
+    old = os.environ.get("SFTDPO_CACHE_DIR")
+    os.environ["SFTDPO_CACHE_DIR"] = str(path)
+    try:
+        yield Path(path)
+    finally:
+        if old is None:
+            os.environ.pop("SFTDPO_CACHE_DIR", None)
+        else:
+            os.environ["SFTDPO_CACHE_DIR"] = old
 
 
 def data_dirs() -> list[Path]:

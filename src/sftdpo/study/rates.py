@@ -6,30 +6,27 @@ learning rates, epochs and seeds aside) the probe builds a run on a slice of the
 this precision: an SFT optimizer step, one evaluation batch (generation included for sonnets),
 preparing the DPO stage (pairs and reference log-probs) and a DPO optimizer step, plus the model
 and data load. The seconds per example it finds are cached in `<cache>/rates/` per
-model/device/precision, so only the first `--dry-run` (or `sftdpo study rates`) pays for them
+model/device/precision, so only the first `--dry-run` pays for them
 (about 10-40 s per kind of run on a 2-core CPU). `gpt2` without the hub is probed with random
 weights of the same architecture: speed does not depend on the weights.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from ..config import RunConfig, SftdpoError, cache_dir
+from ..config import RunConfig, SftdpoError, cache_dir, cache_dir_at
 from ..data import load_task_data
 from ..files import stable_hash, write_json_atomic
-from ..models import device_description, load_model_for_timing, resolve_device, resolve_precision
+from ..models import device_description, load_model_for_timing, resolve_device, resolve_precision, synchronize
 from ..train.loop import Run
 from ..train.step import make_optimizer, make_scheduler, train_step
 
@@ -62,33 +59,16 @@ def rate_key(c: RunConfig) -> str:
                         "precision": resolve_precision(c.precision, device), "threads": torch.get_num_threads()})
 
 
-def cached_rates(c: RunConfig) -> Rates | None:
-    path = cache_dir() / "rates" / f"{rate_key(c)}.json"
+def _rates_file(key: str) -> Path:
+    return cache_dir() / "rates" / f"{key}.json"
+
+
+def cached_rates(key: str) -> Rates | None:
+    """The cached rates of the kind of run `key` (rate_key), or None."""
     try:
-        return Rates(**json.loads(path.read_text()))
+        return Rates(**json.loads(_rates_file(key).read_text()))
     except (OSError, ValueError, TypeError):
         return None
-
-
-@contextlib.contextmanager
-def _scratch_cache() -> Iterator[None]:
-    """The DPO caches (pairs, reference log-probs) in a scratch directory while the probe prepares
-    its DPO stage: its timing must not come from the cache of an earlier probe (or fill the user's)."""
-    old = os.environ.get("SFTDPO_CACHE_DIR")
-    with tempfile.TemporaryDirectory(prefix="sftdpo-probe-") as d:
-        os.environ["SFTDPO_CACHE_DIR"] = d
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("SFTDPO_CACHE_DIR", None)
-            else:
-                os.environ["SFTDPO_CACHE_DIR"] = old
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _step_seconds(run: Run, obj) -> float:
@@ -103,7 +83,7 @@ def _step_seconds(run: Run, obj) -> float:
         t0 = time.perf_counter()
         train_step(run.model, obj, window, opt, sched, params, device=run.device, precision=run.precision,
                    max_grad_norm=run.cfg.max_grad_norm)
-        _sync(run.device)
+        synchronize(run.device)
         times.append(time.perf_counter() - t0)
     step = statistics.median(times[1:] or times)
     return step * obj.n_steps() / max(1, len(run.task.train_ids))
@@ -134,9 +114,11 @@ def probe(c: RunConfig) -> Rates:
         run.model.eval()
         t0 = time.perf_counter()
         run.task.evaluate(run.model, run.device, run.precision)
-        _sync(run.device)
+        synchronize(run.device)
         eval_s = (time.perf_counter() - t0) / max(1, len(run.task.dev))
-        with _scratch_cache():
+        # the DPO caches (pairs, reference log-probs) in a scratch directory: the timing must not come
+        # from an earlier probe's cache (nor fill the user's)
+        with tempfile.TemporaryDirectory(prefix="sftdpo-probe-") as scratch, cache_dir_at(scratch):
             t0 = time.perf_counter()
             dpo = run.objective("dpo")
             dpo_prep_s = (time.perf_counter() - t0) / max(1, len(run.task.train_ids))
@@ -155,7 +137,7 @@ def study_rates(configs: list[RunConfig], *, measure: bool = True, say=print) ->
         key = rate_key(c)
         if key in out:
             continue
-        out[key] = cached_rates(c)
+        out[key] = cached_rates(key)
         if out[key] is not None or not measure:
             continue
         what = f"{c.task_name or c.task} {c.model} {c.param}" + (f" pairs {c.pairs}" if c.task == "sonnet" else "")
@@ -170,5 +152,5 @@ def study_rates(configs: list[RunConfig], *, measure: bool = True, say=print) ->
             continue
         finally:
             quiet.setLevel(level)
-        write_json_atomic(cache_dir() / "rates" / f"{key}.json", dataclasses.asdict(out[key]))
+        write_json_atomic(_rates_file(key), dataclasses.asdict(out[key]))
     return out

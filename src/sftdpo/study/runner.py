@@ -42,32 +42,32 @@ class StudyDir:
     def run_dir(self, name: str) -> Path:
         return self.out / "runs" / name
 
-    def estimates(self, runs: list[tuple[str, RunConfig]], *, measure: bool, say=print) -> dict[str, tuple[float, bool]]:
-        """{run name: (estimated seconds on this machine, measured)}: from the measured rates of its
-        kind of run (probed now if `measure`, else only if cached), else from its FLOP count."""
+    def estimates(self, runs: list[tuple[str, RunConfig]], rates: dict) -> dict[str, tuple[float, bool]]:
+        """{run name: (estimated seconds on this machine, measured)}: from the measured `rates` of its
+        kind of run (rates.study_rates), else from its FLOP count."""
         configs = [c for _, c in runs]
-        rates = study_rates(configs, measure=measure, say=say)
         seconds = study_seconds(configs, rates)
         flops = study_flops(configs)
         return {name: (s, True) if s is not None else (flop_seconds(f, c.device), False)
                 for (name, c), s, f in zip(runs, seconds, flops)}
 
     def dry_run(self, runs: list[tuple[str, RunConfig]], *, measure: bool = True) -> None:
-        est = self.estimates(runs, measure=measure)
-        sources = sorted({r.source for r in study_rates([c for _, c in runs], measure=False).values() if r})
+        configs = [c for _, c in runs]
+        rates = study_rates(configs, measure=measure)
+        est = self.estimates(runs, rates)
         print(f"{len(runs)} runs in study {self.spec.get('name')}; estimated time on this machine, one run at a time "
               "(shared SFT prefixes and the untrained model's evaluation charged once):")
-        for src in sources:
+        for src in sorted({r.source for r in rates.values() if r}):
             print(f"  rates {src} (cached per model/device/precision; --no-probe skips measuring)")
-        if not all(m for m, in ((m,) for _, m in est.values())):
+        if not all(measured for _, measured in est.values()):
             print("  * no measured rate: a FLOP count at a rough rate (see study/cost.py)")
         for name, _ in runs:
             s, measured = est[name]
             print(f"  {name:60s} {format_duration(s):>12s}{'' if measured else ' *'}")
         total = sum(s for s, _ in est.values())
         print(f"  {'total':60s} {format_duration(total):>12s}  (--jobs N: up to N times less, cores permitting)")
-        print(f"GPU: {format_gpu_hours(sum(study_flops([c for _, c in runs])))}")
-        print(format_disk(*study_disk([c for _, c in runs])))
+        print(f"GPU: {format_gpu_hours(sum(study_flops(configs)))}")
+        print(format_disk(*study_disk(configs)))
 
     def prepare(self, runs: list[tuple[str, RunConfig]], estimates: dict[str, tuple[float, bool]]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def run_study(spec: str | dict, out: Path | None = None, *, only: list[str] = ()
 
 def _run(study: StudyDir, runs: list[tuple[str, RunConfig]], executor: str, executor_opts: dict) -> None:
     # estimates from cached rates only (a --dry-run measures them); the ETA corrects them as runs finish
-    estimates = study.estimates(runs, measure=False, say=lambda line: None)
+    estimates = study.estimates(runs, study_rates([c for _, c in runs], measure=False))
     study.prepare(runs, estimates)
     index_study(study.out)
     todo = study.pending(runs)
