@@ -54,6 +54,12 @@ def write_synthetic_qqp(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def qqp_files(folder: Path, n_train: int, n_dev: int) -> dict[str, str]:
+    """`train`/`dev` paths of a synthetic QQP pair of files (seeds 0 and 1) in `folder`."""
+    return dict(train=str(write_synthetic_qqp(folder / "train.csv", n_train, seed=0)),
+                dev=str(write_synthetic_qqp(folder / "dev.csv", n_dev, seed=1)))
+
+
 # -- tiny models on small data written for the tests (the paths compared in test_ops/test_dpo) ---------
 
 

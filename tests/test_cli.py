@@ -14,7 +14,7 @@ from sftdpo import __version__
 from sftdpo.cli import FLAG_GROUPS, build_parser, main
 from sftdpo.config import RunConfig
 
-from conftest import write_synthetic_qqp
+from conftest import qqp_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,8 +49,7 @@ def test_version_and_readme_commands_exist(capsys):
 
 def test_without_a_terminal_each_epoch_and_evaluation_is_a_line(cache, tmp_path):
     """As under CI or nohup: stderr is a pipe, so no bars, and a line per epoch and per evaluation."""
-    train = write_synthetic_qqp(tmp_path / "train.csv", 16, seed=0)
-    dev = write_synthetic_qqp(tmp_path / "dev.csv", 8, seed=1)
+    train, dev = qqp_files(tmp_path, 16, 8).values()
     proc = subprocess.run([sys.executable, "-m", "sftdpo.cli", "train", "--task", "paraphrase", "--model", "tiny-llama",
                            "--device", "cpu", "--precision", "fp32", "--epochs", "2", "--batch-size", "8",
                            "--train", str(train), "--dev", str(dev), "--out", str(tmp_path / "run")],

@@ -13,7 +13,7 @@ from sftdpo.config import RunConfig
 from sftdpo.objectives.sft import SFTObjective
 from sftdpo.train.loop import Run
 
-from conftest import write_synthetic_qqp
+from conftest import qqp_files
 
 
 def _records(run_dir) -> list[dict]:
@@ -22,8 +22,7 @@ def _records(run_dir) -> list[dict]:
 
 
 def test_compiled_run_equals_eager_with_one_graph_for_every_length(cache, tmp_path):
-    train = write_synthetic_qqp(tmp_path / "train.csv", 24, seed=0)
-    dev = write_synthetic_qqp(tmp_path / "dev.csv", 8, seed=1)
+    train, dev = qqp_files(tmp_path, 24, 8).values()
     base = RunConfig(task="paraphrase", model="tiny-llama", regime="sft-dpo", epochs=2, handoff_epoch=1, batch_size=8,
                      lr=3e-3, dpo_lr=1e-3, eval_batch_size=8, log_every=1, device="cpu", precision="fp32",
                      train=str(train), dev=str(dev))

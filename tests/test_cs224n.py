@@ -23,7 +23,7 @@ from sftdpo.tasks import make_task
 from sftdpo.tasks.classify import cs224n_preprocess
 from sftdpo.train.loop import train
 
-from conftest import FIX, SONNET_FILES, require_tiny_gpt2, write_synthetic_qqp
+from conftest import FIX, SONNET_FILES, qqp_files, require_tiny_gpt2
 
 
 # -- the starter's code paths, re-implemented for the tests ---------------------------------------
@@ -107,7 +107,7 @@ def test_argmax_prediction_and_its_macro_f1_are_the_starters(cache, tmp_path):
     """An untrained tiny model's argmax is mostly a token that is no label: the starter counts it
     wrong and as a class of its own in macro-F1; so does --predict argmax."""
     require_tiny_gpt2()
-    files = dict(train=str(write_synthetic_qqp(tmp_path / "t.csv", 24, 0)), dev=str(write_synthetic_qqp(tmp_path / "d.csv", 16, 1)))
+    files = qqp_files(tmp_path, 24, 16)
     cfg = RunConfig(task="paraphrase", model="tiny-gpt2", conventions="cs224n", device="cpu", precision="fp32", **files)
     model, tok = load_model("tiny-gpt2")
     model.eval()
@@ -156,7 +156,7 @@ def trained(tmp_path_factory):
     import os
 
     os.environ["SFTDPO_CACHE_DIR"] = str(cache)
-    files = dict(train=str(write_synthetic_qqp(root / "t.csv", 40, 0)), dev=str(write_synthetic_qqp(root / "d.csv", 16, 1)))
+    files = qqp_files(root, 40, 16)
     common = dict(model="tiny-gpt2", device="cpu", precision="fp32", epochs=2, batch_size=8, eval_batch_size=8)
     para = train(RunConfig(task="paraphrase", param="lora", lr=5e-3, **files, **common), root / "para")
     son = train(RunConfig(task="sonnet", lr=1e-3, max_new_tokens=24, conventions="cs224n", **SONNET_FILES,

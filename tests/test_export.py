@@ -12,13 +12,12 @@ from sftdpo.config import RunConfig, SftdpoError
 from sftdpo.export import export_run
 from sftdpo.train.loop import Run, evaluate_run, load_run, train
 
-from conftest import write_synthetic_qqp
+from conftest import qqp_files
 
 
 @pytest.fixture
 def qqp(tmp_path):
-    return dict(train=str(write_synthetic_qqp(tmp_path / "train.csv", 24, seed=0)),
-                dev=str(write_synthetic_qqp(tmp_path / "dev.csv", 12, seed=1)))
+    return qqp_files(tmp_path, 24, 12)
 
 
 def cfg(qqp, **kw):

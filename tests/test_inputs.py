@@ -18,7 +18,7 @@ from sftdpo.config import RunConfig, SftdpoError
 from sftdpo.files import DirLock
 from sftdpo.study.spec import expand, parse_set
 
-from conftest import SONNET_FILES, write_synthetic_qqp
+from conftest import SONNET_FILES, qqp_files
 
 TINY = ["--model", "tiny-llama", "--device", "cpu", "--precision", "fp32", "--epochs", "1", "--batch-size", "8",
         "--eval-batch-size", "8"]
@@ -26,8 +26,7 @@ TINY = ["--model", "tiny-llama", "--device", "cpu", "--precision", "fp32", "--ep
 
 @pytest.fixture
 def qqp(tmp_path):
-    return dict(train=str(write_synthetic_qqp(tmp_path / "train.csv", 24, seed=0)),
-                dev=str(write_synthetic_qqp(tmp_path / "dev.csv", 8, seed=1)))
+    return qqp_files(tmp_path, 24, 8)
 
 
 def cli(*args: str) -> tuple[int, str]:

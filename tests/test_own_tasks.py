@@ -19,7 +19,7 @@ from sftdpo.models import load_model
 from sftdpo.tasks import SONNET_PROMPT_LINES, make_task
 from sftdpo.train.loop import Run, train
 
-from conftest import SONNET_FILES, require_tiny_gpt2, write_synthetic_qqp
+from conftest import SONNET_FILES, qqp_files, require_tiny_gpt2
 
 PARAPHRASE_TEMPLATE = 'Question 1: "{question1}"\nQuestion 2: "{question2}\nAre these questions asking the same thing?\n'
 TINY = dict(model="tiny-llama", device="cpu", precision="fp32", eval_batch_size=8, log_every=1)
@@ -56,8 +56,7 @@ def cli(*args: str) -> tuple[int, str]:
 def test_qqp_as_classify_is_the_paraphrase_task(cache, tmp_path):
     """The examples the paraphrase run used, written as JSONL (question1, question2, label) and run as
     --task classify with the paraphrase template: the same dev predictions and metrics, both stages."""
-    files = dict(train=str(write_synthetic_qqp(tmp_path / "train.csv", 40, seed=0)),
-                 dev=str(write_synthetic_qqp(tmp_path / "dev.csv", 16, seed=1)))
+    files = qqp_files(tmp_path, 40, 16)
     common = dict(regime="sft-dpo", epochs=2, handoff_epoch=1, batch_size=8, lr=3e-3, dpo_lr=2e-3, **TINY)
     para_cfg = RunConfig(task="paraphrase", **files, **common)
     para = train(para_cfg, tmp_path / "para")

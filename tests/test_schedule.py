@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
 from pathlib import Path
 
@@ -12,16 +13,16 @@ import pytest
 
 from sftdpo.cli import main
 from sftdpo.config import RunConfig
-from sftdpo.data import load_task_data
+from sftdpo.data import load_task_data, subsample
 from sftdpo.store import Store
 from sftdpo.study import expand, run_study
 from sftdpo.study import rates as rates_mod
-from sftdpo.study.cost import estimate_seconds, study_seconds
+from sftdpo.study.cost import data_sizes, estimate_flops, estimate_seconds, study_flops, study_seconds
 from sftdpo.study.local import gpu_slots, threads_per_run
-from sftdpo.study.rates import Rates, rate_key, study_rates
+from sftdpo.study.rates import Rates, length_groups, padding_factor, rate_key, study_rates
 from sftdpo.study.schedule import Progress, after_failure, calibrated_eta, dispatch, plan_prefix_waits
 
-from conftest import write_synthetic_qqp
+from conftest import qqp_files
 
 
 def test_prefix_producers_go_first():
@@ -155,9 +156,57 @@ def test_estimate_counts_every_stage_once_and_shared_work_once():
     assert study_seconds([c], {}) == [None]
 
 
+def test_flop_fallback_counts_the_data_the_run_reads(tmp_path):
+    """Without measured rates the FLOP count uses the real sizes of a run's data (own tasks, --train
+    files), not a table's guess; measured rates bring their own sizes; the paper's tasks on their
+    default data assume the CS224N splits."""
+    def own(n: int) -> RunConfig:
+        rows = [json.dumps({"prompt": f"Count from {i}:", "completion": f" {i + 1} {i + 2}"}) for i in range(n + 3)]
+        (tmp_path / f"train{n}.jsonl").write_text("\n".join(rows[:n]) + "\n")
+        (tmp_path / "dev.jsonl").write_text("\n".join(rows[n:]) + "\n")
+        return RunConfig(task="generate", model="tiny-llama", regime="sft", epochs=1, max_new_tokens=4,
+                         train=str(tmp_path / f"train{n}.jsonl"), dev=str(tmp_path / "dev.jsonl")).validate()
+
+    small, big = own(8), own(32)
+    qqp = RunConfig(**qqp_files(tmp_path, 40, 12)).validate()
+    default = RunConfig().validate()
+    sizes = data_sizes([small, big, qqp, default], {})
+    assert sizes[:2] == [(8, 3), (32, 3)] and sizes[2] == (40, len(load_task_data(qqp).dev)) and sizes[3] is None
+    assert data_sizes([default], {rate_key(default): RATES}) == [(1000, 400)]  # the probe counted them
+    # training dominates: four times the rows, about four times the FLOPs (the 3 dev prompts are the same)
+    assert estimate_flops(big, 0, sizes[1]) / estimate_flops(small, 0, sizes[0]) == pytest.approx(4, rel=0.15)
+    assert study_flops([default]) == [estimate_flops(default, 0, (283_003, 40_429))]
+
+
+def test_probe_rows_are_padded_like_the_real_batches():
+    """The probe times a few batches; picked at random they would be padded to the longest of a random
+    draw, while a run's evaluation sorts all rows by length (and training buckets them): length
+    groups at evenly spaced quantiles cost per row what the whole sorted set does."""
+    rng = random.Random(0)
+    lengths = [5 + int(rng.lognormvariate(3.5, 0.5)) for _ in range(5000)]  # long-tailed, as QQP prompts
+
+    def padded_per_row(rows, size):  # sorted and cut into batches, as evaluation does
+        ls = sorted(lengths[i] for i in rows)
+        return sum(max(ls[i:i + size]) * len(ls[i:i + size]) for i in range(0, len(ls), size)) / len(ls)
+
+    real = padded_per_row(range(len(lengths)), 128)
+    rows = length_groups(lengths, 128, 3)
+    assert len(rows) == 384 and padded_per_row(rows, 128) == pytest.approx(real, rel=0.1)
+    assert padded_per_row(random.Random(1).sample(range(len(lengths)), 128), 128) > 1.5 * real  # why: a random batch
+    assert length_groups([5, 1, 3], 8, 3) == [0, 1, 2]  # fewer rows than the groups: all of them
+    # what padding remains scales the time per row: a run evaluating 200 of these rows in batches of 64
+    # pads each batch to the longest of a quarter of the lengths, ~30% more than the probe's batches
+    small = length_groups(lengths, 64, 3)
+    factor = padding_factor(lengths, 200, 64, small, shuffle=False)
+    run_rows = subsample(list(range(len(lengths))), 200)  # the rows a run with --max-dev-examples 200 reads
+    assert factor > 1.2 and padded_per_row(small, 64) * factor == pytest.approx(padded_per_row(run_rows, 64))
+    assert padding_factor(lengths, 5000, 128, rows, shuffle=False) == pytest.approx(1, abs=0.1)
+    # training sorts windows of 50 shuffled batches, not all rows: a little more padding than sorted batches
+    assert 1 < padding_factor(lengths, 5000, 64, length_groups(lengths, 64, 3), shuffle=True) < 1.2
+
+
 def test_probe_measures_the_real_pipeline_once_and_caches_it(cache, tmp_path, monkeypatch, capsys):
-    train = write_synthetic_qqp(tmp_path / "train.csv", 40, seed=0)
-    dev = write_synthetic_qqp(tmp_path / "dev.csv", 12, seed=1)
+    train, dev = qqp_files(tmp_path, 40, 12).values()
     c = RunConfig(model="tiny-llama", batch_size=4, eval_batch_size=8, train=str(train), dev=str(dev),
                   device="cpu", precision="fp32").validate()
     got = study_rates([c], say=print)[rate_key(c)]
@@ -171,8 +220,7 @@ def test_probe_measures_the_real_pipeline_once_and_caches_it(cache, tmp_path, mo
 
 
 def _spec(tmp_path: Path) -> dict:
-    train = write_synthetic_qqp(tmp_path / "train.csv", 16, seed=0)
-    dev = write_synthetic_qqp(tmp_path / "dev.csv", 8, seed=1)
+    train, dev = qqp_files(tmp_path, 16, 8).values()
     return {"name": "jobs",
             "defaults": {"task": "paraphrase", "model": "tiny-llama", "epochs": 2, "batch_size": 8, "lr": 3e-3,
                          "dpo_lr": 1e-3, "precision": "fp32", "device": "cpu", "train": str(train), "dev": str(dev)},

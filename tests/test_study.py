@@ -13,7 +13,7 @@ from sftdpo.store import Store
 from sftdpo.study import expand, load_spec, run_study
 from sftdpo.data import qqp_available
 
-from conftest import write_synthetic_qqp
+from conftest import qqp_files
 
 
 def test_grid_expansion_resets_irrelevant_fields_and_hashes_uniquely():
@@ -114,8 +114,7 @@ def test_bad_spec_is_one_clear_error(tmp_path):
 
 @pytest.fixture
 def spec(tmp_path):
-    train = write_synthetic_qqp(tmp_path / "train.csv", 16, seed=0)
-    dev = write_synthetic_qqp(tmp_path / "dev.csv", 8, seed=1)
+    train, dev = qqp_files(tmp_path, 16, 8).values()
     return {"name": "mini",
             "defaults": {"task": "paraphrase", "model": "tiny-llama", "epochs": 2, "batch_size": 8, "lr": 3e-3,
                          "dpo_lr": 1e-3, "precision": "fp32", "device": "cpu", "train": str(train), "dev": str(dev)},

@@ -12,13 +12,12 @@ import pytest
 from sftdpo.config import RunConfig, SftdpoError
 from sftdpo.train.loop import train
 
-from conftest import write_synthetic_qqp
+from conftest import qqp_files
 
 
 @pytest.fixture
 def qqp(tmp_path):
-    return dict(train=str(write_synthetic_qqp(tmp_path / "train.csv", 16, seed=0)),
-                dev=str(write_synthetic_qqp(tmp_path / "dev.csv", 8, seed=1)))
+    return qqp_files(tmp_path, 16, 8)
 
 
 def cfg(qqp, **kw):

@@ -19,14 +19,12 @@ from sftdpo.ops.batching import bucketed_batches
 from sftdpo.tasks import CS224N_PROMPT
 from sftdpo.train.loop import Run, evaluate_run, train
 
-from conftest import SONNET_FILES, require_tiny_gpt2, write_synthetic_qqp
+from conftest import SONNET_FILES, qqp_files, require_tiny_gpt2
 
 
 @pytest.fixture
 def qqp(tmp_path):
-    train_f = write_synthetic_qqp(tmp_path / "train.csv", 48, seed=0)
-    dev_f = write_synthetic_qqp(tmp_path / "dev.csv", 16, seed=1)
-    return dict(train=str(train_f), dev=str(dev_f))
+    return qqp_files(tmp_path, 48, 16)
 
 
 def cfg_for(task, files, **kw):

@@ -12,6 +12,7 @@ import importlib.util
 import io
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -266,8 +267,10 @@ def apply_lora(model, cfg: RunConfig):
         use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias="none", task_type="CAUSAL_LM",
         fan_in_fan_out=model.config.model_type == "gpt2",
     )
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), warnings.catch_warnings():
         torch.manual_seed(cfg.seed)
+        # PEFT 0.21 asks transformers 5 for a deprecated attribute: a FutureWarning in every LoRA run, not ours to fix
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         try:
             return get_peft_model(model, lcfg)
         except ValueError as e:

@@ -23,7 +23,7 @@ from .subsets import subsample
 TaskData = ParaphraseData | SonnetData | ClassifyData | GenerateData
 
 __all__ = ["GUTENBERG_SOURCE", "QQP_FORMATS", "ClassifyData", "ClassifyExample", "GenerateData", "GenerateExample",
-           "ParaphraseData", "ParaphraseExample", "Sonnet", "SonnetData", "TaskData", "data_fingerprint",
+           "ParaphraseData", "ParaphraseExample", "Sonnet", "SonnetData", "TaskData", "data_fingerprint", "data_key",
            "dedupe_against", "detect_qqp_format", "gutenberg_sonnets", "load_glue_qqp", "load_paraphrase_data",
            "load_sonnet_data", "load_task_data", "normalise_pair", "parse_gutenberg_sonnets", "qqp_available",
            "read_cs224n_sonnets", "read_qqp", "read_qqp_with_stats", "resolve_data", "split_cs224n_way", "subsample",
@@ -67,7 +67,7 @@ def resolve_data(cfg: RunConfig, memo: dict | None = None) -> RunConfig:
     directory, and `data_fingerprint` set from the examples they load. `memo` shares loads between configs."""
     dataset = _absolute(cfg.dataset) if cfg.dataset and Path(cfg.dataset).expanduser().exists() else cfg.dataset
     cfg = dataclasses.replace(cfg, train=_absolute(cfg.train), dev=_absolute(cfg.dev), dataset=dataset)
-    key = stable_hash({k: getattr(cfg, k) for k in _DATA_KEYS})
+    key = data_key(cfg)
     memo = {} if memo is None else memo
     if key not in memo:
         memo[key] = data_fingerprint(load_task_data(cfg))
@@ -77,3 +77,8 @@ def resolve_data(cfg: RunConfig, memo: dict | None = None) -> RunConfig:
 # the fields the loaded examples depend on
 _DATA_KEYS = ("task", "train", "dev", "dataset", "train_split", "dev_split", "id_column", "template", "label_column",
               "labels", "prompt_lines")
+
+
+def data_key(cfg: RunConfig) -> str:
+    """Which examples `cfg` loads: configs with the same key read the same data."""
+    return stable_hash({k: getattr(cfg, k) for k in _DATA_KEYS})

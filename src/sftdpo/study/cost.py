@@ -3,12 +3,14 @@ machine from measured rates (rates.py), a FLOP count where no rate could be meas
 
 from __future__ import annotations
 
-from ..config import RunConfig
+from ..config import RunConfig, SftdpoError
+from ..data import data_key, load_task_data
 from .rates import Rates, rate_key
 
 # rough sizes used only by --dry-run; a real run measures everything
 _PARAMS = {"smollm2-135m": 135e6, "gpt2": 124e6, "gpt2-medium": 355e6, "gpt2-large": 774e6, "tiny-gpt2": 3.3e6, "tiny-llama": 3.2e6}
-_TRAIN_SIZE = {"paraphrase": 283_003, "sonnet": 131}  # the CS224N files; own tasks: a guess, measured by the probe
+# the CS224N splits, assumed for the paper's tasks on their default data when no probe counted it
+_TRAIN_SIZE = {"paraphrase": 283_003, "sonnet": 131}
 _DEV_SIZE = {"paraphrase": 40_429, "sonnet": 12}
 _TOKENS = {"paraphrase": 55, "sonnet": 170}
 # effective training FLOP/s where nothing was measured: a 2-core CPU in bf16 (docs/bench-cpu.md), and
@@ -16,12 +18,39 @@ _TOKENS = {"paraphrase": 55, "sonnet": 170}
 FLOPS_PER_S = {"cpu": 0.12e12, "cuda": 12e12}
 
 
-def estimate_flops(c: RunConfig, reused_sft_epochs: int = 0) -> float:
-    """Training and evaluation FLOPs of one run; `reused_sft_epochs` of its SFT stage (trained and
-    evaluated once for the study's shared prefix) cost nothing."""
+def data_sizes(runs: list[RunConfig], rates: dict[str, Rates | None]) -> list[tuple[int, int] | None]:
+    """Per run, (training, dev) examples of its data before any cut: from the measured rates of its
+    kind of run, else counted from the data (each source read once), else None (the paper's tasks on
+    their default data assume the CS224N splits; data that cannot be read is the run's error to report)."""
+    counted: dict[str, tuple[int, int] | None] = {}
+    out: list[tuple[int, int] | None] = []
+    for c in runs:
+        r = rates.get(rate_key(c))
+        if r is not None:
+            out.append((r.n_train, r.n_dev))
+            continue
+        if c.task in _TRAIN_SIZE and not (c.train or c.dev):  # the data directory, or the hub: not read for a guess
+            out.append(None)
+            continue
+        key = data_key(c)
+        if key not in counted:
+            try:
+                data = load_task_data(c)
+                counted[key] = (len(data.train), len(data.dev))
+            except SftdpoError:
+                counted[key] = None
+        out.append(counted[key])
+    return out
+
+
+def estimate_flops(c: RunConfig, reused_sft_epochs: int = 0, sizes: tuple[int, int] | None = None) -> float:
+    """Training and evaluation FLOPs of one run on `sizes` = (training, dev) examples (data_sizes;
+    None: the CS224N split sizes); `reused_sft_epochs` of its SFT stage (trained and evaluated once for
+    the study's shared prefix) cost nothing."""
     n = _PARAMS.get(c.model, 124e6)
-    train = min(c.max_train_examples or 10**9, _TRAIN_SIZE.get(c.task, 10_000)) * c.data_fraction
-    dev = min(c.max_dev_examples or 10**9, _DEV_SIZE.get(c.task, 1_000))
+    n_train, n_dev = sizes or (_TRAIN_SIZE.get(c.task, 10_000), _DEV_SIZE.get(c.task, 1_000))
+    train = min(c.max_train_examples or 10**9, n_train) * c.data_fraction
+    dev = min(c.max_dev_examples or 10**9, n_dev)
     tok = _TOKENS.get(c.task, 170 if c.task == "generate" else 55)
     dpo_factor = 2 if c.task in ("sonnet", "generate") else 1  # chosen + rejected rows
     evals = c.epochs + 1 - reused_sft_epochs
@@ -57,9 +86,10 @@ def reused_epochs(runs: list[RunConfig]) -> list[int]:
     return [0 if c.trajectory_key() is None or longest[c.trajectory_key()] is c else c.sft_epochs for c in runs]
 
 
-def study_flops(runs: list[RunConfig]) -> list[float]:
-    """Per run, its FLOPs with shared SFT prefixes charged once."""
-    return [estimate_flops(c, k) for c, k in zip(runs, reused_epochs(runs))]
+def study_flops(runs: list[RunConfig], sizes: list[tuple[int, int] | None] | None = None) -> list[float]:
+    """Per run, its FLOPs on its data's `sizes` (data_sizes) with shared SFT prefixes charged once."""
+    sizes = sizes or [None] * len(runs)
+    return [estimate_flops(c, k, n) for c, k, n in zip(runs, reused_epochs(runs), sizes)]
 
 
 def study_seconds(runs: list[RunConfig], rates: dict[str, Rates | None]) -> list[float | None]:

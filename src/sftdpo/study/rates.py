@@ -3,12 +3,16 @@
 For each kind of run in a study (task, backbone, parameterization, batch and decoding settings; the
 learning rates, epochs and seeds aside) the probe builds a run on a slice of the real data the way
 `sftdpo train` does (same Run, tasks, objectives and `train_step`) and times, on this device and at
-this precision: an SFT optimizer step, one evaluation batch (generation included for sonnets),
-preparing the DPO stage (pairs and reference log-probs) and a DPO optimizer step, plus the model
-and data load. The seconds per example it finds are cached in `<cache>/rates/` per
-model/device/precision, so only the first `--dry-run` pays for them
-(about 10-40 s per kind of run on a 2-core CPU). `gpt2` without the hub is probed with random
-weights of the same architecture: speed does not depend on the weights.
+this precision: an SFT epoch, an evaluation (generation included for sonnets), preparing the DPO
+stage (pairs and reference log-probs) and a DPO epoch, plus the model and data load. The slice is
+PROBE_GROUPS batches of examples of near-equal length at evenly spaced quantiles of the data's
+lengths, so its batches are padded as the real run's length-bucketed ones are (a random slice padded
+to its longest row measured QQP evaluation 3x too slow); the padding that remains between them (a
+run on few rows makes wide batches) scales the figures by padded tokens (padding_factor). The
+seconds per example it finds are cached in `<cache>/rates/` per model/device/precision/threads, so
+only the first `--dry-run` pays for them (about 10-60 s per kind of run on a 2-core CPU; minutes
+where DPO pairs are sampled). `gpt2` without the hub is probed with random weights of the same
+architecture: speed does not depend on the weights.
 """
 
 from __future__ import annotations
@@ -16,34 +20,39 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..config import RunConfig, SftdpoError, cache_dir, cache_dir_at
-from ..data import load_task_data
+from ..data import load_task_data, subsample
 from ..files import stable_hash, write_json_atomic
 from ..models import device_description, load_model_for_timing, resolve_device, resolve_precision, synchronize
+from ..ops.batching import bucketed_batches
+from ..tasks import make_task
 from ..train.loop import Run
 from ..train.step import make_optimizer, make_scheduler, train_step
 
-RATES_VERSION = 1
-PROBE_STEPS = 3  # optimizer steps timed per stage; the first is a warm-up, the figure the median of the rest
-# what makes one example cost more or less; everything else (learning rates, epochs, seeds, beta, ...) does not
+RATES_VERSION = 2  # 2: length-matched slices, warmed-up timings, tokenization and start-up in load_s
+PROBE_GROUPS = 3  # batches timed per stage, one per length quantile
+LENGTH_SAMPLE = 20_000  # examples tokenized to find the quantiles (and to time tokenization)
+# what makes one example cost more or less (max_*_examples: few rows make wide, padded batches); everything
+# else (learning rates, epochs, seeds, beta, data_fraction, ...) does not
 RATE_FIELDS = ("task", "task_name", "model", "param", "lora_targets", "use_dora", "batch_size", "grad_accum",
                "eval_batch_size", "max_new_tokens", "num_samples", "pairs", "pairs_n", "max_length", "conventions",
                "logp_reduction", "train", "dev", "dataset", "template", "label_words", "labels", "predict",
-               "completion_only_loss", "compile")
+               "completion_only_loss", "compile", "max_train_examples", "max_dev_examples")
 
 
 @dataclasses.dataclass
 class Rates:
     """Seconds per example on this machine for one kind of run."""
 
-    load_s: float  # model + data load, per run
+    load_s: float  # model + data load and the first steps' one-off cost, per run
     sft_s: float  # per training example and SFT epoch
     eval_s: float  # per dev example and evaluation
     dpo_prep_s: float  # per training example, once per DPO stage (pairs, reference log-probs)
@@ -71,32 +80,97 @@ def cached_rates(key: str) -> Rates | None:
         return None
 
 
-def _step_seconds(run: Run, obj) -> float:
-    """Seconds per training example of one epoch of `obj`: the median optimizer step after a warm-up
-    step, times the epoch's steps, over the examples."""
+def length_groups(lengths: Sequence[int], size: int, k: int) -> list[int]:
+    """Indices of `k` groups of `size` rows of near-equal length centred on evenly spaced quantiles of
+    `lengths` (the midpoint rule): batches padded as a real run's length-bucketed batches are, whose
+    mean time is then the mean batch time of an epoch or an evaluation."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    rows: set[int] = set()
+    for q in range(k):
+        start = round((q + 0.5) * len(order) / k) - size // 2
+        rows.update(order[min(max(0, start), max(0, len(order) - size)):][:size])
+    return sorted(rows)
+
+
+def padded_per_row(lengths: Sequence[int], batches: list[list[int]]) -> float:
+    """Tokens per row, padding included, of `batches` (rows of `lengths`)."""
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches) / max(1, sum(map(len, batches)))
+
+
+def padding_factor(lengths: Sequence[int], n: int, size: int, rows: list[int], *, shuffle: bool) -> float:
+    """Padded tokens per row of a run's batches of `n` of these examples (ops.batching.bucketed_batches:
+    training sorts windows of shuffled rows, evaluation all of them; few rows make wide batches) over
+    those of the probe's `rows` batched in length order: the measured time per row is scaled by it."""
+    sub = subsample(list(range(len(lengths))), n)
+    run = [[sub[i] for i in b] for b in bucketed_batches([lengths[i] for i in sub], size, 0, shuffle=shuffle)]
+    probe = [[rows[i] for i in b] for b in bucketed_batches([lengths[i] for i in rows], size, 0, shuffle=False)]
+    return padded_per_row(lengths, run) / padded_per_row(lengths, probe)
+
+
+def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, float]:
+    """Seconds of two calls of `fn`: the second is the steady rate; what the first took more is a
+    run's one-off start (new shapes for the kernels, the optimizer state allocated)."""
+    seconds = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        seconds.append(time.perf_counter() - t0)
+    return seconds[1], max(0.0, seconds[0] - seconds[1])
+
+
+def _epoch_seconds(run: Run, obj) -> tuple[float, float]:
+    """(seconds per training example of an epoch of `obj` on the probe's rows, one-off seconds)."""
     params = [p for p in run.model.parameters() if p.requires_grad]
     opt = make_optimizer(params, run.cfg.lr, run.cfg.weight_decay)
-    sched = make_scheduler(opt, obj.n_steps(), 0.0, "constant")
+    sched = make_scheduler(opt, 2 * obj.n_steps(), 0.0, "constant")
     run.model.train(obj.train_mode)
-    times = []
-    for window in obj.steps(1):
-        t0 = time.perf_counter()
-        train_step(run.model, obj, window, opt, sched, params, device=run.device, precision=run.precision,
-                   max_grad_norm=run.cfg.max_grad_norm)
-        synchronize(run.device)
-        times.append(time.perf_counter() - t0)
-    step = statistics.median(times[1:] or times)
-    return step * obj.n_steps() / max(1, len(run.task.train_ids))
+    epochs = iter((1, 2))
+
+    def epoch() -> None:
+        for window in obj.steps(next(epochs)):
+            train_step(run.model, obj, window, opt, sched, params, device=run.device, precision=run.precision,
+                       max_grad_norm=run.cfg.max_grad_norm)
+
+    steady, once = _timed(run.device, epoch)
+    return steady / max(1, len(run.task.train_ids)), once
+
+
+def _probe_data(c: RunConfig, tok) -> tuple[Any, int, int, float, float, float]:
+    """(the probe's slice of `c`'s data, training examples, dev examples, seconds to read and tokenize
+    all of it, and the padding factors of training and evaluation): the slice holds PROBE_GROUPS
+    length-matched training batches and evaluation batches, found on a sample of LENGTH_SAMPLE
+    examples per split."""
+    t0 = time.perf_counter()
+    data = load_task_data(c)
+    t1 = time.perf_counter()
+    sample = dataclasses.replace(data, train=subsample(data.train, LENGTH_SAMPLE), dev=subsample(data.dev, LENGTH_SAMPLE))
+    task = make_task(dataclasses.replace(c, max_train_examples=None, max_dev_examples=None, data_fraction=1.0,
+                                         balance_labels=False), tok, sample)
+    # a run reads all of its files and tokenizes the examples it keeps (data_fraction aside: not in the key)
+    n_train, n_dev = len(data.train), len(data.dev)
+    run_train, run_dev = min(c.max_train_examples or n_train, n_train), min(c.max_dev_examples or n_dev, n_dev)
+    read_s = t1 - t0 + (time.perf_counter() - t1) * (run_train + run_dev) / (len(sample.train) + len(sample.dev))
+    step, lengths = c.batch_size * c.grad_accum, task.train_lengths()
+    train_rows = length_groups(lengths, step, PROBE_GROUPS)
+    train_pad = padding_factor(lengths, min(run_train, len(lengths)), step, train_rows, shuffle=True)
+    # classification evaluates prompts in length order; generation's cost is its new tokens
+    dev_lengths = [len(s) for s in getattr(task, "dev_ids", ())] or [1] * len(sample.dev)
+    dev_rows = length_groups(dev_lengths, c.eval_batch_size, PROBE_GROUPS)
+    dev_pad = padding_factor(dev_lengths, min(run_dev, len(dev_lengths)), c.eval_batch_size, dev_rows, shuffle=False)
+    rows = dataclasses.replace(sample, train=[sample.train[i] for i in train_rows], dev=[sample.dev[i] for i in dev_rows])
+    return rows, n_train, n_dev, read_s, train_pad, dev_pad
 
 
 def probe(c: RunConfig) -> Rates:
     """Measure `c`'s kind of run on a slice of its data (see the module docstring)."""
-    data = load_task_data(c)
-    n_train, n_dev = len(data.train), len(data.dev)
+    # a backbone's one-off conversion (smollm2: ~20 s) is no run's cost; its tokenizer finds the slice
+    _, tok, _ = load_model_for_timing(c.model, c.seed)
+    rows, n_train, n_dev, read_s, train_pad, dev_pad = _probe_data(c, tok)
     slice_ = dataclasses.replace(
-        c, regime="sft-dpo", epochs=2, handoff_epoch=1, max_train_examples=PROBE_STEPS * c.batch_size * c.grad_accum,
-        max_dev_examples=min(c.eval_batch_size, c.max_dev_examples or n_dev), data_fraction=1.0, eval_init=False,
-        keep_checkpoints="none", report_to="none", data_fingerprint=None)
+        c, regime="sft-dpo", epochs=2, handoff_epoch=1, max_train_examples=None, max_dev_examples=None,
+        data_fraction=1.0, balance_labels=False, eval_init=False, keep_checkpoints="none", report_to="none",
+        data_fingerprint=None)
     note = ""
 
     def loader(name: str, seed: int = 0):
@@ -104,28 +178,26 @@ def probe(c: RunConfig) -> Rates:
         model, tok, note = load_model_for_timing(name, seed)
         return model, tok
 
-    load_model_for_timing(c.model, c.seed)  # a backbone's one-off conversion (smollm2: ~20 s) is no run's cost
     with tempfile.TemporaryDirectory(prefix="sftdpo-probe-") as d:
-        run = Run(slice_, Path(d), loader=loader)
+        run = Run(slice_, Path(d), loader=loader, data=rows)
         t0 = time.perf_counter()
         run.build()
-        load_s = time.perf_counter() - t0
-        sft_s = _step_seconds(run, run.objective("sft"))
+        load_s = time.perf_counter() - t0 + read_s
+        sft_s, start_s = _epoch_seconds(run, run.objective("sft"))
+        sft_s *= train_pad
         run.model.eval()
-        t0 = time.perf_counter()
-        run.task.evaluate(run.model, run.device, run.precision)
-        synchronize(run.device)
-        eval_s = (time.perf_counter() - t0) / max(1, len(run.task.dev))
+        eval_s = _timed(run.device, lambda: run.task.evaluate(run.model, run.device, run.precision))[0]
+        eval_s *= dev_pad / len(run.task.dev)
         # the DPO caches (pairs, reference log-probs) in a scratch directory: the timing must not come
         # from an earlier probe's cache (nor fill the user's)
         with tempfile.TemporaryDirectory(prefix="sftdpo-probe-") as scratch, cache_dir_at(scratch):
             t0 = time.perf_counter()
             dpo = run.objective("dpo")
             dpo_prep_s = (time.perf_counter() - t0) / max(1, len(run.task.train_ids))
-        dpo_s = _step_seconds(run, dpo)
+        dpo_s = _epoch_seconds(run, dpo)[0] * train_pad  # DPO rows: the training prompts' lengths and a response
     weights = "" if note in ("pretrained", "random init (tiny)") else f", {note}"
     source = f"measured {time.strftime('%Y-%m-%d')} on {device_description(run.device)}, {run.precision}{weights}"
-    return Rates(load_s, sft_s, eval_s, dpo_prep_s, dpo_s, n_train, n_dev, source)
+    return Rates(load_s + start_s, sft_s, eval_s, dpo_prep_s, dpo_s, n_train, n_dev, source)
 
 
 def study_rates(configs: list[RunConfig], *, measure: bool = True, say=print) -> dict[str, Rates | None]:
@@ -141,7 +213,7 @@ def study_rates(configs: list[RunConfig], *, measure: bool = True, say=print) ->
         if out[key] is not None or not measure:
             continue
         what = f"{c.task_name or c.task} {c.model} {c.param}" + (f" pairs {c.pairs}" if c.task == "sonnet" else "")
-        say(f"measuring {what} on this machine (a few optimizer steps and one eval batch; cached) ...")
+        say(f"measuring {what} on this machine (a few batches of each stage, twice; cached) ...")
         quiet = logging.getLogger("sftdpo")
         level = quiet.level
         quiet.setLevel(logging.WARNING)  # the probe's own data and DPO lines would repeat the run's

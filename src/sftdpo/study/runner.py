@@ -20,7 +20,7 @@ from ..files import DirectoryBusy, DirLock, write_text_atomic
 from ..report import write_report
 from ..store import Store
 from ..system import format_duration
-from .cost import flop_seconds, format_disk, format_gpu_hours, study_disk, study_flops, study_seconds
+from .cost import data_sizes, flop_seconds, format_disk, format_gpu_hours, study_disk, study_flops, study_seconds
 from .index import RUN_FILE, clear_failure, index_run, index_study, read_run_file, record_failure, run_status, write_run_file
 from .local import run_local
 from .rates import study_rates
@@ -42,19 +42,21 @@ class StudyDir:
     def run_dir(self, name: str) -> Path:
         return self.out / "runs" / name
 
-    def estimates(self, runs: list[tuple[str, RunConfig]], rates: dict) -> dict[str, tuple[float, bool]]:
+    def estimates(self, runs: list[tuple[str, RunConfig]], rates: dict,
+                  flops: list[float] | None = None) -> dict[str, tuple[float, bool]]:
         """{run name: (estimated seconds on this machine, measured)}: from the measured `rates` of its
-        kind of run (rates.study_rates), else from its FLOP count."""
+        kind of run (rates.study_rates), else from its FLOP count (`flops`, or counted here)."""
         configs = [c for _, c in runs]
         seconds = study_seconds(configs, rates)
-        flops = study_flops(configs)
+        flops = flops or study_flops(configs, data_sizes(configs, rates))
         return {name: (s, True) if s is not None else (flop_seconds(f, c.device), False)
                 for (name, c), s, f in zip(runs, seconds, flops)}
 
     def dry_run(self, runs: list[tuple[str, RunConfig]], *, measure: bool = True) -> None:
         configs = [c for _, c in runs]
         rates = study_rates(configs, measure=measure)
-        est = self.estimates(runs, rates)
+        flops = study_flops(configs, data_sizes(configs, rates))
+        est = self.estimates(runs, rates, flops)
         print(f"{len(runs)} runs in study {self.spec.get('name')}; estimated time on this machine, one run at a time "
               "(shared SFT prefixes and the untrained model's evaluation charged once):")
         for src in sorted({r.source for r in rates.values() if r}):
@@ -66,7 +68,7 @@ class StudyDir:
             print(f"  {name:60s} {format_duration(s):>12s}{'' if measured else ' *'}")
         total = sum(s for s, _ in est.values())
         print(f"  {'total':60s} {format_duration(total):>12s}  (--jobs N: up to N times less, cores permitting)")
-        print(f"GPU: {format_gpu_hours(sum(study_flops(configs)))}")
+        print(f"GPU: {format_gpu_hours(sum(flops))}")
         print(format_disk(*study_disk(configs)))
 
     def prepare(self, runs: list[tuple[str, RunConfig]], estimates: dict[str, tuple[float, bool]]) -> None:

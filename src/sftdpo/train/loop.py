@@ -17,19 +17,19 @@ run: the hand-off is a point on the SFT trajectory, and studies can share that p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ..config import RunConfig, SftdpoError, cache_dir
-from ..data import data_fingerprint, load_task_data, resolve_data
+from ..data import TaskData, data_fingerprint, load_task_data, resolve_data
 from ..distributed import barrier, broadcast_from_main, is_distributed, sum_over_ranks
 from ..files import DirectoryBusy, DirLock, ensure_dir, stable_hash, write_json_atomic, write_text_atomic
 from ..models import (apply_lora, count_params, device_description, load_model, peak_memory_mb, resolve_device,
@@ -61,7 +61,7 @@ def choose_attention(model, device: torch.device) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-@dataclass
+@dataclasses.dataclass
 class EpochTraining:
     """What one epoch of training measured."""
 
@@ -81,10 +81,14 @@ class Run:
 
     def __init__(self, cfg: RunConfig, out: Path, *, prefixes: SFTPrefixes | None = None, rank: int = 0,
                  world_size: int = 1, on_checkpoint: Callable[[int], None] | None = None,
-                 loader: Callable[..., tuple[Any, Any]] | None = None) -> None:
+                 loader: Callable[..., tuple[Any, Any]] | None = None, data: TaskData | None = None) -> None:
         cfg = cfg.validate()
+        # examples given instead of read from cfg's sources: the study's speed probe times chosen rows
+        self.data = data
         # the run's identity covers the data it reads (data.resolve_data)
-        self.cfg = cfg if cfg.data_fingerprint else resolve_data(cfg)
+        if not cfg.data_fingerprint:
+            cfg = resolve_data(cfg) if data is None else dataclasses.replace(cfg, data_fingerprint=data_fingerprint(data))
+        self.cfg = cfg
         self.out = Path(out)
         self.prefixes = prefixes  # a study's shared SFT prefixes (prefix.py)
         self.on_checkpoint = on_checkpoint  # called with the epoch after each checkpoint is on disk
@@ -111,7 +115,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.model, self.tok = self.loader(cfg.model, seed=cfg.seed)
         choose_attention(self.model, self.device)
-        data = load_task_data(cfg)
+        data = self.data if self.data is not None else load_task_data(cfg)
         if data_fingerprint(data) != cfg.data_fingerprint:
             raise SftdpoError(f"the {cfg.task} data found now ({data.source}) is not the data this run was set up with "
                               f"(fingerprint {data_fingerprint(data)} != {cfg.data_fingerprint}): restore it, or start a "
