@@ -17,7 +17,8 @@ from sftdpo.data import load_task_data, subsample
 from sftdpo.store import Store
 from sftdpo.study import expand, run_study
 from sftdpo.study import rates as rates_mod
-from sftdpo.study.cost import data_sizes, estimate_flops, estimate_seconds, study_flops, study_seconds
+from sftdpo.study.cost import data_sizes, estimate_flops, estimate_seconds, flop_seconds, study_flops, study_seconds
+from sftdpo.system import format_duration
 from sftdpo.study.local import gpu_slots, threads_per_run
 from sftdpo.study.rates import Rates, length_groups, padding_factor, rate_key, study_rates
 from sftdpo.study.schedule import Progress, after_failure, calibrated_eta, dispatch, plan_prefix_waits
@@ -156,7 +157,7 @@ def test_estimate_counts_every_stage_once_and_shared_work_once():
     assert study_seconds([c], {}) == [None]
 
 
-def test_flop_fallback_counts_the_data_the_run_reads(tmp_path):
+def test_flop_fallback_counts_the_data_the_run_reads(cache, tmp_path, capsys):
     """Without measured rates the FLOP count uses the real sizes of a run's data (own tasks, --train
     files), not a table's guess; measured rates bring their own sizes; the paper's tasks on their
     default data assume the CS224N splits."""
@@ -173,9 +174,16 @@ def test_flop_fallback_counts_the_data_the_run_reads(tmp_path):
     sizes = data_sizes([small, big, qqp, default], {})
     assert sizes[:2] == [(8, 3), (32, 3)] and sizes[2] == (40, len(load_task_data(qqp).dev)) and sizes[3] is None
     assert data_sizes([default], {rate_key(default): RATES}) == [(1000, 400)]  # the probe counted them
-    # training dominates: four times the rows, about four times the FLOPs (the 3 dev prompts are the same)
+    # training dominates: four times the rows, about four times the FLOPs (3 dev prompts in both)
     assert estimate_flops(big, 0, sizes[1]) / estimate_flops(small, 0, sizes[0]) == pytest.approx(4, rel=0.15)
     assert study_flops([default]) == [estimate_flops(default, 0, (283_003, 40_429))]
+    # the dry-run without a probe prints that count (not the 10,000-row guess of a table)
+    spec = {"name": "own", "defaults": {**{k: getattr(big, k) for k in ("task", "model", "regime", "epochs",
+                                                                        "max_new_tokens", "train", "dev")}},
+            "grid": {"seed": [0]}}
+    run_study(spec, tmp_path / "dry", dry_run=True, probe=False)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("generate-"))
+    assert line.split()[-2] == format_duration(flop_seconds(estimate_flops(big, 0, (32, 3)), "cpu"))
 
 
 def test_probe_rows_are_padded_like_the_real_batches():
@@ -217,6 +225,41 @@ def test_probe_measures_the_real_pipeline_once_and_caches_it(cache, tmp_path, mo
     monkeypatch.setattr(rates_mod, "probe", lambda c: pytest.fail("probed twice"))
     assert study_rates([dataclasses.replace(c, lr=1.0, seed=3, epochs=5)])[rate_key(c)] == got  # same kind of run: the cache
     assert study_rates([dataclasses.replace(c, batch_size=2)], measure=False) == {rate_key(dataclasses.replace(c, batch_size=2)): None}
+
+
+def test_probe_figures_are_timed_seconds_times_padding_over_the_rows_timed(cache, tmp_path, monkeypatch):
+    """With every timing fixed at 2 s (0.5 s more on the first pass) and known padding factors, the
+    rates are exactly: seconds x factor / rows timed (3 length groups of a batch); the run's sizes are
+    the data's (--balance-labels: what a balanced run keeps; --pairs file: every pair of the file)."""
+    monkeypatch.setattr(rates_mod, "_timed", lambda device, fn: (fn(), (2.0, 0.5))[1])
+    factors = {"train": 1.5, "prep": 1.25, "dev": 1.1}
+    monkeypatch.setattr(rates_mod, "padding_factor", lambda lengths, n, size, rows, *, shuffle, micro=None:
+                        factors["train" if shuffle else "prep" if size == 8 and len(lengths) > 20 else "dev"])
+    lines = qqp_files(tmp_path, 40, 12)
+    rows = Path(lines["train"]).read_text().splitlines()
+    no = [r for r in rows[1:] if r.endswith("0.0")]
+    Path(lines["train"]).write_text("\n".join([rows[0]] + [r for r in rows[1:] if r.endswith("1.0")] + no[:5]) + "\n")
+    c = RunConfig(model="tiny-llama", batch_size=4, eval_batch_size=8, device="cpu", precision="fp32",
+                  balance_labels=True, **lines).validate()
+    r = rates_mod.probe(c)
+    n_dev = len(load_task_data(c).dev)
+    assert (r.n_train, r.n_dev, r.n_pairs) == (10, n_dev, None)  # 20 yes, 5 no: a balanced run keeps 5 of each
+    assert r.sft_s == pytest.approx(2.0 * 1.5 / 12) and r.dpo_s == pytest.approx(2.0 * 1.5 / 12)
+    assert r.eval_s == pytest.approx(2.0 * 1.1 / min(n_dev, 24)) and r.load_s > 0.5 and r.dpo_prep_s > 0
+
+    prompts = [{"prompt": f"Count from {i}:", "completion": f" {i + 1} {i + 2}"} for i in range(20)]
+    for name, part in (("train", prompts[:16]), ("dev", prompts[16:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in part))
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps({"prompt": f"Say {i}:", "chosen": f" {i}", "rejected": " no"})
+                                                  + "\n" for i in range(30)))
+    g = RunConfig(task="generate", model="tiny-llama", batch_size=4, eval_batch_size=8, max_new_tokens=4, device="cpu",
+                  precision="fp32", train=str(tmp_path / "train.jsonl"), dev=str(tmp_path / "dev.jsonl"),
+                  pairs=f"file:{tmp_path / 'prefs.jsonl'}").validate()
+    r = rates_mod.probe(g)
+    assert (r.n_train, r.n_dev, r.n_pairs) == (16, 4, 30)
+    assert r.dpo_s == pytest.approx(2.0 * 1.5 / 12)  # per pair: the probe trained on the file's first 12
+    dpo = dataclasses.replace(g, regime="dpo", epochs=1, eval_init=False).validate()
+    assert estimate_seconds(dpo, r) == pytest.approx(r.load_s + 30 * (r.dpo_prep_s + r.dpo_s) + 4 * r.eval_s)
 
 
 def _spec(tmp_path: Path) -> dict:

@@ -27,7 +27,7 @@ __all__ = ["GUTENBERG_SOURCE", "QQP_FORMATS", "ClassifyData", "ClassifyExample",
            "dedupe_against", "detect_qqp_format", "gutenberg_sonnets", "load_glue_qqp", "load_paraphrase_data",
            "load_sonnet_data", "load_task_data", "normalise_pair", "parse_gutenberg_sonnets", "qqp_available",
            "read_cs224n_sonnets", "read_qqp", "read_qqp_with_stats", "resolve_data", "split_cs224n_way", "subsample",
-           "write_cs224n_generations", "write_paraphrase_predictions"]
+           "training_size", "write_cs224n_generations", "write_paraphrase_predictions"]
 
 
 def load_task_data(cfg: RunConfig) -> TaskData:
@@ -58,15 +58,25 @@ def data_fingerprint(data: TaskData) -> str:
     return stable_hash(rows, 16)
 
 
+def training_size(cfg: RunConfig, data: TaskData) -> int:
+    """The training examples a run of `cfg` takes its cuts from (--max-train-examples, --data-fraction):
+    all of them, or with --balance-labels as many of each label as the rarest label has."""
+    return len(subsample(data.train, label=lambda e: e.label)) if cfg.balance_labels else len(data.train)
+
+
 def _absolute(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path else None
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    dataset = _absolute(cfg.dataset) if cfg.dataset and Path(cfg.dataset).expanduser().exists() else cfg.dataset
+    return dataclasses.replace(cfg, train=_absolute(cfg.train), dev=_absolute(cfg.dev), dataset=dataset)
 
 
 def resolve_data(cfg: RunConfig, memo: dict | None = None) -> RunConfig:
     """`cfg` with --train/--dev (and a local --dataset) made absolute, so `eval` and resume work from any
     directory, and `data_fingerprint` set from the examples they load. `memo` shares loads between configs."""
-    dataset = _absolute(cfg.dataset) if cfg.dataset and Path(cfg.dataset).expanduser().exists() else cfg.dataset
-    cfg = dataclasses.replace(cfg, train=_absolute(cfg.train), dev=_absolute(cfg.dev), dataset=dataset)
+    cfg = _absolute_paths(cfg)
     key = data_key(cfg)
     memo = {} if memo is None else memo
     if key not in memo:
@@ -80,5 +90,7 @@ _DATA_KEYS = ("task", "train", "dev", "dataset", "train_split", "dev_split", "id
 
 
 def data_key(cfg: RunConfig) -> str:
-    """Which examples `cfg` loads: configs with the same key read the same data."""
+    """Which examples `cfg` loads: configs with the same key read the same data (relative paths are
+    taken from the working directory, so a config before and after resolve_data has one key)."""
+    cfg = _absolute_paths(cfg)
     return stable_hash({k: getattr(cfg, k) for k in _DATA_KEYS})

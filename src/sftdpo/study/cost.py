@@ -4,7 +4,7 @@ machine from measured rates (rates.py), a FLOP count where no rate could be meas
 from __future__ import annotations
 
 from ..config import RunConfig, SftdpoError
-from ..data import data_key, load_task_data
+from ..data import data_key, load_task_data, training_size
 from .rates import Rates, rate_key
 
 # rough sizes used only by --dry-run; a real run measures everything
@@ -19,10 +19,11 @@ FLOPS_PER_S = {"cpu": 0.12e12, "cuda": 12e12}
 
 
 def data_sizes(runs: list[RunConfig], rates: dict[str, Rates | None]) -> list[tuple[int, int] | None]:
-    """Per run, (training, dev) examples of its data before any cut: from the measured rates of its
-    kind of run, else counted from the data (each source read once), else None (the paper's tasks on
-    their default data assume the CS224N splits; data that cannot be read is the run's error to report)."""
-    counted: dict[str, tuple[int, int] | None] = {}
+    """Per run, (training examples it takes its cuts from (data.training_size), dev examples): from the
+    measured rates of its kind of run, else counted from the data (each source read once), else None:
+    the paper's tasks on their default data assume the CS224N split sizes (GLUE QQP, read without a
+    data directory, has 29% more training pairs); data that cannot be read is the run's error to report."""
+    counted: dict[tuple[str, bool], tuple[int, int] | None] = {}
     out: list[tuple[int, int] | None] = []
     for c in runs:
         r = rates.get(rate_key(c))
@@ -32,11 +33,11 @@ def data_sizes(runs: list[RunConfig], rates: dict[str, Rates | None]) -> list[tu
         if c.task in _TRAIN_SIZE and not (c.train or c.dev):  # the data directory, or the hub: not read for a guess
             out.append(None)
             continue
-        key = data_key(c)
+        key = data_key(c), c.balance_labels
         if key not in counted:
             try:
                 data = load_task_data(c)
-                counted[key] = (len(data.train), len(data.dev))
+                counted[key] = (training_size(c, data), len(data.dev))
             except SftdpoError:
                 counted[key] = None
         out.append(counted[key])
@@ -70,8 +71,8 @@ def estimate_seconds(c: RunConfig, r: Rates, reused_sft_epochs: int = 0, init_ev
     n_dev = min(c.max_dev_examples or 10**9, r.n_dev)
     evals = c.epochs - reused_sft_epochs + (1 if c.eval_init and init_eval else 0)
     seconds = r.load_s + n_train * (c.sft_epochs - reused_sft_epochs) * r.sft_s + evals * n_dev * r.eval_s
-    if c.dpo_epochs:
-        seconds += n_train * (r.dpo_prep_s + c.dpo_epochs * r.dpo_s)
+    if c.dpo_epochs:  # on the training examples, or on every pair of a --pairs file
+        seconds += (n_train if r.n_pairs is None else r.n_pairs) * (r.dpo_prep_s + c.dpo_epochs * r.dpo_s)
     return seconds
 
 
