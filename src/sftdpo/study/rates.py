@@ -8,8 +8,9 @@ stage (pairs and reference log-probs) and a DPO epoch, plus the model and data l
 slice (and a classification dev slice) is PROBE_GROUPS batches of examples of near-equal length at
 evenly spaced quantiles of the data's lengths, so its batches are padded as the real run's
 length-bucketed ones are (a random 128-row slice padded to its longest row timed GPT-2's QQP
-evaluation at 6.5x the length-matched rate); the padding that remains between them (a run on few rows makes wide batches) scales the
-figures by padded tokens (padding_factor). Epochs and evaluation run twice, the second timed. The
+evaluation at 6.5x the length-matched rate); the padding that remains between them (a run on few
+rows makes wide batches) scales the figures by padded tokens (padding_factor). Epochs and
+evaluation run twice, the second timed. The
 seconds per example it finds are cached in `<cache>/rates/` per model/device/precision/threads, so
 only the first `--dry-run` pays for them (about 30-60 s per kind of run on a 2-core CPU; minutes
 where DPO pairs are sampled). `gpt2` without the hub is probed with random weights of the same
@@ -100,8 +101,9 @@ def length_groups(lengths: Sequence[int], size: int, k: int) -> list[int]:
 def padded_per_row(lengths: Sequence[int], batches: list[list[int]], micro: int | None = None) -> float:
     """Tokens per row, padding included, of `batches` (rows of `lengths`, in length order within each),
     each split into micro-batches of `micro` rows (Task.train_steps: padding is per micro-batch)."""
-    micro_batches = [b[i : i + (micro or len(b))] for b in batches for i in range(0, len(b), micro or len(b))]
-    return sum(len(m) * max(lengths[i] for i in m) for m in micro_batches) / max(1, sum(map(len, batches)))
+    size = micro or max(map(len, batches), default=1)
+    parts = [b[i : i + size] for b in batches for i in range(0, len(b), size)]
+    return sum(len(m) * max(lengths[i] for i in m) for m in parts) / max(1, sum(map(len, batches)))
 
 
 def padding_factor(lengths: Sequence[int], n: int, size: int, rows: list[int], *, shuffle: bool,
