@@ -17,6 +17,9 @@ import math
 
 import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
+from scipy.integrate import quad
+from scipy.optimize import brentq
+from scipy.stats import chi, nct, norm, ttest_1samp
 from scipy.stats import t as student_t
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -173,29 +176,45 @@ def _resample_sums(x: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.n
     return np.concatenate(out)
 
 
-def _classification_scores(name: str, pa: list[str], pb: list[str], ref: list[str],
-                           n_boot: int, rng: np.random.Generator) -> tuple[float, float, np.ndarray, np.ndarray]:
+def _statistics(name: str, preds: Sequence[str], refs: Sequence[str],
+                labels: Sequence[str] | None = None) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """Per-example sufficient statistics of a corpus metric and the function from their sums to the
+    metric: (x: n x d, score: (m x d) sums -> m values). Classification metrics: each example's one-hot
+    confusion cell over `labels` (give every system's labels so that systems share the cells); chrF:
+    sacreBLEU's own per-segment statistics. Any multiset of examples scores as score(counts @ x)."""
+    if name in ("accuracy", "macro_f1", "f1_positive"):
+        labels = sorted(set(labels or ()) | set(preds) | set(refs))
+        k = len(labels)
+        ix = {lab: i for i, lab in enumerate(labels)}
+        x = np.zeros((len(refs), k * k))
+        x[np.arange(len(refs)), np.array([ix[v] for v in preds], dtype=int) * k + np.array([ix[v] for v in refs], dtype=int)] = 1
+
+        def score(sums: np.ndarray) -> np.ndarray:
+            conf = sums.reshape(-1, k, k)
+            if name == "accuracy":
+                return np.trace(conf, axis1=1, axis2=2) / conf.sum(axis=(1, 2))
+            f1 = _f1_from_confusion(conf)
+            if name == "macro_f1":
+                return np.nanmean(f1, axis=1)
+            pos = ix.get("1")
+            return np.zeros(len(conf)) if pos is None else np.nan_to_num(f1[:, pos])
+
+        return x, score
+    if name == "chrf":
+        chrf, x = chrf_statistics(preds, refs)
+        return x, lambda sums: np.array([chrf._compute_f_score(list(row)) for row in sums])
+    raise SftdpoError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+
+
+def _paired_scores(name: str, pa: list[str], pb: list[str], ref: list[str],
+                   n_boot: int, rng: np.random.Generator) -> tuple[float, float, np.ndarray, np.ndarray]:
     labels = sorted(set(pa) | set(pb) | set(ref))
-    k = len(labels)
-    ix = {lab: i for i, lab in enumerate(labels)}
-    r = np.array([ix[v] for v in ref])
-    # one-hot confusion cell per example for each system: columns [A cells | B cells]
-    x = np.zeros((len(ref), 2 * k * k))
-    x[np.arange(len(ref)), np.array([ix[v] for v in pa]) * k + r] = 1
-    x[np.arange(len(ref)), k * k + np.array([ix[v] for v in pb]) * k + r] = 1
+    xa, score = _statistics(name, pa, ref, labels)
+    xb, _ = _statistics(name, pb, ref, labels)
+    d = xa.shape[1]  # columns [A cells | B cells], resampled together
+    x = np.hstack([xa, xb])
     sums = np.vstack([x.sum(axis=0, keepdims=True), _resample_sums(x, n_boot, rng)])
-    conf_a, conf_b = sums[:, :k * k].reshape(-1, k, k), sums[:, k * k:].reshape(-1, k, k)
-
-    def score(conf: np.ndarray) -> np.ndarray:
-        if name == "accuracy":
-            return np.trace(conf, axis1=1, axis2=2) / conf.sum(axis=(1, 2))
-        f1 = _f1_from_confusion(conf)
-        if name == "macro_f1":
-            return np.nanmean(f1, axis=1)
-        pos = ix.get("1")
-        return np.zeros(len(conf)) if pos is None else np.nan_to_num(f1[:, pos])
-
-    sa, sb = score(conf_a), score(conf_b)
+    sa, sb = score(sums[:, :d]), score(sums[:, d:])
     return float(sa[0]), float(sb[0]), sa[1:], sb[1:]
 
 
@@ -225,17 +244,8 @@ def paired_bootstrap(outputs_a: Sequence[tuple[str, str, str]], outputs_b: Seque
         raise SftdpoError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     rng = np.random.default_rng(seed)
     n = len(ref)
-    if name in ("accuracy", "macro_f1", "f1_positive"):
-        obs_a, obs_b, bs_a, bs_b = _classification_scores(name, _labels(pa), _labels(pb), _labels(ref), n_boot, rng)
-    elif name == "chrf":
-        chrf, st_a = chrf_statistics(pa, ref)
-        _, st_b = chrf_statistics(pb, ref)
-        d = st_a.shape[1]
-        sums = np.vstack([np.hstack([st_a, st_b]).sum(axis=0, keepdims=True),
-                          _resample_sums(np.hstack([st_a, st_b]), n_boot, rng)])
-        sa = np.array([chrf._compute_f_score(list(s[:d])) for s in sums])
-        sb = np.array([chrf._compute_f_score(list(s[d:])) for s in sums])
-        obs_a, obs_b, bs_a, bs_b = sa[0], sb[0], sa[1:], sb[1:]
+    if name in METRICS:
+        obs_a, obs_b, bs_a, bs_b = _paired_scores(name, _labels(pa), _labels(pb), _labels(ref), n_boot, rng)
     else:
         obs_a, obs_b = metric(pa, ref), metric(pb, ref)
         bs_a, bs_b = np.empty(n_boot), np.empty(n_boot)
@@ -248,3 +258,187 @@ def paired_bootstrap(outputs_a: Sequence[tuple[str, str, str]], outputs_b: Seque
     lo, hi = np.quantile(deltas, [0.025, 0.975])
     return {"delta": float(obs_a - obs_b), "p_value": float(min(1.0, max(p, 1 / (n_boot + 1)))),
             "ci_lo": float(lo), "ci_hi": float(hi), "n": n}
+
+
+# -- effects over seeds: the claims' tests ------------------------------------------------------
+# A claim compares conditions A and B over paired runs (one pair per seed). Two sources of noise
+# decide whether a difference is real: the dev set (a finite sample of examples) and training (the
+# seed). The bootstrap below measures the first, the t-test over the pairs' effects the second;
+# a claim is decided only where both reject (an intersection-union test: the larger p-value;
+# Berger 1982, Berger & Hsu 1996), so one lucky seed cannot decide anything.
+
+ALPHA = 0.05
+POWER = 0.8
+MIN_PAIRS = 3  # a t-test over seeds needs a variance: n - 1 >= 2 degrees of freedom
+# what a claim asserts about the effect A - B: greater (than 0), no greater than +margin, no less
+# than -margin, or equivalent (within +-margin; TOST)
+KINDS = ("greater", "no-greater-than", "no-less-than", "equivalent")
+
+
+def seeds_bootstrap(pairs: Sequence[tuple[Sequence[tuple[str, str, str]], Sequence[tuple[str, str, str]]]],
+                    metric: str, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """The effect metric(A) - metric(B) averaged over paired runs, and its bootstrap over dev examples.
+
+    `pairs`: per pair (seed) of runs, A's and B's dev outputs as (example_id, prediction, reference)
+    triples, aligned by id within the pair. Each run's metric is its corpus-level value (chrF is not a
+    mean over examples); the effect is the mean over pairs of the per-pair differences. Resampling is
+    a cluster bootstrap over dev examples: one draw of example ids, shared by every pair and both
+    systems, because the seeds are scored on the same dev set, so an example that is hard for every
+    seed is one piece of evidence, not one per seed (Davison & Hinkley 1997, §3.8; Field & Welsh 2007).
+    Pairs scored on other example ids (a different dev set) are drawn separately (a stratified
+    bootstrap, Davison & Hinkley §3.2). Returns effect, se (the sd of the resampled effects), the
+    resampled effects, each pair's effect and metric values, n (examples per pair, the smallest) and
+    groups (how many distinct dev sets)."""
+    if not pairs:
+        raise SftdpoError("seeds bootstrap: no pairs of runs to compare")
+    if metric not in METRICS:
+        raise SftdpoError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    aligned = []
+    for a, b in pairs:
+        a_ids = sorted({str(i) for i, _, _ in a})
+        pa, pb, ref = _align(a, b)
+        aligned.append((tuple(a_ids), _labels(pa), _labels(pb), _labels(ref)))
+    labels = sorted({v for _, pa, pb, ref in aligned for v in (*pa, *pb, *ref)})
+    rng = np.random.default_rng(seed)
+    values_a, values_b = np.empty((len(pairs), n_boot + 1)), np.empty((len(pairs), n_boot + 1))
+    groups: dict[tuple, list[int]] = {}
+    for j, (ids, *_rest) in enumerate(aligned):
+        groups.setdefault(ids, []).append(j)
+    for members in groups.values():
+        blocks, scores = [], []
+        for j in members:
+            _, pa, pb, ref = aligned[j]
+            xa, score = _statistics(metric, pa, ref, labels)
+            xb, _ = _statistics(metric, pb, ref, labels)
+            blocks += [xa, xb]
+            scores.append(score)
+        x = np.hstack(blocks)
+        sums = np.vstack([x.sum(axis=0, keepdims=True), _resample_sums(x, n_boot, rng)])
+        d = blocks[0].shape[1]
+        for k, (j, score) in enumerate(zip(members, scores)):
+            values_a[j] = score(sums[:, 2 * k * d:(2 * k + 1) * d])
+            values_b[j] = score(sums[:, (2 * k + 1) * d:(2 * k + 2) * d])
+    effects = (values_a - values_b).mean(axis=0)
+    return {"effect": float(effects[0]), "se": float(np.std(effects[1:], ddof=1)), "replicates": effects[1:],
+            "per_pair": [float(v) for v in values_a[:, 0] - values_b[:, 0]],
+            "a": [float(v) for v in values_a[:, 0]], "b": [float(v) for v in values_b[:, 0]],
+            "n": min(len(ids) for ids, *_ in aligned), "groups": len(groups)}
+
+
+def normal_p(effect: float, se: float, point: float, alternative: str) -> float:
+    """p-value of a z-test of the effect against `point` with the given standard error (the bootstrap's):
+    alternative "greater" (H1: effect > point), "less" or "two-sided"."""
+    if se <= 0:
+        return _degenerate_p(effect - point, alternative)
+    z = (effect - point) / se
+    return float({"greater": norm.sf(z), "less": norm.cdf(z), "two-sided": min(1.0, 2 * norm.sf(abs(z)))}[alternative])
+
+
+def t_p(values: Sequence[float], point: float, alternative: str) -> float:
+    """p-value of Student's one-sample t-test of the mean of `values` (per-pair effects) against
+    `point` (scipy's ttest_1samp; a paired t-test of A's and B's seed values when point = 0)."""
+    v = np.asarray(values, dtype=float)
+    if v.size < 2:
+        raise ValueError("a t-test needs at least two values")
+    if np.ptp(v) == 0:  # no spread: t is infinite (or undefined at the point itself)
+        return _degenerate_p(float(v[0]) - point, alternative)
+    return float(ttest_1samp(v, point, alternative=alternative).pvalue)
+
+
+def _degenerate_p(diff: float, alternative: str) -> float:
+    side = {"greater": diff > 0, "less": diff < 0, "two-sided": diff != 0}[alternative]
+    return 0.0 if side else 1.0
+
+
+def mde_normal(se: float, equivalence: bool = False, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Smallest effect a z-test with this standard error detects with probability `power`: for a
+    two-sided test at level alpha, (z(1 - alpha/2) + z(power)) * se (2.80 se at 0.05 / 80%). For an
+    equivalence claim (TOST, each one-sided test at alpha), the smallest margin it shows with that
+    power when the true effect is 0: (z(1 - alpha) + z(1 - (1 - power)/2)) * se (2.93 se)."""
+    if equivalence:
+        return float((norm.ppf(1 - alpha) + norm.ppf(1 - (1 - power) / 2)) * se)
+    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * se)
+
+
+def mde_t(sd: float, n: int, equivalence: bool = False, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The same for Student's t over n per-pair effects with standard deviation sd, exactly (not the
+    normal approximation, which is 5% optimistic at n = 3): the two-sided test's power from the
+    noncentral t distribution; TOST's at a true effect of 0 from the distribution of the sample sd
+    (its power is E[2 Phi(k - t(1 - alpha) s) - 1]^+ for a margin of k standard errors, s the sample sd
+    in units of the true one: Phillips 1990)."""
+    if n < 2:
+        raise ValueError("a t-test needs at least two values")
+    df = n - 1
+    if equivalence:
+        tc = student_t.ppf(1 - alpha, df)
+        s = chi(df, scale=1 / math.sqrt(df))  # the sample sd in units of the true sd
+
+        def pw(k: float) -> float:  # both one-sided tests reject iff |mean| < k - tc * s (0 beyond s = k / tc)
+            return float(quad(lambda x: (2 * norm.cdf(k - tc * x) - 1) * s.pdf(x), 0, k / tc)[0])
+    else:
+        tc = student_t.ppf(1 - alpha / 2, df)
+
+        def pw(k: float) -> float:
+            return float(nct.sf(tc, df, k) + nct.cdf(-tc, df, k))
+    k = brentq(lambda k: pw(k) - power, 0.0, tc + 10 if equivalence else tc + 4)
+    return float(k * sd / math.sqrt(n))
+
+
+def claim_test(kind: str, margin: float, effect: float, per_pair: Sequence[float], se: float | None = None,
+               alpha: float = ALPHA, power: float = POWER) -> dict[str, Any]:
+    """The test of one comparison of a claim (effect = A - B, in any units; a ratio as its log).
+
+    Sources: the dev-example bootstrap (`se`; None where the metric has no per-example outputs, e.g.
+    wall-clock) and Student's t over the per-pair effects (from MIN_PAIRS pairs). `p` is the largest
+    p-value of the sources (intersection-union); only with the t-test present does it decide.
+    Directional kinds test the effect against their point (greater: 0, no-greater-than: +margin,
+    no-less-than: -margin) two-sided, the sign of effect - point saying which way; `equivalent`
+    gives p (TOST: both one-sided tests at -margin and +margin, Schuirmann 1987) and p_against (the
+    effect beyond one margin, both sides tested: 2 * the smaller one-sided p). mde: the largest of
+    the sources' detectable effects (80% power; for `equivalent` the smallest margin shown)."""
+    if kind not in KINDS:
+        raise SftdpoError(f"unknown claim kind {kind!r}; known: {', '.join(KINDS)}")
+    n = len(per_pair)
+    tests: dict[str, Callable[[float, str], float]] = {}
+    if se is not None:
+        tests["examples"] = lambda point, alt: normal_p(effect, se, point, alt)
+    if n >= MIN_PAIRS:
+        tests["seeds"] = lambda point, alt: t_p(per_pair, point, alt)
+    equiv = kind == "equivalent"
+    out: dict[str, Any] = {"kind": kind, "effect": effect, "n_pairs": n, "decides": "seeds" in tests,
+                           "point": {"greater": 0.0, "no-greater-than": margin, "no-less-than": -margin,
+                                     "equivalent": 0.0}[kind]}
+    by_source = {}
+    for name, p in tests.items():
+        if equiv:
+            by_source[name] = (max(p(-margin, "greater"), p(margin, "less")),
+                               min(1.0, 2 * min(p(-margin, "less"), p(margin, "greater"))))
+        else:
+            by_source[name] = (p(out["point"], "two-sided"), None)
+    out["p_sources"] = {k: v[0] for k, v in by_source.items()}
+    out["p"] = max((v[0] for v in by_source.values()), default=None)
+    out["p_against"] = max((v[1] for v in by_source.values()), default=None) if equiv else None
+    mdes = {}
+    if se is not None:
+        mdes["examples"] = mde_normal(se, equiv, alpha, power)
+    if n >= MIN_PAIRS:
+        mdes["seeds"] = mde_t(float(np.std(per_pair, ddof=1)), n, equiv, alpha, power)
+    out["mde_sources"] = mdes
+    out["mde"] = max(mdes.values(), default=None)
+    return out
+
+
+def claim_verdict(test: dict[str, Any], p_holm: float | None, p_holm_against: float | None = None,
+                  alpha: float = ALPHA) -> str:
+    """supported / contradicted / undecided for one tested comparison, from its Holm-adjusted p-values
+    (claim_test's p, and p_against for an equivalence claim)."""
+    if not test["decides"] or p_holm is None:
+        return "undecided"
+    if test["kind"] == "equivalent":
+        if p_holm < alpha:
+            return "supported"
+        return "contradicted" if p_holm_against is not None and p_holm_against < alpha else "undecided"
+    if p_holm >= alpha:
+        return "undecided"
+    above = test["effect"] > test["point"]
+    return "supported" if above == (test["kind"] != "no-greater-than") else "contradicted"

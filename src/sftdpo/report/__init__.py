@@ -11,6 +11,7 @@ adjustment when several are shown). Paper numbers are shown only when the backbo
   tables.py   the tables                 figures.py  the figures
   paper.py    the paper's numbers        setup.py    what a reader needs to rerun the study
   sweep.py    DPO hyper-parameter and hand-off sweeps: heat maps, metric vs k, selected settings
+  claims.py   the paper's claims (a spec's `claims:`) tested: the Claims section, first
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from ..config import SftdpoError
 from ..files import write_text_atomic
 from ..store import Store
+from .claims import claims_section
 from .figures import figure_fft_vs_lora, figure_handoff, save
 from .paper import PAPER
 from .results import StudyResults
@@ -158,6 +160,7 @@ def _write(study_dir: Path, study: StudyResults) -> Path:
           "fields except the seed). Cells over seeds: each seed's value with one or two seeds (n=1, n=2); from "
           f"{MIN_SEEDS_FOR_INTERVAL} seeds, mean ± std [{INTERVAL_NAME}] (n seeds). Accuracy/F1 in percent, "
           "chrF and BLEU 0–100.")
+    claims_section(doc, study, study_dir, out_dir)  # first: what the study says about the paper's claims
     runs_section(doc, study)
 
     def emit(heading: str, table: Table | None, missing: str) -> None:

@@ -20,6 +20,7 @@ from ..files import DirectoryBusy, DirLock, write_text_atomic
 from ..report import write_report
 from ..store import Store
 from ..system import format_duration
+from .claims import print_claims_plan
 from .cost import data_sizes, flop_seconds, format_disk, format_gpu_hours, study_disk, study_flops, study_seconds
 from .index import RUN_FILE, clear_failure, index_run, index_study, read_run_file, record_failure, run_status, write_run_file
 from .local import run_local
@@ -70,6 +71,7 @@ class StudyDir:
         print(f"  {'total':60s} {format_duration(total):>12s}  (--jobs N: up to N times less, cores permitting)")
         print(f"GPU: {format_gpu_hours(sum(flops))}")
         print(format_disk(*study_disk(configs)))
+        print_claims_plan(self.spec, configs, rates)
 
     def prepare(self, runs: list[tuple[str, RunConfig]], estimates: dict[str, tuple[float, bool]]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)

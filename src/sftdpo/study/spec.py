@@ -4,7 +4,8 @@ A spec is `defaults` (RunConfig fields) + `grid` (field -> list of values; a val
 mapping that sets several fields at once, e.g. `{param: lora, lora_rank: 8}`) + `overrides`
 (`{when: {field: value}, set: {...}}`, applied in order) + `exclude` (partial matches dropped).
 Fields that cannot matter for a run (config.irrelevant_fields) are reset to their defaults, so the
-grid never trains the same run twice; every run is identified by its config hash.
+grid never trains the same run twice; every run is identified by its config hash. `claims:` declares
+the comparisons the report tests (report/claims.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import yaml
 
 from ..config import FIELD_TYPES, RunConfig, SftdpoError, coerce_field, task_definition
 from ..data import resolve_data
+from ..report.claims import parse_claims
 
 SHIPPED_SPECS = ("quick", "paper", "own-tasks", "dpo-sweep", "dpo-sweep-quick")
 _DEFAULTS = RunConfig()
@@ -46,7 +48,8 @@ def load_spec(spec: str) -> dict:
         raise SftdpoError(f"study spec {spec} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(d, dict):
         raise SftdpoError(f"study spec {spec} must be a mapping with defaults/grid/overrides")
-    unknown = set(d) - {"name", "description", "defaults", "grid", "overrides", "exclude", "order", "tasks", "aliases"}
+    unknown = set(d) - {"name", "description", "defaults", "grid", "overrides", "exclude", "order", "tasks", "aliases",
+                        "claims"}
     if unknown:
         raise SftdpoError(f"study spec {spec}: unknown key(s) {', '.join(sorted(unknown))}")
     d.setdefault("name", name)
@@ -98,6 +101,7 @@ def check_spec(spec: dict) -> None:
             keys = set(v) if isinstance(v, dict) else {axis}
             if keys - fields:
                 raise bad(f"grid axis {axis!r} sets {', '.join(sorted(map(str, keys - fields)))}, not a config field")
+    parse_claims(spec.get("claims"), f"study spec {name}")  # pre-registered comparisons (report/claims.py)
     for kind in ("overrides", "exclude"):
         items = spec.get(kind) or []
         if not isinstance(items, list):
