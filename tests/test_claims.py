@@ -226,9 +226,10 @@ def test_effect_and_cluster_bootstrap_against_hand_computation(tmp_path):
         acc_a.append(extra.mean() * 100)
         acc_b.append(base / N * 100)
     [comp] = comparisons(claim(), st.results().conditions)
-    [(_, [res])] = evaluate_study(parse_claims({"define": {"c": {
+    [o] = evaluate_study(parse_claims({"define": {"c": {
         "says": "x", "a": {"param": "fft"}, "b": {"param": "lora"}, "vary": ["lora_rank", "lr"],
         "metric": "accuracy", "kind": "greater"}}}, "t"), st.results())
+    [res] = o.results
     t = res.test
     d = np.array(acc_a) - np.array(acc_b)
     assert t["effect"] == pytest.approx(d.mean(), abs=1e-9) and res.a == pytest.approx(acc_a)
@@ -243,6 +244,7 @@ def test_effect_and_cluster_bootstrap_against_hand_computation(tmp_path):
     assert t["p_sources"]["examples"] == pytest.approx(2 * sps.norm.sf(t["effect"] / boot_se), rel=1e-9)
     assert t["p_sources"]["seeds"] == pytest.approx(sps.ttest_rel(acc_a, acc_b).pvalue, rel=1e-9)
     assert t["p"] == max(t["p_sources"].values()) and t["decides"]
+    assert o.p == t["p"] and o.p_holm == t["p"]  # one claim, one comparison: nothing to adjust
     assert comp.label == "FFT vs LoRA r=8 (SFT)"
 
 
@@ -262,33 +264,53 @@ def test_chrf_effect_is_sacrebleu_corpus_chrf_per_seed(tmp_path):
         st.add([(f"s{i}", b, r) for i, (b, r) in enumerate(zip(bad, refs))], task="sonnet", model="gpt2", epochs=2,
                param="lora", lr=5e-4, seed=seed)
         diffs.append(corpus_chrf(good, refs) - corpus_chrf(bad, refs))
-    [(_, [res])] = evaluate_study(parse_claims({"define": {"c": {
+    [o] = evaluate_study(parse_claims({"define": {"c": {
         "says": "x", "a": {"param": "fft"}, "b": {"param": "lora"}, "vary": ["lora_rank", "lr"],
         "metric": "chrf", "kind": "greater"}}}, "t"), st.results())
+    [res] = o.results
     assert res.test["effect"] == pytest.approx(np.mean(diffs), abs=1e-9)
     assert res.test["p_sources"]["seeds"] == pytest.approx(sps.ttest_1samp(diffs, 0).pvalue, rel=1e-9)
 
 
-def test_holm_over_every_claim_matches_statsmodels(tmp_path):
-    """Holm's adjustment runs over every deciding test of the report, the equivalence claim's two tests
-    included, in the order of the report: catches no adjustment, an adjustment per claim, Bonferroni."""
+def test_holm_across_claims_matches_statsmodels(tmp_path):
+    """Holm's adjustment runs across the claims, one p each (a directional claim's two-sided p, an
+    equivalence claim's smaller of TOST and its contrary), in the report's order: catches no adjustment,
+    Bonferroni, and a family of every comparison instead of every claim."""
     st = Study(tmp_path)
     for seed, (a, b, c) in enumerate([(300, 290, 295), (310, 290, 301), (305, 291, 290), (296, 292, 300)]):
         st.add(outputs(right_on(a)), **PARA, param="fft", seed=seed)
         st.add(outputs(right_on(b)), **PARA, param="lora", lr=5e-4, seed=seed)
         st.add(outputs(right_on(c)), **PARA, regime="dpo", param="fft", seed=seed)
+        st.add(outputs(right_on(c - 3)), **PARA, regime="dpo", param="lora", lr=5e-4, seed=seed)
     cs = parse_claims({"define": {
         "c1": {"says": "x", "a": {"param": "fft"}, "b": {"param": "lora"}, "vary": ["lora_rank", "lr"],
                "metric": "accuracy", "kind": "greater"},
         "c3": {"says": "y", "a": {"regime": "dpo"}, "b": {"regime": "sft"}, "vary": ["lr"],
                "metric": "accuracy", "kind": "equivalent", "margin": 1.5}}}, "t")
-    results = [r for _, rs in evaluate_study(cs, st.results()) for r in rs]
-    raw = [p for r in results for p in ([r.test["p"], r.test["p_against"]] if r.test["kind"] == "equivalent"
-                                        else [r.test["p"]])]
-    assert len(raw) == 3
-    want = multipletests(raw, method="holm")[1]
-    got = [p for r in results for p in ([r.p_holm, r.p_holm_against] if r.test["kind"] == "equivalent" else [r.p_holm])]
-    assert got == pytest.approx(want, rel=1e-12)
+    o1, o3 = evaluate_study(cs, st.results())
+    assert len(o1.results) == 2 and len(o3.results) == 2  # SFT and DPO-only; FFT and LoRA
+    t3 = [r.test for r in o3.results]
+    assert o3.p == pytest.approx(min(max(t["p_support"] for t in t3), 2 * min(t["p_contradict"] for t in t3)))
+    assert [o1.p_holm, o3.p_holm] == pytest.approx(multipletests([o1.p, o3.p], method="holm")[1], rel=1e-12)
+
+
+def test_a_claim_is_supported_only_when_every_comparison_supports():
+    """A claim's p over its comparisons: supported needs each one (the largest one-sided p, doubled as a
+    two-sided test's), contradicted needs one (the smallest, times the deciding comparisons), a comparison
+    that cannot decide counts against support. Catches "any comparison supports" (a union where the claim
+    is universal) and a contradiction read off many comparisons without adjustment."""
+    from sftdpo.stats import claim_p
+
+    strong = claim_test("greater", 0.0, 2.0, [1.9, 2.1, 2.0, 2.2])
+    weak = claim_test("greater", 0.0, 0.5, [0.1, 0.9, -0.2, 1.2])
+    against = claim_test("greater", 0.0, -1.0, [-0.9, -1.1, -1.0, -1.2])
+    one_seed = claim_test("greater", 0.0, 3.0, [3.0])
+    p, way = claim_p([strong, weak])
+    assert way == "supported" and p == pytest.approx(2 * weak["p_support"]) and p > 2 * strong["p_support"]
+    p, way = claim_p([strong, against])
+    assert way == "contradicted" and p == pytest.approx(2 * 2 * against["p_contradict"])
+    assert claim_p([strong, one_seed])[0] == 1.0  # the one-seed comparison cannot support: nor can the claim
+    assert claim_p([one_seed]) is None
 
 
 @pytest.mark.parametrize("shift,noise,verdict", [(0.25, 0.3, "supported"), (4.0, 0.3, "contradicted"),
@@ -311,8 +333,9 @@ def test_tost_equivalence_verdicts(tmp_path, shift, noise, verdict):
         b_acc.append(k_b / n * 100)
     cs = parse_claims({"define": {"c3": {"says": "y", "a": {"regime": "dpo"}, "b": {"regime": "sft"}, "vary": ["lr"],
                                          "metric": "accuracy", "kind": "equivalent", "margin": 1.5}}}, "t")
-    [(_, [res])] = evaluate_study(cs, st.results())
-    assert res.verdict == verdict
+    [o] = evaluate_study(cs, st.results())
+    [res] = o.results
+    assert o.verdict == verdict
     assert res.test["p_sources"]["seeds"] == pytest.approx(ttost_paired(np.array(a_acc), np.array(b_acc), -1.5, 1.5)[0],
                                                            rel=1e-9)
 
@@ -330,11 +353,12 @@ def test_claim_test_kinds_and_wall_clock_ratio(tmp_path):
     cs = parse_claims({"define": {"c5": {"says": "z", "a": {"param": "lora"}, "b": {"param": "fft"},
                                          "vary": ["lora_rank", "lr"], "metric": "wall_clock_per_epoch_s",
                                          "effect": "ratio", "kind": "no-less-than", "margin": 0.1, "pool": ["device"]}}}, "t")
-    [(_, [res])] = evaluate_study(cs, st.results())
+    [o] = evaluate_study(cs, st.results())
+    [res] = o.results
     logs = np.log(ratios)
     assert math.exp(res.test["effect"]) == pytest.approx(np.exp(logs.mean()))
     assert res.test["p"] == pytest.approx(sps.ttest_1samp(logs, math.log(0.9)).pvalue, rel=1e-9)
-    assert res.verdict == "supported"
+    assert o.verdict == "supported"
     # the directional kinds against their points, on one set of per-pair effects
     eff = [1.0, 1.4, 0.8, 1.2]
     for kind, margin, point in (("greater", 0.0, 0.0), ("no-greater-than", 0.5, 0.5), ("no-less-than", 0.5, -0.5)):
@@ -404,9 +428,10 @@ def test_observed_detectable_effect_matches_the_assumed_one(tmp_path):
         b[flips[100:]] = False
         st.add(outputs(a, refs), **PARA, param="fft", seed=seed)
         st.add(outputs(b, refs), **PARA, param="lora", lr=5e-4, seed=seed)
-    [(c, [res])] = evaluate_study(parse_claims({"define": {"c": {
+    [o] = evaluate_study(parse_claims({"define": {"c": {
         "says": "x", "a": {"param": "fft"}, "b": {"param": "lora"}, "vary": ["lora_rank", "lr"],
         "metric": "accuracy", "kind": "greater"}}}, "t"), st.results())
+    c, [res] = o.claim, o.results
     boot_assumed = mde_normal(math.sqrt(0.2 * 100 ** 2 / (3 * n)))
     assert res.test["mde_sources"]["examples"] == pytest.approx(boot_assumed, rel=0.08)
     lines = plan_lines(parse_claims({"define": {"c": {

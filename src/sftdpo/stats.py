@@ -389,13 +389,14 @@ def claim_test(kind: str, margin: float, effect: float, per_pair: Sequence[float
     """The test of one comparison of a claim (effect = A - B, in any units; a ratio as its log).
 
     Sources: the dev-example bootstrap (`se`; None where the metric has no per-example outputs, e.g.
-    wall-clock) and Student's t over the per-pair effects (from MIN_PAIRS pairs). `p` is the largest
-    p-value of the sources (intersection-union); only with the t-test present does it decide.
+    wall-clock) and Student's t over the per-pair effects (from MIN_PAIRS pairs). Each p-value is the
+    largest of the sources' (intersection-union), and only with the t-test present does it decide.
     Directional kinds test the effect against their point (greater: 0, no-greater-than: +margin,
-    no-less-than: -margin) two-sided, the sign of effect - point saying which way; `equivalent`
-    gives p (TOST: both one-sided tests at -margin and +margin, Schuirmann 1987) and p_against (the
-    effect beyond one margin, both sides tested: 2 * the smaller one-sided p). mde: the largest of
-    the sources' detectable effects (80% power; for `equivalent` the smallest margin shown)."""
+    no-less-than: -margin): p_support and p_contradict are the one-sided p-values towards and against
+    the claim, p the two-sided one. `equivalent`: p = p_support is TOST's (both one-sided tests at
+    -margin and +margin, Schuirmann 1987), p_contradict that the effect lies beyond one margin (both
+    sides tested: twice the smaller one-sided p). mde: the largest of the sources' detectable effects
+    (80% power, two-sided; for `equivalent` the smallest margin shown)."""
     if kind not in KINDS:
         raise SftdpoError(f"unknown claim kind {kind!r}; known: {', '.join(KINDS)}")
     n = len(per_pair)
@@ -405,40 +406,54 @@ def claim_test(kind: str, margin: float, effect: float, per_pair: Sequence[float
     if n >= MIN_PAIRS:
         tests["seeds"] = lambda point, alt: t_p(per_pair, point, alt)
     equiv = kind == "equivalent"
-    out: dict[str, Any] = {"kind": kind, "effect": effect, "n_pairs": n, "decides": "seeds" in tests,
-                           "point": {"greater": 0.0, "no-greater-than": margin, "no-less-than": -margin,
-                                     "equivalent": 0.0}[kind]}
-    by_source = {}
+    point = {"greater": 0.0, "no-greater-than": margin, "no-less-than": -margin, "equivalent": 0.0}[kind]
+    towards = "less" if kind == "no-greater-than" else "greater"
+    away = "greater" if towards == "less" else "less"
+    sources = {}
     for name, p in tests.items():
         if equiv:
-            by_source[name] = (max(p(-margin, "greater"), p(margin, "less")),
-                               min(1.0, 2 * min(p(-margin, "less"), p(margin, "greater"))))
+            sources[name] = (max(p(-margin, "greater"), p(margin, "less")),
+                             min(1.0, 2 * min(p(-margin, "less"), p(margin, "greater"))))
         else:
-            by_source[name] = (p(out["point"], "two-sided"), None)
-    out["p_sources"] = {k: v[0] for k, v in by_source.items()}
-    out["p"] = max((v[0] for v in by_source.values()), default=None)
-    out["p_against"] = max((v[1] for v in by_source.values()), default=None) if equiv else None
+            sources[name] = (p(point, towards), p(point, away))
+    sup = max((v[0] for v in sources.values()), default=None)
+    con = max((v[1] for v in sources.values()), default=None)
     mdes = {}
     if se is not None:
         mdes["examples"] = mde_normal(se, equiv, alpha, power)
     if n >= MIN_PAIRS:
         mdes["seeds"] = mde_t(float(np.std(per_pair, ddof=1)), n, equiv, alpha, power)
-    out["mde_sources"] = mdes
-    out["mde"] = max(mdes.values(), default=None)
-    return out
+    return {"kind": kind, "effect": effect, "point": point, "n_pairs": n, "decides": "seeds" in tests,
+            "p_support": sup, "p_contradict": con,
+            "p": sup if equiv or sup is None else min(1.0, 2 * min(sup, con)),
+            "p_sources": {k: v[0] if equiv else min(1.0, 2 * min(v)) for k, v in sources.items()},
+            "mde_sources": mdes, "mde": max(mdes.values(), default=None)}
 
 
-def claim_verdict(test: dict[str, Any], p_holm: float | None, p_holm_against: float | None = None,
-                  alpha: float = ALPHA) -> str:
-    """supported / contradicted / undecided for one tested comparison, from its Holm-adjusted p-values
-    (claim_test's p, and p_against for an equivalence claim)."""
-    if not test["decides"] or p_holm is None:
-        return "undecided"
+def reading(test: dict[str, Any], alpha: float = ALPHA) -> str:
+    """What one comparison says on its own, unadjusted: supports / contradicts / neither; "no verdict"
+    when it cannot decide (fewer than MIN_PAIRS pairs)."""
+    if not test["decides"]:
+        return "no verdict"
     if test["kind"] == "equivalent":
-        if p_holm < alpha:
-            return "supported"
-        return "contradicted" if p_holm_against is not None and p_holm_against < alpha else "undecided"
-    if p_holm >= alpha:
-        return "undecided"
-    above = test["effect"] > test["point"]
-    return "supported" if above == (test["kind"] != "no-greater-than") else "contradicted"
+        return "supports" if test["p_support"] < alpha else "contradicts" if test["p_contradict"] < alpha else "neither"
+    if test["p"] >= alpha:
+        return "neither"
+    return "supports" if test["p_support"] < test["p_contradict"] else "contradicts"
+
+
+def claim_p(tests: list[dict[str, Any]]) -> tuple[float, str] | None:
+    """One p-value for a claim over its comparisons, and which way it points (supported or contradicted);
+    None when no comparison can decide. A claim holds for each comparison it makes: supported only when
+    every one supports (intersection-union, the largest p_support; a comparison that cannot decide
+    counts as p = 1), contradicted when any one contradicts (Bonferroni over the deciding ones). The
+    claim's p is the smaller of the two, doubled for a directional claim as a two-sided test's is (for
+    one comparison it is that comparison's two-sided p); an equivalence claim's two alternatives
+    exclude each other (TOST's p stands as is). Holm's adjustment across claims takes it from here."""
+    deciding = [t for t in tests if t["decides"]]
+    if not deciding:
+        return None
+    sup = max(t["p_support"] if t["decides"] else 1.0 for t in tests)
+    con = min(1.0, len(deciding) * min(t["p_contradict"] for t in deciding))
+    p = min(sup, con) if tests[0]["kind"] == "equivalent" else min(1.0, 2 * min(sup, con))
+    return p, "supported" if sup <= con else "contradicted"

@@ -8,7 +8,8 @@ conditions by config fields (`a`, `b`), the fields in which paired runs may diff
 paper's numbers (report/paper.py). Runs pair when every other field that can change a result is
 equal, the seed included; conditions compared that way form one comparison (or, with `pool`, every
 such pair of runs on one device). Tests: stats.seeds_bootstrap over dev examples and Student's t over
-the pairs, both required (stats.claim_test), Holm's adjustment over every test of the report.
+the pairs, both required (stats.claim_test); one p-value per claim over its comparisons (stats.claim_p)
+and Holm's adjustment across the claims.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import yaml
 
 from ..config import FIELD_TYPES, TASK_KIND, RunConfig, SftdpoError, coerce_field
-from ..stats import (ALPHA, KINDS, METRICS, MIN_PAIRS, POWER, claim_test, claim_verdict, holm, mde_normal, mde_t,
+from ..stats import (ALPHA, KINDS, METRICS, MIN_PAIRS, POWER, claim_p, claim_test, holm, mde_normal, mde_t, reading,
                      seeds_bootstrap, t_interval)
 from .paper import PAPER, _paper_entry
 from .results import NON_CONDITION, Condition, StudyResults, _cond_key, _fmt_value, param_label, regime_label
@@ -409,10 +410,24 @@ class Result:
     test: dict | None
     ci_examples: tuple[float, float] | None = None
     ci_seeds: tuple[float, float] | None = None
-    p_holm: float | None = None
-    p_holm_against: float | None = None
-    verdict: str = "undecided"
     reason: str = ""
+
+
+@dataclass
+class Outcome:
+    """A claim's comparisons and its verdict: p over the comparisons (stats.claim_p), Holm-adjusted
+    across the claims of the report."""
+
+    claim: Claim
+    results: list[Result]
+    p: float | None = None
+    direction: str | None = None
+    p_holm: float | None = None
+    verdict: str = "undecided"
+
+    @property
+    def tested(self) -> list[Result]:
+        return [r for r in self.results if r.test is not None]
 
 
 def _margin(claim: Claim) -> float:
@@ -461,37 +476,17 @@ def evaluate(comp: Comparison, study: StudyResults) -> Result:
     return res
 
 
-def adjust(results: list[Result]) -> None:
-    """Holm's adjustment over every deciding test of the report (an equivalence claim's TOST and its
-    contradiction test both count), then each verdict."""
-    ps: list[float] = []
-    for r in results:
-        if r.test and r.test["decides"]:
-            ps.append(r.test["p"])
-            if r.test["kind"] == "equivalent":
-                ps.append(r.test["p_against"])
-    adjusted = iter(holm(ps))
-    for r in results:
-        if r.test and r.test["decides"]:
-            r.p_holm = next(adjusted)
-            if r.test["kind"] == "equivalent":
-                r.p_holm_against = next(adjusted)
-            r.verdict = claim_verdict(r.test, r.p_holm, r.p_holm_against)
-
-
-def claim_verdict_of(results: list[Result]) -> str:
-    """A claim holds for every comparison it makes: supported when all are, contradicted when any is."""
-    verdicts = [r.verdict for r in results]
-    if "contradicted" in verdicts:
-        return "contradicted"
-    if verdicts and all(v == "supported" for v in verdicts):
-        return "supported"
-    return "undecided"
-
-
-def evaluate_study(claims: ClaimSet, study: StudyResults) -> list[tuple[Claim, list[Result]]]:
-    out = [(c, [evaluate(comp, study) for comp in comparisons(c, study.conditions)]) for c in claims.claims]
-    adjust([r for _, rs in out for r in rs])
+def evaluate_study(claims: ClaimSet, study: StudyResults) -> list[Outcome]:
+    """Every claim's comparisons tested, one p per claim, Holm's adjustment across the claims, verdicts."""
+    out = [Outcome(c, [evaluate(comp, study) for comp in comparisons(c, study.conditions)]) for c in claims.claims]
+    for o in out:
+        cp = claim_p([r.test for r in o.tested]) if o.tested else None
+        if cp is not None:
+            o.p, o.direction = cp
+    decided = [o for o in out if o.p is not None]
+    for o, p in zip(decided, holm([o.p for o in decided])):
+        o.p_holm = p
+        o.verdict = o.direction if p < ALPHA else "undecided"
     return out
 
 
@@ -558,58 +553,63 @@ def _paper_side(match: dict) -> str:
 
 
 def _mde_range(claim: Claim, results: list[Result], metric: str) -> str:
-    v = [r.test["mde"] for r in results if r.comparison.metric == metric and r.test and r.test["mde"] is not None]
+    v = [r.test["mde"] for r in results if r.comparison.metric == metric and r.test["mde"] is not None]
     lo, hi = min(v), max(v)
     span = _fmt_mde(claim, metric, lo) if lo == hi else f"{_fmt_mde(claim, metric, lo)} to {_fmt_mde(claim, metric, hi)}"
     return f"{_TITLES.get(metric, metric)}: {span}"
 
 
-def claims_tables(evaluated: list[tuple[Claim, list[Result]]], source: str) -> tuple[Table, Table | None]:
-    """(one row per claim, one row per tested comparison)."""
+def claims_tables(outcomes: list[Outcome], source: str) -> tuple[Table, Table | None]:
+    """(one row per claim: the paper's numbers, p, p_Holm, verdict, detectable effect; one row per
+    comparison: ours, the effect with its intervals, the test, p, detectable effect, its reading)."""
     summary, rows = [], []
-    for claim, results in evaluated:
-        counts = {v: sum(r.verdict == v for r in results) for v in VERDICTS}
-        detect = "; ".join(_mde_range(claim, results, m) for m in dict.fromkeys(r.comparison.metric for r in results
-                                                                                 if r.test and r.test["mde"] is not None))
-        if results:
-            tested = f"{len(results)}: " + ", ".join(f"{counts[v]} {VERDICTS[v]}" for v in VERDICTS if counts[v])
+    for o in outcomes:
+        claim = o.claim
+        metrics = dict.fromkeys(r.comparison.metric for r in o.tested if r.test["mde"] is not None)
+        detect = "; ".join(_mde_range(claim, o.tested, m) for m in metrics) or "—"
+        readings = [reading(r.test) for r in o.tested]
+        counts = ", ".join(f"{readings.count(k)} {k}" for k in ("supports", "contradicts", "neither", "no verdict")
+                           if readings.count(k))
+        tested = f"{len(o.results)}: {counts}" if o.results else "none: no runs of the study match"
+        if len(o.tested) < len(o.results):
+            tested += f", {len(o.results) - len(o.tested)} not tested"
+        if not o.results:
+            verdict = "not tested"
+        elif o.p is None:
+            verdict = VERDICTS["undecided"] + f" (fewer than {MIN_PAIRS} paired seeds)"
         else:
-            tested = "none: no runs of the study match"
-        verdict = VERDICTS[claim_verdict_of(results)] if results else "not tested"
-        summary.append([claim.number, claim.says, _paper_text(claim), tested, verdict, detect or "—"])
-        for r in results:
+            verdict = VERDICTS[o.verdict]
+        summary.append([claim.number, claim.says, _paper_text(claim), tested, "—" if o.p is None else _fmt_p(o.p),
+                        "—" if o.p_holm is None else _fmt_p(o.p_holm), verdict, detect])
+        for r in o.results:
             comp, t = r.comparison, r.test
             metric = comp.metric
             where = f"{comp.task}" + (f" on {comp.device}" if comp.device else "")
             if t is None:
                 rows.append([claim.number, f"{where}: {comp.label}", _TITLES.get(metric, metric), "—", "—", "—",
-                             _test_name(claim, metric), "—", "—", "—", f"not tested: {r.reason}"])
+                             _test_name(claim, metric), "—", "—", f"not tested: {r.reason}"])
                 continue
-            eff = _fmt_effect(claim, metric, t["effect"])
             cis = []
             if r.ci_examples:
                 cis.append("[" + ", ".join(_fmt_effect(claim, metric, v) for v in r.ci_examples) + "] examples")
             if r.ci_seeds and t["n_pairs"] >= MIN_PAIRS:
                 cis.append("[" + ", ".join(_fmt_effect(claim, metric, v) for v in r.ci_seeds) + "] seeds")
             ps = "; ".join(f"{_fmt_p(p)} {k}" for k, p in t["p_sources"].items()) or "—"
-            if t["kind"] == "equivalent" and t["p_against"] is not None:
-                ps += f" (beyond ±margin: {_fmt_p(t['p_against'])})"
-            holm_p = "—" if r.p_holm is None else _fmt_p(r.p_holm)
+            if t["kind"] == "equivalent" and t["p_contradict"] is not None:
+                ps += f" (beyond ±margin: {_fmt_p(t['p_contradict'])})"
             mde = _fmt_mde(claim, metric, t["mde"]) + ("" if t["decides"] else " (examples only)")
-            verdict = VERDICTS[r.verdict] + (f" ({r.reason})" if r.reason else "")
+            says = reading(t) + (f" ({r.reason})" if r.reason else "")
             rows.append([claim.number, f"{where}: {comp.label}", _TITLES.get(metric, metric), _ours(r.a, claim),
-                         _ours(r.b, claim), " ".join([eff, *cis]), _test_name(claim, metric), ps, holm_p, mde, verdict])
+                         _ours(r.b, claim), " ".join([_fmt_effect(claim, metric, t["effect"]), *cis]),
+                         _test_name(claim, metric), ps, mde, says])
     s_table = Table("table_claims", f"Claims of the paper (arXiv 2603.20100) tested on this study ({source})",
-                    ["#", "Claim", "Paper (GPT-2)", "Comparisons", "Verdict", "Detectable effect (80% power)"], summary,
-                    [f"Verdicts at α = {ALPHA:g} after Holm's adjustment over every test below; a claim is supported when "
-                     "each of its comparisons is, contradicted when any is. Detectable effect: the smallest difference "
-                     f"from the claim's point each comparison finds with {POWER:.0%} power (for an equivalence claim, the "
-                     "smallest margin it can show), from the observed variances."])
+                    ["#", "Claim", "Paper (GPT-2)", "Comparisons", "p", "p_Holm", "Verdict",
+                     "Detectable effect (80% power)"], summary, SUMMARY_NOTES)
     if not rows:
         return s_table, None
     t_table = Table("table_claims_tests", "Claims: each comparison's test (A − B)",
                     ["#", "Comparison (A vs B)", "Metric", "A (ours)", "B (ours)", "Δ A − B [95% CI]", "Test",
-                     "p", "p_Holm", "Detectable (80%)", "Verdict"], rows, METHOD_NOTES)
+                     "p", "Detectable (80%)", "On its own"], rows, METHOD_NOTES)
     return s_table, t_table
 
 
@@ -617,18 +617,28 @@ def _fmt_p(p: float) -> str:
     return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
 
 
+SUMMARY_NOTES = [
+    "A claim holds for each comparison it makes (each task, regime, rank, ...): p is the claim's, over its "
+    "comparisons (supported only when every one supports: the largest p; contradicted when any one contradicts: "
+    "Bonferroni over them; two-sided for directional claims); p_Holm: Holm's step-down adjustment across the "
+    f"claims. Verdict at α = {ALPHA:g} on p_Holm: supported, contradicted, or undecided at this size.",
+    f"Detectable effect: the smallest difference from the claim's point (0, or the margin) each comparison finds "
+    f"with {POWER:.0%} power at two-sided α = {ALPHA:g} before Holm's adjustment (for an equivalence claim, the "
+    "smallest margin it can show), from the observed variances; its range over the claim's comparisons.",
+]
+
 METHOD_NOTES = [
     "A and B: each run's value (one or two seeds) or mean ± std [95% t-interval] over the paired runs; Δ: the "
     "mean over pairs of the per-pair difference (a ratio A/B as the geometric mean of the pairs' ratios).",
     f"Examples: a cluster bootstrap over dev examples ({N_BOOT} resamples; one draw of example ids shared by every "
     "seed and both conditions, corpus metrics such as chrF recomputed per resample with sacreBLEU's statistics); "
     "its standard error gives the interval (±1.96 se) and a z-test. Seeds: Student's t over the per-pair effects.",
-    f"A comparison is decided only when both reject (intersection-union test: p is the larger of the two), so it "
-    f"needs ≥ {MIN_PAIRS} paired runs; directional claims are tested two-sided at their point (0, or ±margin) and "
-    "the sign decides supported or contradicted; equivalence by TOST (both one-sided tests at α; 'beyond "
-    "±margin' tests the contrary). p_Holm: Holm's step-down adjustment over all deciding tests of this report.",
-    "Detectable (80%): (z₀.₉₇₅ + z₀.₈) · se for the bootstrap, the noncentral-t equivalent over seeds, the larger "
-    "of the two; 'examples only' below 3 pairs, where no verdict is possible.",
+    f"A comparison decides only when both reject (intersection-union test: p is the larger of the two), so it "
+    f"needs ≥ {MIN_PAIRS} paired runs; directional claims are tested two-sided at their point (0, or ±margin), the "
+    "sign saying which way; equivalence by TOST (both one-sided tests at α; 'beyond ±margin' tests the contrary).",
+    f"On its own: the comparison's reading at α = {ALPHA:g} before any adjustment (the claims' verdicts above "
+    "are adjusted). Detectable (80%): (z₀.₉₇₅ + z₀.₈) · se for the bootstrap, the noncentral-t equivalent over "
+    "seeds, the larger of the two; 'examples only' below 3 pairs, where no verdict is possible.",
 ]
 
 
@@ -642,14 +652,16 @@ def claims_section(doc: "Doc", study: StudyResults, study_dir: Path, out_dir: Pa
     claims = parse_claims(declared, f"study spec {spec}")
     if claims is None:
         return
-    evaluated = evaluate_study(claims, study)
+    outcomes = evaluate_study(claims, study)
     doc.h(2, "Claims")
-    undecided = sum(claim_verdict_of(rs) == "undecided" for _, rs in evaluated if rs)
-    doc.p(f"The paper's claims, pre-registered in the spec (`claims:` {claims.source}), each tested on this study's "
-          f"paired runs. {undecided} of {len(evaluated)} stay undecided at this size: the detectable effect says how "
-          "large a difference the study could have seen; more seeds and dev examples shrink it "
-          "(`sftdpo study run SPEC --dry-run` prints it before training).")
-    summary, tests = claims_tables(evaluated, claims.source)
+    verdicts = [o.verdict if o.results else "not tested" for o in outcomes]
+    said = ", ".join(f"{verdicts.count(v)} {VERDICTS.get(v, v)}" for v in ("supported", "contradicted", "undecided",
+                                                                           "not tested") if verdicts.count(v))
+    doc.p(f"The paper's claims, pre-registered in the spec (`claims:` {claims.source}) and tested on this study's "
+          f"paired runs: {said}. Undecided at this size means the study could not have told: the detectable "
+          "effect says how large a difference it would have seen; more seeds and dev examples shrink it, and "
+          "`sftdpo study run SPEC --dry-run` prints it before anything is trained.")
+    summary, tests = claims_tables(outcomes, claims.source)
     for table in (summary, tests):
         if table is not None:
             table.write_csv(out_dir / f"{table.slug}.csv")
