@@ -467,7 +467,7 @@ def evaluate(comp: Comparison, study: StudyResults) -> Result:
         per_pair = [math.log(a / b) if claim.ratio else a - b for a, b in ok]
         test = claim_test(claim.kind, _margin(claim), float(np.mean(per_pair)), per_pair, None)
         res = Result(comp, [a for a, _ in ok], [b for _, b in ok], test)
-    if len(per_pair) >= 2 and np.ptp(per_pair) > 0:
+    if len(per_pair) >= 2:
         _, _, lo, hi = t_interval(per_pair)
         res.ci_seeds = (lo, hi)
     if not test["decides"]:
@@ -621,9 +621,9 @@ SUMMARY_NOTES = [
     "A claim holds for each comparison it makes (each task, regime, rank, ...): p is the claim's, over its "
     "comparisons (supported only when every one supports: the largest p; contradicted when any one contradicts: "
     "Bonferroni over them; two-sided for directional claims); p_Holm: Holm's step-down adjustment across the "
-    f"claims. Verdict at α = {ALPHA:g} on p_Holm: supported, contradicted, or undecided at this size.",
+    f"claims. Verdict at level {ALPHA:g} on p_Holm: supported, contradicted, or undecided at this size.",
     f"Detectable effect: the smallest difference from the claim's point (0, or the margin) each comparison finds "
-    f"with {POWER:.0%} power at two-sided α = {ALPHA:g} before Holm's adjustment (for an equivalence claim, the "
+    f"with {POWER:.0%} power at two-sided level {ALPHA:g} before Holm's adjustment (for an equivalence claim, the "
     "smallest margin it can show), from the observed variances; its range over the claim's comparisons.",
 ]
 
@@ -635,9 +635,9 @@ METHOD_NOTES = [
     "its standard error gives the interval (±1.96 se) and a z-test. Seeds: Student's t over the per-pair effects.",
     f"A comparison decides only when both reject (intersection-union test: p is the larger of the two), so it "
     f"needs ≥ {MIN_PAIRS} paired runs; directional claims are tested two-sided at their point (0, or ±margin), the "
-    "sign saying which way; equivalence by TOST (both one-sided tests at α; 'beyond ±margin' tests the contrary).",
-    f"On its own: the comparison's reading at α = {ALPHA:g} before any adjustment (the claims' verdicts above "
-    "are adjusted). Detectable (80%): (z₀.₉₇₅ + z₀.₈) · se for the bootstrap, the noncentral-t equivalent over "
+    "sign saying which way; equivalence by TOST (both one-sided tests at that level; 'beyond ±margin' tests the contrary).",
+    f"On its own: the comparison's reading at level {ALPHA:g} before any adjustment (the claims' verdicts above "
+    "are adjusted). Detectable (80%): (z(0.975) + z(0.8)) · se = 2.80 se for the bootstrap, the noncentral-t equivalent over "
     "seeds, the larger of the two; 'examples only' below 3 pairs, where no verdict is possible.",
 ]
 
@@ -676,10 +676,11 @@ def plan_lines(claims: ClaimSet, configs: list[RunConfig], dev_sizes: list[int])
     the design (dev examples and paired seeds) and the claims' `assume:` values, before any run."""
     conditions = _conditions(configs, dev_sizes)
     a = claims.assume
-    out = [f"claims ({claims.source}): the smallest effect each comparison can decide with {POWER:.0%} power "
-           f"(two-sided α = {ALPHA:g}; equivalence: the smallest margin it can show), assumed before any run: dev-pair "
-           f"discordance {a['discordance']:g}, chrF variance {a['chrf_variance']:g} per dev example, wall-clock "
-           f"log-ratio sd {a['log_ratio_sd']:g}, training-seed sd {a['seed_sd']:g} (0: at least this)"]
+    out = [f"claims ({claims.source}): the smallest effect each comparison can decide with {POWER:.0%} power at "
+           f"two-sided level {ALPHA:g} (equivalence: the smallest margin it can show), before Holm's adjustment,",
+           f"  assumed before any run: dev-pair discordance {a['discordance']:g}, chrF variance {a['chrf_variance']:g} "
+           f"per dev example, wall-clock log-ratio sd {a['log_ratio_sd']:g}, training-seed sd {a['seed_sd']:g}"
+           + (" (unknown yet: so these are lower bounds)" if a["seed_sd"] == 0 else "")]
     for claim in claims.claims:
         comps = comparisons(claim, conditions)
         groups: dict[str, int] = {}
