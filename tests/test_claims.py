@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import csv
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +17,13 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 from statsmodels.stats.weightstats import ttost_paired
 
+from sftdpo.cli import main
 from sftdpo.config import RunConfig, SftdpoError
 from sftdpo.report import write_report
 from sftdpo.report.claims import (ASSUME, Claim, N_BOOT, assumed_mde, comparisons, evaluate_study, parse_claim,
                                   parse_claims, plan_lines)
 from sftdpo.report.results import StudyResults
-from sftdpo.stats import (claim_test, corpus_chrf, mde_normal, mde_t, normal_p, seeds_bootstrap, t_p)
+from sftdpo.stats import claim_test, corpus_chrf, mde_normal, mde_t, normal_p, seeds_bootstrap
 from sftdpo.store import Store
 
 N = 400  # dev examples of the synthetic paraphrase runs
@@ -133,7 +132,7 @@ def test_bad_claims_are_one_line_errors_naming_the_claim_and_field(change, words
     assert msg.startswith("study spec s: claim my-claim: ") and words in msg and "\n" not in msg
 
 
-def test_spec_claims_errors_come_through_the_cli(tmp_path):
+def test_spec_claims_errors_come_through_the_cli(tmp_path, cache, capsys, monkeypatch):
     """A spec with a bad claim stops `study run --dry-run` before anything runs, with `sftdpo: error:` and
     exit 2; `skip` of an unknown claim and a partial `define` of an inherited one are checked too: catches
     a spec key that is accepted but ignored, and a dry-run that prints its plan from a broken spec."""
@@ -141,10 +140,9 @@ def test_spec_claims_errors_come_through_the_cli(tmp_path):
     spec["name"], spec["claims"] = "s", {"from": "paper", "skip": ["fft-beats-lora", "no-such-claim"]}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(spec))
-    r = subprocess.run([sys.executable, "-m", "sftdpo.cli", "study", "run", str(path), "--dry-run", "--no-probe"],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == (
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "run", str(path), "--dry-run", "--no-probe"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "sftdpo: error: study spec s: `claims.skip` names no-such-claim, which is not a claim "
         "(fft-beats-lora, dpo-after-sft-gains, dpo-only-matches-sft, sonnet-v1-pairs-help, "
         "sonnet-v3-pairs-do-not-help, lora-not-faster, diversity-beats-repetition)")
@@ -498,15 +496,14 @@ def test_report_opens_with_the_claims_section(tmp_path):
     assert "## Claims" not in write_report(tmp_path / "none").read_text()
 
 
-def test_dry_run_prints_assumed_detectable_effects(tmp_path):
+def test_dry_run_prints_assumed_detectable_effects(tmp_path, cache, capsys, monkeypatch):
     """`study run quick --dry-run` prints each claim's detectable effect from the design before anything
     is trained, marked assumed: 200 QQP dev pairs x 1 seed at discordance 0.2 is 2.80 * sqrt(0.2 / 200)
     = 8.86 points (hand-computed), 12 dev sonnets at chrF variance 3 is 1.40. Catches a dry-run without
     the claims, the full dev set where the spec caps it, and MDEs that say nothing of their assumption."""
-    r = subprocess.run([sys.executable, "-m", "sftdpo.cli", "study", "run", "quick", "--dry-run", "--no-probe"],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    out = r.stdout
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "run", "quick", "--dry-run", "--no-probe"]) == 0
+    out = capsys.readouterr().out
     assert "claims (paper): the smallest effect" in out and "assumed before any run" in out
     assert "paraphrase accuracy (%), 200 dev examples × 1 seed: 8.86 points assumed" in out
     assert "sonnet chrF, 12 dev examples × 1 seed: 1.40 chrF assumed" in out

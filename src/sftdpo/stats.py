@@ -187,7 +187,8 @@ def _statistics(name: str, preds: Sequence[str], refs: Sequence[str],
         k = len(labels)
         ix = {lab: i for i, lab in enumerate(labels)}
         x = np.zeros((len(refs), k * k))
-        x[np.arange(len(refs)), np.array([ix[v] for v in preds], dtype=int) * k + np.array([ix[v] for v in refs], dtype=int)] = 1
+        cell = np.array([ix[v] for v in preds], dtype=int) * k + np.array([ix[v] for v in refs], dtype=int)
+        x[np.arange(len(refs)), cell] = 1
 
         def score(sums: np.ndarray) -> np.ndarray:
             conf = sums.reshape(-1, k, k)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -309,7 +309,6 @@ class Comparison:
     label: str
     pairs: list[tuple[dict, dict]]
     device: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def _device(run: dict) -> str | None:
@@ -386,8 +385,9 @@ def _label(claim: Claim, a: dict, b: dict) -> str:
     if a.get("regime") != "sft" and a.get("task") == "sonnet" and "pairs" not in claim.compared:
         context.append(f"pairs {a.get('pairs')}")
     for f, name in (("data_fraction", "data"), ("temperature", "T"), ("budget_steps", "budget")):
-        if f not in claim.compared and f in a and a.get(f) not in (None, 1.0) and not (f == "temperature" and a.get("task") != "sonnet"):
-            context.append(f"{name} {_fmt_value(a.get(f))}")
+        if f in claim.compared or a.get(f) in (None, 1.0) or (f == "temperature" and a.get("task") != "sonnet"):
+            continue
+        context.append(f"{name} {_fmt_value(a.get(f))}")
     return f"{_side(claim, a, b)} vs {_side(claim, b, a)}" + (f" ({', '.join(context)})" if context else "")
 
 
@@ -410,7 +410,8 @@ class Result:
     test: dict | None
     ci_examples: tuple[float, float] | None = None
     ci_seeds: tuple[float, float] | None = None
-    reason: str = ""
+    reason: str = ""  # why it cannot decide
+    note: str = ""  # what was left out
 
 
 @dataclass
@@ -442,8 +443,7 @@ def evaluate(comp: Comparison, study: StudyResults) -> Result:
     claim, metric = comp.claim, comp.metric
     if metric in METRICS:
         pairs = [(ra, rb) for ra, rb in comp.pairs if study.outputs(ra["run_hash"]) and study.outputs(rb["run_hash"])]
-        if len(pairs) < len(comp.pairs):
-            comp.notes.append(f"{len(comp.pairs) - len(pairs)} pair(s) without dev outputs left out")
+        note = f"{len(comp.pairs) - len(pairs)} pair(s) without dev outputs left out" if len(pairs) < len(comp.pairs) else ""
         if not pairs:
             return Result(comp, [], [], None, reason="no paired runs with dev outputs")
         try:
@@ -456,7 +456,7 @@ def evaluate(comp: Comparison, study: StudyResults) -> Result:
         per_pair = [v * s for v in boot["per_pair"]]
         test = claim_test(claim.kind, _margin(claim), boot["effect"] * s, per_pair, boot["se"] * s)
         test["n_examples"], test["groups"] = boot["n"], boot["groups"]
-        res = Result(comp, [v * s for v in boot["a"]], [v * s for v in boot["b"]], test)
+        res = Result(comp, [v * s for v in boot["a"]], [v * s for v in boot["b"]], test, note=note)
         half = 1.959963984540054 * boot["se"] * s
         res.ci_examples = (test["effect"] - half, test["effect"] + half)
     else:
@@ -598,7 +598,7 @@ def claims_tables(outcomes: list[Outcome], source: str) -> tuple[Table, Table | 
             if t["kind"] == "equivalent" and t["p_contradict"] is not None:
                 ps += f" (beyond ±margin: {_fmt_p(t['p_contradict'])})"
             mde = _fmt_mde(claim, metric, t["mde"]) + ("" if t["decides"] else " (examples only)")
-            says = reading(t) + (f" ({r.reason})" if r.reason else "")
+            says = reading(t) + "".join(f" ({x})" for x in (r.reason, r.note) if x)
             rows.append([claim.number, f"{where}: {comp.label}", _TITLES.get(metric, metric), _ours(r.a, claim),
                          _ours(r.b, claim), " ".join([_fmt_effect(claim, metric, t["effect"]), *cis]),
                          _test_name(claim, metric), ps, mde, says])
@@ -635,10 +635,11 @@ METHOD_NOTES = [
     "its standard error gives the interval (±1.96 se) and a z-test. Seeds: Student's t over the per-pair effects.",
     f"A comparison decides only when both reject (intersection-union test: p is the larger of the two), so it "
     f"needs ≥ {MIN_PAIRS} paired runs; directional claims are tested two-sided at their point (0, or ±margin), the "
-    "sign saying which way; equivalence by TOST (both one-sided tests at that level; 'beyond ±margin' tests the contrary).",
+    "sign saying which way; equivalence by TOST (both one-sided tests at that level; 'beyond ±margin' tests "
+    "the contrary).",
     f"On its own: the comparison's reading at level {ALPHA:g} before any adjustment (the claims' verdicts above "
-    "are adjusted). Detectable (80%): (z(0.975) + z(0.8)) · se = 2.80 se for the bootstrap, the noncentral-t equivalent over "
-    "seeds, the larger of the two; 'examples only' below 3 pairs, where no verdict is possible.",
+    "are adjusted). Detectable (80%): (z(0.975) + z(0.8)) · se = 2.80 se for the bootstrap, the noncentral-t "
+    "equivalent over seeds, the larger of the two; 'examples only' below 3 pairs, where no verdict is possible.",
 ]
 
 
@@ -696,7 +697,8 @@ def plan_lines(claims: ClaimSet, configs: list[RunConfig], dev_sizes: list[int])
                                   f"{_fmt_mde(claim, comp.metric, mde)} assumed" + (
                                       "" if exact else f" (examples only: a verdict needs >= {MIN_PAIRS} seeds)"))
             groups[text] = groups.get(text, 0) + 1
-        head = f"  {claim.number} {claim.name} ({claim.kind}{'' if not claim.margin else ', margin ' + _fmt_margin(claim, next(iter(claim.metric.values())))})"
+        margin = f", margin {_fmt_margin(claim, next(iter(claim.metric.values())))}" if claim.margin else ""
+        head = f"  {claim.number} {claim.name} ({claim.kind}{margin})"
         if not comps:
             out.append(f"{head}: no comparison in this study")
             continue
