@@ -10,8 +10,8 @@ data. `$SFTDPO_DATA_DIR` holds only the GPT-2 tokenizer (for `tiny-gpt2`).
 `sftdpo ...` runs in-process through `sftdpo.cli.main` (bash expands its words: quotes, `$'..'`),
 with small sizes appended so the whole file stays within a few minutes on 2 cores:
   train      --model tiny-gpt2 --device cpu --precision fp32 --max-train-examples 8
-             --max-dev-examples 4 --batch-size 4 --max-new-tokens 8 --pairs-n 2, --epochs capped at 2
-             and --handoff-epoch at 1 (only where given)
+             --max-dev-examples 4 --batch-size 4 --max-new-tokens 8 --pairs-n 2; --epochs capped at 2,
+             --handoff-epoch at 1 and --budget-steps at 4 (only where given)
   preview    --model tiny-gpt2
   study run  --model tiny-gpt2, the same sizes as `--set`, `--only` filters that keep a few runs
              (seed 0, FFT, a slice of each spec: CUT, SPEC_CUT; never on a field the line filters
@@ -145,6 +145,9 @@ def small(argv: list[str]) -> list[str]:
             argv = _set(argv, "--epochs", "2")
         if _value(argv, "--handoff-epoch"):
             argv = _set(argv, "--handoff-epoch", "1")
+        steps = _value(argv, "--budget-steps")
+        if steps and int(steps) > 4:
+            argv = _set(argv, "--budget-steps", "4")
     elif cmd == "preview":
         argv = _set(argv, "--model", TINY)
     elif argv[:2] == ["study", "run"]:
