@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WIDTH = 100  # usage lines wrapped at a fixed width, whatever the terminal that builds the site
+WIDTH = 80  # usage lines wrapped at a fixed width, whatever the terminal that builds the site
 
 
 def _parser() -> argparse.ArgumentParser:
