@@ -205,7 +205,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from .data import resolve_data
     from .train.loop import train
 
-    cfg = resolve_data(config_from_args(ns))
+    cfg = config_from_args(ns)
     if ns.test and not ns.recipe:
         raise SftdpoError("--test is the course's test input for --recipe cs224n-starter's files; after a plain "
                           "train, give it to `sftdpo predict RUN --split test --test FILE`")
@@ -216,6 +216,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
             raise SftdpoError(f"--recipe {ns.recipe} trains the course's tasks: --task paraphrase or sonnet "
                               f"(got {cfg.task})")
         course_test_file(cfg, ns.test)  # found now, not after hours of training
+    cfg = resolve_data(cfg)
     out = Path(ns.out or f"runs/{cfg.task}-{cfg.regime}-{cfg.param}-{cfg.hash()}")
     dist = _dist_kwargs()
     summary = train(cfg, out, **dist)

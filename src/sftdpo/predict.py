@@ -64,7 +64,12 @@ def run_config(run_dir: Path) -> RunConfig:
 def load_finished_run(run_dir: str | Path, checkpoint: str, command: str) -> Run:
     """load_run for the commands that hand a run's results out (predict, export): a run that is not
     finished, or lacks the `checkpoint` weights, is refused with one line saying what to do."""
-    run_dir = Path(run_dir)
+    check_finished(Path(run_dir), checkpoint, command)
+    return load_run(run_dir, checkpoint)
+
+
+def check_finished(run_dir: Path, checkpoint: str, command: str) -> None:
+    """Refuse (one line, what to do) a run that is not finished or lacks the `checkpoint` weights."""
     cfg = run_config(run_dir)
     if not (run_dir / "summary.json").exists():
         done = sum(r.get("stage") != "init" for r in epoch_records(run_dir))
@@ -88,7 +93,6 @@ def load_finished_run(run_dir: str | Path, checkpoint: str, command: str) -> Run
                           + f"train it again into a new directory: `sftdpo train --config {run_dir}/config.json "
                           f"--keep-checkpoints {checkpoint} --out NEW_DIR` (the same --out returns the finished run "
                           "unchanged)")
-    return load_run(run_dir, checkpoint)
 
 
 def course_test_file(cfg: RunConfig, test: str | None) -> Path:
@@ -135,9 +139,10 @@ def predict_run(run_dir: str | Path, *, checkpoint: str = "best", split: str = "
     label_format = label_format or DEFAULT_LABEL_FORMAT[cfg.conventions]
     if label_format not in LABEL_FORMATS:
         raise SftdpoError(f"--label-format must be {' or '.join(LABEL_FORMATS)} (got {label_format!r})")
+    check_finished(run_dir, checkpoint, "predict")
     src = course_test_file(cfg, test) if split == "test" else None
     out_dir = ensure_dir(Path(out) if out else run_dir / "predictions", "--out")
-    run = load_finished_run(run_dir, checkpoint, "predict")
+    run = load_run(run_dir, checkpoint)
     if cfg.task == "paraphrase":
         path = out_dir / f"para-{split}-output.csv"
         rows = _paraphrase(run, src, test_prompt, label_format)
