@@ -438,19 +438,24 @@ def test_sonnet_files_are_the_starters_bytes_for_the_same_tokens(trained, monkey
 
 def test_a_cut_sonnet_dev_set_is_written_only_where_it_pairs(cache, tmp_path):
     """The starter's test_sonnet pairs the file's i-th sonnet with the dev file's i-th: a run evaluated on
-    dev sonnets 4 and 6 (--max-dev-examples 2) would be scored against 4 and 5, so predict refuses in one
-    line; a run on the first dev sonnet alone pairs correctly, and the starter's score is the run's."""
+    dev sonnets 40 and 42 of 40-43 (--max-dev-examples 2) would be scored against 40 and 41, so predict
+    refuses in one line and writes nothing; a run on the first three (--max-dev-examples 3) pairs
+    correctly, and the starter's score of its file is the run's dev chrF."""
     require_tiny_gpt2()
+    lines = [ln for ln in (FIX / "sonnets" / "sonnets.txt").read_text().splitlines()
+             if ln.strip() and not ln.strip().isdigit()][3:]
+    dev = tmp_path / "TRUE_dev.txt"
+    dev.write_text("Header\n\n" + "\n\n".join(f"{40 + i}\n\n" + "\n".join(lines[i:i + 6]) for i in range(4)) + "\n")
     common = dict(task="sonnet", model="tiny-gpt2", conventions="cs224n", device="cpu", lr=1e-3, epochs=1,
-                  batch_size=2, max_new_tokens=8, eval_init=False, **SONNET_FILES)
+                  batch_size=2, max_new_tokens=8, eval_init=False, train=SONNET_FILES["train"], dev=str(dev))
     train(RunConfig(max_dev_examples=2, **common), tmp_path / "two")
-    with pytest.raises(SftdpoError, match=r"evaluated on 2 of the 3 dev sonnets .*: 4, 6\); the starter's test_sonnet "
-                                          r"pairs the file's i-th sonnet with the i-th true one \(4, 5, 6, \.\.\.\)"):
+    with pytest.raises(SftdpoError, match=r"evaluated on 2 of the 4 dev sonnets .*: 40, 42\); the starter's test_sonnet "
+                                          r"pairs the file's i-th sonnet with the i-th true one \(40, 41, 42, \.\.\.\)"):
         predict_run(tmp_path / "two", out=tmp_path / "two-out")
     assert not (tmp_path / "two-out" / "generated_sonnets_dev.txt").exists()
-    one = train(RunConfig(max_dev_examples=1, **common), tmp_path / "one")
-    path = predict_run(tmp_path / "one", checkpoint="last")
-    assert starter_test_sonnet(path, SONNET_FILES["dev"]) == pytest.approx(one["dev/chrf"], abs=1e-9)
+    three = train(RunConfig(max_dev_examples=3, **common), tmp_path / "three")
+    path = predict_run(tmp_path / "three", checkpoint="last")
+    assert starter_test_sonnet(path, dev) == pytest.approx(three["dev/chrf"], abs=1e-9)
 
 
 def test_recipe_cs224n_starter_from_the_course_files_to_the_submission_files(cache, tmp_path, capsys):
