@@ -202,7 +202,9 @@ def test_export_without_its_weights_advises_a_retrain_that_works(qqp, cache, tmp
 def _subprocess_env(**extra) -> dict:
     import os
 
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    import sftdpo
+
+    src = str(Path(sftdpo.__file__).resolve().parents[1])  # the code under test (scripts/mutants.py: a scratch copy)
     return {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", **extra}
 
 
