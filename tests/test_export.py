@@ -167,6 +167,7 @@ def test_predict_and_export_refuse_an_unfinished_run_and_say_how_to_finish_it(qq
 
     with pytest.raises(KeyboardInterrupt):
         Run(cfg(qqp, epochs=3), run_dir, on_checkpoint=crash).train()
+    capsys.readouterr()  # what training logged (through an earlier test's handler, maybe: main() resets it)
     for argv in (["predict", str(run_dir)], ["export", "--run", str(run_dir), "--out", str(tmp_path / "model")]):
         assert main(["-q", *argv]) == 2
         err = capsys.readouterr().err
@@ -185,6 +186,7 @@ def test_export_without_its_weights_advises_a_retrain_that_works(qqp, cache, tmp
     the same dev metrics, and that one exports."""
     run_dir = tmp_path / "run"
     done = train(cfg(qqp, keep_checkpoints="none"), run_dir)
+    capsys.readouterr()
     assert main(["-q", "export", str(run_dir), "--out", str(tmp_path / "model")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no best weights (it kept --keep-checkpoints none)" in err

@@ -95,9 +95,10 @@ def check_finished(run_dir: Path, checkpoint: str, command: str) -> None:
                           "unchanged)")
 
 
-def course_test_file(cfg: RunConfig, test: str | None) -> Path:
+def course_test_file(cfg: RunConfig, test: str | None, required: bool = True) -> Path | None:
     """The course's test input of `cfg`'s task: --test, else beside the run's --train file (the course's
-    data/ folder holds them all), else the data directory's qqp/ or sonnets/ folder."""
+    data/ folder holds them all), else the data directory's qqp/ or sonnets/ folder; None if there is
+    none and not `required`."""
     folder, name = TEST_FILES[cfg.task]
     if test:
         if not Path(test).is_file():
@@ -105,7 +106,7 @@ def course_test_file(cfg: RunConfig, test: str | None) -> Path:
         return Path(test)
     beside = Path(cfg.train).parent / name if cfg.train else None
     found = beside if beside and beside.is_file() else find_in_data_dirs(f"{folder}/{name}")
-    if found is None:
+    if found is None and required:
         raise SftdpoError(f"no {cfg.task} test input: put the CS224N {name} in $SFTDPO_DATA_DIR/{folder}/ or beside "
                           "the --train file, or pass --test")
     return found
@@ -140,16 +141,17 @@ def predict_run(run_dir: str | Path, *, checkpoint: str = "best", split: str = "
     if label_format not in LABEL_FORMATS:
         raise SftdpoError(f"--label-format must be {' or '.join(LABEL_FORMATS)} (got {label_format!r})")
     check_finished(run_dir, checkpoint, "predict")
-    src = course_test_file(cfg, test) if split == "test" else None
+    # sonnets without the course files: the Gutenberg text's test prompts (sonnets 145-154), once loaded
+    src = course_test_file(cfg, test, required=cfg.task != "sonnet") if split == "test" else None
     out_dir = ensure_dir(Path(out) if out else run_dir / "predictions", "--out")
     run = load_run(run_dir, checkpoint)
     if cfg.task == "paraphrase":
         path = out_dir / f"para-{split}-output.csv"
-        rows = _paraphrase(run, src, test_prompt, label_format)
+        rows = _paraphrase(run, split, src, test_prompt, label_format)
         _write(path, lambda: write_para_output(path, rows))
     else:
         path = out_dir / ("generated_sonnets_dev.txt" if split == "dev" else "generated_sonnets.txt")
-        texts = _sonnets(run, src)
+        texts = _sonnets(run, split, src)
         _write(path, lambda: write_cs224n_generations(path, list(enumerate(texts))))
     return path
 
@@ -162,9 +164,9 @@ def _write(path: Path, write) -> None:
                           "before is as it was); free space or give another --out") from None
 
 
-def _paraphrase(run: Run, src: Path | None, test_prompt: str, label_format: str) -> list[tuple[str, str]]:
+def _paraphrase(run: Run, split: str, src: Path | None, test_prompt: str, label_format: str) -> list[tuple[str, str]]:
     task = run.task
-    if src is None:  # dev: the run's own evaluation
+    if split == "dev":  # the run's own evaluation
         ev = task.evaluate(run.model, run.device, run.precision)
         return [(i, para_prediction(p, task.token_of, label_format)) for i, p, _ in ev.outputs]
     examples, _ = read_qqp(src)
@@ -180,12 +182,12 @@ def _paraphrase(run: Run, src: Path | None, test_prompt: str, label_format: str)
     return [(e.id, para_prediction(p, task.token_of, label_format)) for e, p in zip(task.dev, preds)]
 
 
-def _sonnets(run: Run, src: Path | None) -> list[str]:
+def _sonnets(run: Run, split: str, src: Path | None) -> list[str]:
     """Each prompt and its sampled continuation, as generate_submission_sonnets writes them: the prompt and
     the decoded new tokens, unstripped (for GPT-2's byte-level tokens, the decoding of prompt and new
     tokens together). Dev: the run's own dev generation (the same prompts, seed and samples)."""
     task, cfg = run.task, run.cfg
-    if src is None:
+    if split == "dev":
         full = [s.number for s in load_task_data(cfg).dev]
         mine = [s.number for s in task.dev]
         if mine != full[: len(mine)]:
@@ -196,7 +198,9 @@ def _sonnets(run: Run, src: Path | None) -> list[str]:
                 ", ...), so it would score the wrong poems: predict dev from a run on the whole dev set")
         prompts, samples = [task.prompt_text(s) for s in task.dev], cfg.num_samples
     else:
-        prompts, samples = [task.prompt_text(s) for s in read_cs224n_sonnets(src)], 1
+        prompts, samples = [task.prompt_text(s) for s in (read_cs224n_sonnets(src) if src else task.test_prompts)], 1
+        if not prompts:
+            course_test_file(cfg, None)  # says where the course's test prompts go
     ids = task.generate_ids(run.model, prompts, run.device, run.precision, temperature=cfg.temperature,
                             top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, num_samples=samples, seed=cfg.seed)
     return [p + task.tok.decode(ids[i * samples]) for i, p in enumerate(prompts)]
