@@ -556,7 +556,7 @@ def test_dry_run_answers_from_the_flop_count_and_probes_only_when_asked(cache, t
                                                                 "device": "cpu", **files}, "grid": {"seed": [0, 1]}}))
     monkeypatch.setattr(rates_mod, "probe", lambda c: pytest.fail("probed without --probe"))
     for extra in ([], ["--no-probe"]):
-        assert main(["study", "run", str(spec), "--out", str(tmp_path / "s"), "--dry-run", *extra]) == 0
+        assert main(["-q", "study", "run", str(spec), "--out", str(tmp_path / "s"), "--dry-run", *extra]) == 0
         out = capsys.readouterr().out
         assert re.search(r"\* 2 runs: a FLOP count at the rough rate of a 2-core CPU .* no rates cached for 1 kind\(s\) "
                          r"of run; `--dry-run --probe` measures them here, about \d+:\d\d", out)
@@ -571,10 +571,10 @@ def test_dry_run_answers_from_the_flop_count_and_probes_only_when_asked(cache, t
                                source="measured (test) on cpu")
 
     monkeypatch.setattr(rates_mod, "probe", fake_probe)
-    assert main(["study", "run", str(spec), "--out", str(tmp_path / "s"), "--dry-run", "--probe"]) == 0
+    assert main(["-q", "study", "run", str(spec), "--out", str(tmp_path / "s"), "--dry-run", "--probe"]) == 0
     out = capsys.readouterr().out
     first = out.index("probing 1 kind(s) of run on this machine first, about ")
     assert first < out.index("measuring paraphrase tiny-llama fft on this machine (1 of 1: a few batches of each stage, "
                              "twice, about ") < out.index("PROBING") < out.index("  measured in ")
     assert len(calls) == 1 and "rates measured (test) on cpu" in out and " *\n" not in out
-    assert main(["study", "run", str(spec), "--probe"]) == 2  # --probe belongs to --dry-run
+    assert main(["-q", "study", "run", str(spec), "--probe"]) == 2  # --probe belongs to --dry-run
