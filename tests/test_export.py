@@ -145,3 +145,144 @@ def test_keep_checkpoints_decides_what_a_finished_run_keeps(qqp, cache, tmp_path
     if "best" not in left:
         with pytest.raises(SftdpoError, match=f"--keep-checkpoints {keep}: train it again with --keep-checkpoints best"):
             evaluate_run(run_dir, "best")
+
+
+# -- issue 24: what predict and export hand out (finished runs only, advice that works, atomic writes) ----
+
+def _advised(err: str) -> list[str]:
+    """The command an error line advises (between backticks), as argv for main()."""
+    import shlex
+
+    return shlex.split(err.split("`")[1])[1:]
+
+
+def test_predict_and_export_refuse_an_unfinished_run_and_say_how_to_finish_it(qqp, cache, tmp_path, capsys):
+    """A run interrupted after 1 of 3 epochs: predict and export refuse in one line (they wrote complete-
+    looking course files and a model card saying "3 epochs" before), nothing written; the command the
+    line gives resumes the run, after which both work."""
+    run_dir = tmp_path / "run"
+
+    def crash(epoch):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Run(cfg(qqp, epochs=3), run_dir, on_checkpoint=crash).train()
+    for argv in (["predict", str(run_dir)], ["export", "--run", str(run_dir), "--out", str(tmp_path / "model")]):
+        assert main(["-q", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{run_dir} is not finished (1 of 3 epochs trained): finish it with" in err
+    assert not (run_dir / "predictions").exists() and not (tmp_path / "model").exists()
+    assert main(["-q", *_advised(err)]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 3
+    assert main(["-q", "predict", str(run_dir)]) == 0 and (run_dir / "predictions" / "para-dev-output.csv").exists()
+    assert main(["-q", "export", str(run_dir), "--out", str(tmp_path / "model")]) == 0
+
+
+def test_export_without_its_weights_advises_a_retrain_that_works(qqp, cache, tmp_path, capsys):
+    """--keep-checkpoints none: export says to retrain into a NEW directory (keep_checkpoints is no part of
+    the run's identity, so training again on the same --out returns the finished run, still without
+    weights: the old advice); the advised command, with a new directory, trains the same run again, with
+    the same dev metrics, and that one exports."""
+    run_dir = tmp_path / "run"
+    done = train(cfg(qqp, keep_checkpoints="none"), run_dir)
+    assert main(["-q", "export", str(run_dir), "--out", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no best weights (it kept --keep-checkpoints none)" in err
+    assert "--keep-checkpoints best --out NEW_DIR` (the same --out returns the finished run unchanged)" in err
+    train(cfg(qqp, keep_checkpoints="best"), run_dir)  # the same --out: nothing retrained, still no weights
+    assert not (run_dir / "checkpoints").exists()
+    argv = _advised(err)
+    argv[argv.index("NEW_DIR")] = str(tmp_path / "again")
+    assert main(["-q", *argv]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["run_hash"] == done["run_hash"] and again["dev/accuracy"] == done["dev/accuracy"]
+    assert main(["-q", "export", str(tmp_path / "again"), "--out", str(tmp_path / "model")]) == 0
+
+
+def _subprocess_env(**extra) -> dict:
+    import os
+
+    import sftdpo
+
+    src = str(Path(sftdpo.__file__).resolve().parents[1])  # the code under test (scripts/mutants.py: a scratch copy)
+    return {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_write_leaves_the_previous_predictions_and_export(qqp, cache, tmp_path):
+    """predict and export again into their earlier outputs in a process whose file-size limit
+    (RLIMIT_FSIZE, half the predictions file) makes every write fail: each says so in one line, exit 2,
+    and the earlier file and export directory are byte for byte as they were, no temporary left. A
+    re-export into an earlier export replaces it when it can. Catches writing in place (a file cut at the
+    limit) and an export that deletes the old directory before the new one is whole."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    train(cfg(qqp), run_dir)
+    preds, model = tmp_path / "preds", tmp_path / "model"
+    assert main(["-q", "predict", str(run_dir), "--out", str(preds)]) == 0
+    assert main(["-q", "export", str(run_dir), "--out", str(model)]) == 0
+    assert main(["-q", "export", str(run_dir), "--out", str(model)]) == 0  # an earlier export is replaced
+    before = _snapshot(preds), _snapshot(model)
+    limit = len(before[0]["para-dev-output.csv"]) // 2
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us\n"
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+              "from sftdpo.cli import main\n"
+              f"print(main(['-q', 'predict', {str(run_dir)!r}, '--out', {str(preds)!r}]),"
+              f" main(['-q', 'export', {str(run_dir)!r}, '--out', {str(model)!r}]))\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                         env=_subprocess_env())
+    assert res.stdout.split() == ["2", "2"], res.stderr[-2000:]
+    errors = res.stderr.strip().splitlines()
+    assert len(errors) == 2 and all(e.startswith("sftdpo: error: could not write ") for e in errors), errors
+    assert "para-dev-output.csv" in errors[0] and str(model) in errors[1]
+    assert (_snapshot(preds), _snapshot(model)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dev.csv", "model", "preds", "run", "train.csv"]
+
+
+def test_predict_out_elsewhere_works_on_a_read_only_run(qqp, cache, tmp_path):
+    """A finished run in a directory nobody may write to (a shared results folder): predict --out elsewhere
+    writes its file and touches nothing in the run; without --out it says in one line where it cannot
+    write. (Root ignores permissions: as root the run directory is a read-only bind mount of itself in a
+    mount namespace of the command's own.)"""
+    import os
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    train(cfg(qqp), run_dir)
+    for p in [run_dir, *run_dir.rglob("*")]:
+        os.chmod(p, 0o555 if p.is_dir() else 0o444)
+    wrap: list[str] = []
+    if os.geteuid() == 0:
+        ro = f"mount --bind {shlex.quote(str(run_dir))} {shlex.quote(str(run_dir))} && " \
+             f"mount -o remount,bind,ro {shlex.quote(str(run_dir))} && exec \"$@\""
+        wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c", ro, "sh"]
+        if not shutil.which("unshare") or subprocess.run([*wrap, "true"], capture_output=True).returncode != 0:
+            pytest.skip("running as root without a mount namespace (unshare -m): cannot make the run read-only")
+    snapshot = lambda: {str(p): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)  # noqa: E731
+                        for p in [run_dir, *run_dir.rglob("*")]}
+    before = snapshot()
+
+    def predict(*extra):
+        return subprocess.run([*wrap, sys.executable, "-m", "sftdpo.cli", "-q", "predict", str(run_dir), *extra],
+                              capture_output=True, text=True, timeout=600, env=_subprocess_env())
+
+    try:
+        res = predict("--out", str(tmp_path / "out"))
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert (tmp_path / "out" / "para-dev-output.csv").read_text().startswith("id \t Predicted_Is_Paraphrase \n")
+        res = predict()
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+        assert f"--out {run_dir / 'predictions'} cannot be created" in res.stderr
+        assert snapshot() == before
+    finally:
+        for p in [run_dir, *run_dir.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)

@@ -275,7 +275,7 @@ def test_jobs_2_gives_the_results_of_one_at_a_time_and_records_estimates(cache, 
     run_study({**spec, "name": "unmeasured"}, tmp_path / "flop", report=False, only=["regime=dpo"],
               overrides={"batch_size": 4})  # a kind of run no probe measured: said so
     assert "measured rates for 0 of 1 runs, a rough FLOP count for the rest" in capsys.readouterr().out
-    run_study(spec, tmp_path / "dry", dry_run=True)
+    run_study(spec, tmp_path / "dry", dry_run=True, probe=True)
     dry = capsys.readouterr().out
     assert "rates measured" in dry and re.search(r"total +\d+:\d\d", dry) and "H100-hours" in dry
     run_study(spec, tmp_path / "one", report=False)

@@ -174,7 +174,7 @@ def test_a_run_killed_in_the_study_resumes_to_the_uninterrupted_result(spec, cac
 
 
 def test_dry_run_lists_runs_without_training(spec, tmp_path, capsys):
-    run_study(spec, tmp_path / "s", dry_run=True)
+    run_study(spec, tmp_path / "s", dry_run=True, probe=True)
     text = capsys.readouterr().out
     assert "2 runs" in text and "rates measured" in text and "H100-hours" in text
     assert not (tmp_path / "s" / "study.db").exists()

@@ -1,4 +1,4 @@
-"""Command line: `sftdpo train | eval | demo | study | bench`.
+"""Command line: `sftdpo train | eval | preview | predict | export | demo | study | bench`.
 
 Every `RunConfig` field is a `train` flag (`lora_rank` -> `--lora-rank`), so a config file and
 the command line speak the same names.
@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import RunConfig, SftdpoError, task_definition
+from .config import RECIPES, RunConfig, SftdpoError, task_definition
 from .system import VERBOSE_ENV, format_duration, setup_logging
 
 log = logging.getLogger("sftdpo")
@@ -66,7 +66,8 @@ FLAG_GROUPS: dict[str, dict[str, str]] = {
         "prompt_lines": "generate on plain text rows: lines of each dev text given as the prompt",
     },
     "conventions (docs/cs224n.md)": {
-        "conventions": "sftdpo | cs224n: the CS224N starter code's preprocessing, prediction and decoding at once",
+        "conventions": "sftdpo | cs224n: the CS224N starter code's preprocessing, prediction, decoding and precision "
+                       "at once",
         "preprocess": "none | cs224n (lower-case, a space before . ? , ')",
         "predict": "label-pair (the better label word) | argmax (over the whole vocabulary, as CS224N)",
         "prompt_newline": "sonnet: the 3-line prompt ends with a newline (CS224N: it does not)",
@@ -97,7 +98,7 @@ FLAG_GROUPS: dict[str, dict[str, str]] = {
         "max_grad_norm": "gradient clipping norm (0: none)",
         "seed": "seed for data order, initialisation and sampling",
         "device": "auto | cpu | cuda | cuda:N",
-        "precision": "auto (bf16 where the hardware has it) | fp32 | bf16",
+        "precision": "auto (bf16 where the hardware has it; sftdpo) | fp32 (cs224n: the starter's) | bf16",
         "compile": "torch.compile the decoder for training and evaluation (dynamic shapes: one graph for every "
                    "length; the first steps compile, about a minute on a CPU); generation stays eager",
     },
@@ -166,10 +167,10 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
-    """--config, then --task-file, then the flags, each over the one before."""
-    base: dict[str, Any] = {}
+    """--recipe, then --config, then --task-file, then the flags, each over the one before."""
+    base: dict[str, Any] = dict(RECIPES[ns.recipe]) if getattr(ns, "recipe", None) else {}
     if getattr(ns, "config", None):
-        base = load_config_file(ns.config)
+        base.update(load_config_file(ns.config))
     if getattr(ns, "task_file", None):
         base.update(task_definition(load_config_file(ns.task_file), f"--task-file {ns.task_file}",
                                     Path(ns.task_file).stem))
@@ -207,12 +208,29 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from .data import resolve_data
     from .train.loop import train
 
-    cfg = resolve_data(config_from_args(ns))
+    cfg = config_from_args(ns)
+    if ns.test and not ns.recipe:
+        raise SftdpoError("--test is the course's test input for --recipe cs224n-starter's files; after a plain "
+                          "train, give it to `sftdpo predict RUN --split test --test FILE`")
+    if ns.recipe:
+        from .predict import course_test_file
+
+        if cfg.task not in ("paraphrase", "sonnet"):
+            raise SftdpoError(f"--recipe {ns.recipe} trains the course's tasks: --task paraphrase or sonnet "
+                              f"(got {cfg.task})")
+        course_test_file(cfg, ns.test)  # found now, not after hours of training
+    cfg = resolve_data(cfg)
     out = Path(ns.out or f"runs/{cfg.task}-{cfg.regime}-{cfg.param}-{cfg.hash()}")
     dist = _dist_kwargs()
     summary = train(cfg, out, **dist)
-    if dist.get("rank", 0) == 0:
-        _print_summary(out, summary)
+    if dist.get("rank", 0) != 0:
+        return 0
+    _print_summary(out, summary)
+    if ns.recipe:
+        from .predict import write_submission
+
+        for path in write_submission(out, ns.test):
+            print(f"  course file                  {path}")
     return 0
 
 
@@ -236,10 +254,25 @@ def _print_summary(out: Path, s: dict) -> None:
     print(f"  trainable/total params       {s['trainable_params']:,} / {s['total_params']:,}")
 
 
+def run_arg(ns: argparse.Namespace) -> str:
+    """The run directory, given as RUN or --run RUN (every command that takes one accepts both)."""
+    if ns.run and ns.run_flag and ns.run != ns.run_flag:
+        raise SftdpoError(f"two run directories given ({ns.run} and --run {ns.run_flag}): give one")
+    run = ns.run or ns.run_flag
+    if not run:
+        raise SftdpoError(f"give the run directory: sftdpo {ns.cmd} RUN (or --run RUN)")
+    return run
+
+
+def add_run_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", nargs="?", metavar="RUN", help="run directory (or --run RUN)")
+    p.add_argument("--run", dest="run_flag", metavar="RUN", help="run directory, as a flag")
+
+
 def cmd_eval(ns: argparse.Namespace) -> int:
     from .train.loop import evaluate_run
 
-    res = evaluate_run(ns.run, ns.checkpoint)
+    res = evaluate_run(run_arg(ns), ns.checkpoint)
     for k, v in res.items():
         if k.startswith("dev/"):
             print(f"{k:24s} {v:.4f}")
@@ -259,8 +292,8 @@ def cmd_preview(ns: argparse.Namespace) -> int:
 def cmd_predict(ns: argparse.Namespace) -> int:
     from .predict import predict_run
 
-    print(predict_run(ns.run, checkpoint=ns.checkpoint, split=ns.split, out=ns.out, test=ns.test,
-                      test_prompt=ns.test_prompt))
+    print(predict_run(run_arg(ns), checkpoint=ns.checkpoint, split=ns.split, out=ns.out, test=ns.test,
+                      test_prompt=ns.test_prompt, label_format=ns.label_format))
     return 0
 
 
@@ -295,7 +328,10 @@ def cmd_study_run(ns: argparse.Namespace) -> int:
         opts = {"address": ns.address, "gpus_per_run": ns.gpus_per_run, "cpus_per_run": ns.cpus_per_run}
     else:
         opts = {"jobs": ns.jobs, "gpus_per_run": ns.gpus_per_run}
-    out = run_study(ns.spec, ns.out, only=ns.only, overrides=overrides, dry_run=ns.dry_run, probe=not ns.no_probe,
+    if ns.probe and (ns.no_probe or not ns.dry_run):
+        raise SftdpoError("--probe measures this machine's rates for --dry-run: give it with --dry-run, without "
+                          "--no-probe")
+    out = run_study(ns.spec, ns.out, only=ns.only, overrides=overrides, dry_run=ns.dry_run, probe=ns.probe,
                     executor=ns.executor, report=not ns.no_report, **opts)
     if ns.dry_run:
         return 0
@@ -374,7 +410,7 @@ def cmd_study_best(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     from .export import export_run
 
-    print(export_run(ns.run, ns.out, ns.checkpoint, ns.merge, ns.push_to_hub))
+    print(export_run(run_arg(ns), ns.out, ns.checkpoint, ns.merge, ns.push_to_hub))
     return 0
 
 
@@ -391,6 +427,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _recipe_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="cs224n-starter: the CS224N starter code's training set-up (gpt2, full fine-tuning, lr 1e-5 "
+                        "constant, no clipping, batch 8, 10 epochs, seed 11711, fp32, its conventions), and after "
+                        "training its dev and test submission files (docs/cs224n.md); flags given win")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="sftdpo", description=__doc__.split("\n")[0])
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -404,11 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task-file", help="your own task written once (YAML: kind, name, train/dev or dataset, template, "
                                        "labels, metric, ...); flags override it")
     t.add_argument("--out", help="run directory (default: runs/<task>-<regime>-<param>-<hash>)")
+    _recipe_flag(t)
+    t.add_argument("--test", help="with --recipe: the course's test input (quora-test-student.csv / sonnets_held_out.txt; "
+                                  "default: beside --train, else the data directory's)")
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="re-evaluate a run's checkpoint on dev")
-    e.add_argument("--run", required=True, help="run directory")
+    add_run_arg(e)
     e.add_argument("--checkpoint", default="best", choices=["best", "last"])
     e.set_defaults(func=cmd_eval)
 
@@ -416,22 +462,28 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--config", help="a JSON/YAML file of config fields (flags override it)")
     pv.add_argument("--task-file", help="your own task written once (YAML); flags override it")
     pv.add_argument("--n", type=int, default=3, help="examples of each split to show (default: 3)")
+    _recipe_flag(pv)
     add_config_flags(pv)
     pv.set_defaults(func=cmd_preview)
 
     pr = sub.add_parser("predict", help="the CS224N course's submission files from a trained run")
-    pr.add_argument("run", help="run directory")
+    add_run_arg(pr)
     pr.add_argument("--checkpoint", default="best", choices=["best", "last"])
     pr.add_argument("--split", default="dev", choices=["dev", "test"])
     pr.add_argument("--out", help="where the files go (default: RUN/predictions/)")
-    pr.add_argument("--test", help="test input: quora-test-student.csv / sonnets_held_out.txt (default: the data directory's)")
+    pr.add_argument("--test", help="test input: quora-test-student.csv / sonnets_held_out.txt (default: beside the run's "
+                                   "--train file, else the data directory's)")
     pr.add_argument("--test-prompt", default="train", choices=["train", "cs224n"],
                     help="paraphrase test prompt: the train/dev template (default) or the starter's test template")
+    pr.add_argument("--label-format", choices=["token-id", "binary"],
+                    help="paraphrase predictions as the starter writes them, the argmax token's id (token-id: 8505/3919 "
+                         "for GPT-2's yes/no), or 1/0 (binary; -1 where the argmax is no label word); default: "
+                         "token-id for a --conventions cs224n run, else binary")
     pr.set_defaults(func=cmd_predict)
 
     x = sub.add_parser("export", help="a trained run as a Hugging Face model directory (from_pretrained), with a "
                                       "model card")
-    x.add_argument("run", help="run directory")
+    add_run_arg(x)
     x.add_argument("--out", required=True, help="new directory for the model")
     x.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which weights (default: best)")
     x.add_argument("--merge", action="store_true", help="LoRA: merge the adapter into the base (a full model) "
@@ -451,10 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("spec")
     sr.add_argument("--out", help="study directory (default: studies/<spec name>)")
     sr.add_argument("--dry-run", action="store_true",
-                    help="list the runs with their estimated time on this machine (measured by a short probe of each "
-                         "kind of run, cached), GPU hours and disk; train nothing")
-    sr.add_argument("--no-probe", action="store_true",
-                    help="with --dry-run: measure nothing, use cached rates or a FLOP count")
+                    help="list the runs with their estimated time (from rates measured earlier on this machine, else "
+                         "a FLOP count: each line says which), GPU hours and disk, in seconds; train nothing")
+    sr.add_argument("--probe", action="store_true",
+                    help="with --dry-run: first measure the kinds of run without cached rates on this machine, with a "
+                         "short probe of each (its estimated time shown first; minutes per kind on a CPU)")
+    sr.add_argument("--no-probe", action="store_true", help="with --dry-run: measure nothing (the default)")
     sr.add_argument("--jobs", type=int, default=None, metavar="N",
                     help="local executor: N runs at once, each in its own process with 1/N of the CPU threads "
                          "(default 1; with --gpus-per-run F on a GPU machine: 1/F runs per GPU)")

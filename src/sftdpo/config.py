@@ -65,11 +65,21 @@ TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 
 # --conventions cs224n: the Stanford CS224N GPT-2 starter code's choices where they can move a number
 # (docs/cs224n.md has the table, with the starter's file and function for each)
+# (precision: the starter trains and evaluates in fp32; sftdpo's auto is bf16 autocast where the hardware has it)
 CONVENTIONS = {
     "sftdpo": {"preprocess": "none", "predict": "label-pair", "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 160,
-               "prompt_newline": True, "max_length": 512},
+               "prompt_newline": True, "max_length": 512, "precision": "auto"},
     "cs224n": {"preprocess": "cs224n", "predict": "argmax", "temperature": 1.2, "top_p": 0.9, "max_new_tokens": 128,
-               "prompt_newline": False, "max_length": 1024},
+               "prompt_newline": False, "max_length": 1024, "precision": "fp32"},
+}
+# --recipe cs224n-starter: the starter's training set-up on top of its conventions (paraphrase_detection.py and
+# sonnet_generation.py: get_args() and train(): AdamW at a constant 1e-5 with no warm-up, no clipping, no weight
+# decay, batch 8, 10 epochs, seed 11711, full fine-tuning of GPT-2); flags given explicitly win. Which weights
+# each course file comes from is predict.SUBMISSION's.
+RECIPES = {
+    "cs224n-starter": {"conventions": "cs224n", "model": "gpt2", "param": "fft", "regime": "sft", "epochs": 10,
+                       "lr": 1e-5, "batch_size": 8, "grad_accum": 1, "weight_decay": 0.0, "schedule": "constant",
+                       "warmup_ratio": 0.0, "max_grad_norm": 0.0, "seed": 11711},
 }
 
 
@@ -240,7 +250,7 @@ class RunConfig:
     seed: int = 0
     # execution (recorded, and part of the hash: bf16 changes numbers)
     device: str = "auto"
-    precision: str = "auto"
+    precision: str | None = None  # auto (bf16 where the hardware runs it fast) | fp32 | bf16; None: the conventions'
     compile: bool = False  # torch.compile the training and evaluation forwards (equal to eager up to rounding)
     # sonnet decoding
     temperature: float | None = None  # sftdpo: 1.0, cs224n: 1.2 (0: greedy)

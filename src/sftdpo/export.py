@@ -4,22 +4,26 @@ FFT runs become a directory that `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` load; LoRA runs a PEFT adapter directory
 (`PeftModel.from_pretrained(base, DIR)`), or with `--merge` the merged full model. Each gets a model
 card (README.md) with the base model, task, regime, the resolved config and the dev metrics. The
-offline backbone (smollm2-135m) exports as a plain Llama model. The directory is written beside its
-final place and renamed into it, so an interrupted export leaves nothing that looks complete.
+offline backbone (smollm2-135m) exports as a plain Llama model. Only a finished run exports
+(predict.load_finished_run). The directory is built beside its final place and put there when complete:
+an interrupted or failed export leaves nothing that looks complete, and re-exporting over an earlier
+export (a directory holding sftdpo_config.json) keeps the earlier one until the new one is whole.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import yaml
+from safetensors import SafetensorError
 
 from .config import SftdpoError, hub_reachable
-from .files import atomic_dir
+from .files import replace_dir
 from .models import weights_origin
-from .train.loop import load_run
+from .predict import load_finished_run, run_config
 
 log = logging.getLogger("sftdpo")
 
@@ -28,22 +32,21 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best", m
                push_to_hub: str | None = None) -> Path:
     """Write run `run_dir`'s `checkpoint` weights to `out` (see the module docstring); returns `out`."""
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SftdpoError(f"--out {out} exists and is not empty: give a new directory")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "sftdpo_config.json").is_file())):
+        raise SftdpoError(f"--out {out} exists and is not empty (nor an earlier sftdpo export): give a new directory")
     if push_to_hub and not hub_reachable():
         raise SftdpoError(f"--push-to-hub {push_to_hub} needs the Hugging Face hub, which does not answer (offline?): "
                           f"export without it, and upload later with `huggingface-cli upload {push_to_hub} DIR`")
-    run = load_run(run_dir, checkpoint)
-    cfg = run.cfg
-    lora = cfg.param == "lora"
+    lora = run_config(run_dir).param == "lora"
     if merge and not lora:
         raise SftdpoError("--merge applies to LoRA runs (an FFT run exports its full weights already)")
+    run = load_finished_run(run_dir, checkpoint, "export")
+    cfg = run.cfg
     model = run.model.to("cpu")
     if lora and merge:
         model = model.merge_and_unload()
     kind = "merged" if lora and merge else ("adapter" if lora else "full")
-    summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    summary = json.loads((run_dir / "summary.json").read_text())  # a finished run's (load_finished_run)
 
     def build(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -51,9 +54,12 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best", m
         (tmp / "README.md").write_text(model_card(cfg.to_dict(), summary, checkpoint, kind), encoding="utf-8")
         (tmp / "sftdpo_config.json").write_text(json.dumps({"hash": cfg.hash(), "config": cfg.to_dict()}, indent=1))
 
-    if out.exists():
-        out.rmdir()  # empty (checked above): atomic_dir renames the finished directory into its place
-    atomic_dir(out, build)
+    try:
+        replace_dir(out, build)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(out.with_name(out.name + ".new"), ignore_errors=True)  # replace_dir's unfinished build
+        raise SftdpoError(f"could not write the export to {out} ({getattr(e, 'strerror', None) or e}): nothing was "
+                          "replaced (an earlier export there is as it was); free space or give another --out") from None
     log.info("exported %s (%s checkpoint, %s weights) to %s", run_dir, checkpoint, kind, out)
     if push_to_hub:
         _push(out, push_to_hub)

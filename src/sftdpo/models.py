@@ -141,8 +141,8 @@ def _is_hub_id(name: str) -> bool:
 
 def load_tokenizer(name: str) -> Any:
     """The tokenizer of --model `name` alone, without its weights (seconds, not a model load)."""
-    if name == "tiny-gpt2":
-        tok = _gpt2_tokenizer()
+    if name == "tiny-gpt2" or (name == "gpt2" and find_in_data_dirs("gpt2-tokenizer")):
+        tok = _gpt2_tokenizer()  # the data directory's copy of the hub's gpt2 tokenizer files: no network needed
     elif name in ("tiny-llama", "smollm2-135m"):
         tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
     elif Path(name).expanduser().is_dir():

@@ -101,6 +101,7 @@ def read_qqp_with_stats(path: str | Path, fmt: str | None = None) -> tuple[list[
     out: list[ParaphraseExample] = []
     skipped = 0
     replaced = 0
+    extra = 0
 
     def bad(lineno: int, what: str) -> NoReturn:
         raise SftdpoError(f"{p}, line {lineno}: {what} (format {fmt}); fix or remove that line")
@@ -112,7 +113,9 @@ def read_qqp_with_stats(path: str | Path, fmt: str | None = None) -> tuple[list[
 
     try:
         if fmt in _LENIENT:
-            # csv.DictReader(delimiter="\t") exactly like the course's loader, so the same rows survive.
+            # csv.DictReader(delimiter="\t") exactly like the course's loader (datasets.py::load_paraphrase_data),
+            # so the same rows survive with the same ids: a row missing a field or its label is skipped, a row
+            # with extra fields is kept (its named fields read), ids are lower-cased and stripped.
             with open(p, encoding="utf-8", newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t")
                 labelled = "is_duplicate" in (reader.fieldnames or [])
@@ -122,10 +125,11 @@ def read_qqp_with_stats(path: str | Path, fmt: str | None = None) -> tuple[list[
                     if labelled and raw and raw not in _LABELS and None not in rec:  # a label, but not 0/1
                         bad(reader.line_num, f"label {raw!r} is not 0/1")
                     lab = _LABELS.get(raw) if labelled else None
-                    if None in rec or q1 is None or q2 is None or rid is None or (labelled and lab is None):
+                    if q1 is None or q2 is None or rid is None or (labelled and lab is None):
                         skipped += 1
                         continue
-                    out.append(ParaphraseExample(rid.strip(), _unescape(q1), _unescape(q2), lab))
+                    extra += None in rec
+                    out.append(ParaphraseExample(rid.lower().strip(), _unescape(q1), _unescape(q2), lab))
         elif fmt == "label-q1-q2-id":
             # Deep1994's split was written after a lossy decode: some lines are invalid UTF-8.
             for lineno, row in _iter_tsv(p, errors="replace"):
@@ -164,6 +168,7 @@ def read_qqp_with_stats(path: str | Path, fmt: str | None = None) -> tuple[list[
         raise SftdpoError(f"{p}: unreadable as {fmt} ({e}); check the file") from None
 
     note = f"; {skipped:,} broken rows skipped" if skipped else ""
+    note += f"; {extra:,} rows with extra fields kept (their named fields read, as the course's loader)" if extra else ""
     note += f"; {replaced:,} lines had invalid UTF-8 (replaced)" if replaced else ""
     level = logging.WARNING if skipped > 0.01 * max(1, len(out) + skipped) else logging.INFO
     log.log(level, "read %s pairs from %s (format %s%s)", f"{len(out):,}", p, fmt, note)

@@ -18,6 +18,7 @@ _TOKENS = {"paraphrase": 55, "sonnet": 170}
 # effective training FLOP/s where nothing was measured: a 2-core CPU in bf16 (docs/bench-cpu.md), and
 # the 12 TFLOP/s an H100 reached on a 124M model (docs/bench-gpu.md; launch-bound, ~2% of its peak)
 FLOPS_PER_S = {"cpu": 0.12e12, "cuda": 12e12}
+DEVICE_NAMES = {"cpu": "2-core CPU in bf16 (0.12 TFLOP/s)", "cuda": "H100 on a 124M model (12 TFLOP/s)"}
 
 
 def data_sizes(runs: list[RunConfig], rates: dict[str, Rates | None]) -> list[tuple[int, int] | None]:

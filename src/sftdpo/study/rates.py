@@ -11,10 +11,12 @@ length-bucketed ones are (a random 128-row slice padded to its longest row timed
 evaluation at 6.5x the length-matched rate); the padding that remains between them (a run on few
 rows makes wide batches) scales the figures by padded tokens (padding_factor). Epochs and
 evaluation run twice, the second timed. The
-seconds per example it finds are cached in `<cache>/rates/` per model/device/precision/threads, so
-only the first `--dry-run` pays for them (about 30-60 s per kind of run on a 2-core CPU; minutes
-where DPO pairs are sampled). `gpt2` without the hub is probed with random weights of the same
-architecture: speed does not depend on the weights.
+seconds per example it finds are cached in `<cache>/rates/` per model/device/precision/threads. A
+`--dry-run` reads the cache and prices what it lacks by the FLOP count (study/cost.py) in seconds;
+only `--dry-run --probe` measures, each kind announced with its own FLOP-count estimate first (tiny
+models take seconds; GPT-2 kinds minutes each on a 2-core CPU, more where DPO pairs are sampled). `gpt2`
+without the hub is probed with random weights of the same architecture: speed does not depend on the
+weights.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ..data.preferences import load_preferences
 from ..files import stable_hash, write_json_atomic
 from ..models import device_description, load_model_for_timing, resolve_device, resolve_precision, synchronize
 from ..ops.batching import bucketed_batches
+from ..system import format_duration
 from ..tasks import make_task
 from ..train.loop import Run
 from ..train.step import make_optimizer, make_scheduler, train_step
@@ -242,23 +245,50 @@ def probe(c: RunConfig) -> Rates:
                  n_dev=sl.n_dev, n_pairs=n_pairs, source=source)
 
 
-def study_rates(configs: list[RunConfig], *, measure: bool = True, say=print) -> dict[str, Rates | None]:
-    """{rate_key: Rates} for the kinds of run in `configs`: from the cache, else probed now (with
-    `measure`), else None. A kind that cannot be probed (no data, no model) is None, with one line
-    saying why."""
-    out: dict[str, Rates | None] = {}
+def unmeasured(configs: list[RunConfig]) -> list[RunConfig]:
+    """One config of each kind of run in `configs` that has no cached rates (what a probe would measure)."""
+    seen: set[str] = set()
+    out = []
     for c in configs:
         key = rate_key(c)
-        if key in out:
-            continue
-        out[key] = cached_rates(key)
-        if out[key] is not None or not measure:
-            continue
-        what = f"{c.task_name or c.task} {c.model} {c.param}" + (f" pairs {c.pairs}" if c.task == "sonnet" else "")
-        say(f"measuring {what} on this machine (a few batches of each stage, twice; cached) ...")
+        if key not in seen and cached_rates(key) is None:
+            out.append(c)
+        seen.add(key)
+    return out
+
+
+def probe_work(c: RunConfig) -> tuple[RunConfig, int, int]:
+    """What a probe of `c` trains and evaluates, as a run the FLOP count (study.cost) can price: every
+    stage twice (2 SFT epochs, 2 DPO epochs) on PROBE_GROUPS training batches, and as many evaluation
+    batches; returns (that run, its training rows, its most dev rows)."""
+    run = dataclasses.replace(c, regime="sft-dpo", epochs=4, handoff_epoch=2, max_train_examples=None,
+                              max_dev_examples=None, data_fraction=1.0, balance_labels=False, eval_init=False)
+    return run, PROBE_GROUPS * c.batch_size * c.grad_accum, PROBE_GROUPS * c.eval_batch_size
+
+
+def kind_name(c: RunConfig) -> str:
+    return f"{c.task_name or c.task} {c.model} {c.param}" + (f" pairs {c.pairs}" if c.task == "sonnet" else "")
+
+
+def study_rates(configs: list[RunConfig], *, measure: bool = True, say=print,
+                eta: Callable[[RunConfig], float] | None = None) -> dict[str, Rates | None]:
+    """{rate_key: Rates} for the kinds of run in `configs`: from the cache, else probed now (with
+    `measure`: each probe announced with its estimated seconds `eta(config)`, then its own time), else
+    None. A kind that cannot be probed (no data, no model) is None, with one line saying why."""
+    out: dict[str, Rates | None] = {}
+    todo = unmeasured(configs) if measure else []
+    for c in configs:
+        key = rate_key(c)
+        if key not in out:
+            out[key] = cached_rates(key)
+    for i, c in enumerate(todo, 1):
+        key, what = rate_key(c), kind_name(c)
+        about = f", about {format_duration(eta(c))} by its FLOP count" if eta else ""
+        say(f"measuring {what} on this machine ({i} of {len(todo)}: a few batches of each stage, twice{about}) ...")
         quiet = logging.getLogger("sftdpo")
         level = quiet.level
         quiet.setLevel(logging.WARNING)  # the probe's own data and DPO lines would repeat the run's
+        t0 = time.perf_counter()
         try:
             out[key] = probe(c)
         except SftdpoError as e:
@@ -267,4 +297,5 @@ def study_rates(configs: list[RunConfig], *, measure: bool = True, say=print) ->
         finally:
             quiet.setLevel(level)
         write_json_atomic(_rates_file(key), dataclasses.asdict(out[key]))
+        say(f"  measured in {format_duration(time.perf_counter() - t0)} (cached in {_rates_file(key).parent})")
     return out

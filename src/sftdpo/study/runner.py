@@ -9,6 +9,7 @@ workers on one study is the Ray executor's job).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,15 @@ import yaml
 
 from ..config import RunConfig, SftdpoError
 from ..files import DirectoryBusy, DirLock, write_text_atomic
+from ..models import resolve_device
 from ..report import write_report
 from ..store import Store
 from ..system import format_duration
-from .cost import data_sizes, flop_seconds, format_disk, format_gpu_hours, study_disk, study_flops, study_seconds
+from .cost import (DEVICE_NAMES, data_sizes, estimate_flops, flop_seconds, format_disk, format_gpu_hours, study_disk,
+                   study_flops, study_seconds)
 from .index import RUN_FILE, clear_failure, index_run, index_study, read_run_file, record_failure, run_status, write_run_file
 from .local import run_local
-from .rates import study_rates
+from .rates import probe_work, study_rates, unmeasured
 from .ray import require_ray, run_ray
 from .spec import expand, load_spec, parse_only, resolve_runs
 
@@ -45,24 +48,45 @@ class StudyDir:
     def estimates(self, runs: list[tuple[str, RunConfig]], rates: dict,
                   flops: list[float] | None = None) -> dict[str, tuple[float, bool]]:
         """{run name: (estimated seconds on this machine, measured)}: from the measured `rates` of its
-        kind of run (rates.study_rates), else from its FLOP count (`flops`, or counted here)."""
+        kind of run (rates.study_rates), else from its FLOP count (`flops`, or counted here) at the rough
+        rate of the device it would run on."""
         configs = [c for _, c in runs]
         seconds = study_seconds(configs, rates)
         flops = flops or study_flops(configs, data_sizes(configs, rates))
-        return {name: (s, True) if s is not None else (flop_seconds(f, c.device), False)
+        return {name: (s, True) if s is not None else (flop_seconds(f, _device(c)), False)
                 for (name, c), s, f in zip(runs, seconds, flops)}
 
-    def dry_run(self, runs: list[tuple[str, RunConfig]], *, measure: bool = True) -> None:
+    def dry_run(self, runs: list[tuple[str, RunConfig]], *, measure: bool = False) -> None:
+        """Print each run's estimated time, GPU hours and disk: from the rates cached on this machine and,
+        where none are, the FLOP count (said so, with what `--probe` would cost); with `measure`, probe the
+        kinds of run without cached rates first, each announced with its estimated time."""
         configs = [c for _, c in runs]
-        rates = study_rates(configs, measure=measure)
+        todo = unmeasured(configs)
+        sizes = dict(zip(map(id, configs), data_sizes(configs, {}))) if todo else {}
+
+        def probe_eta(c: RunConfig) -> float:
+            work, n_train, n_dev = probe_work(c)
+            work = dataclasses.replace(work, max_train_examples=n_train, max_dev_examples=n_dev)
+            return flop_seconds(estimate_flops(work, 0, sizes.get(id(c))), _device(c))
+
+        if measure and todo:
+            print(f"probing {len(todo)} kind(s) of run on this machine first, about "
+                  f"{format_duration(sum(map(probe_eta, todo)))} by their FLOP count (without --probe, --dry-run "
+                  "answers at once):", flush=True)
+        rates = study_rates(configs, measure=measure, eta=probe_eta)
         flops = study_flops(configs, data_sizes(configs, rates))
         est = self.estimates(runs, rates, flops)
         print(f"{len(runs)} runs in study {self.spec.get('name')}; estimated time on this machine, one run at a time "
               "(shared SFT prefixes and the untrained model's evaluation charged once):")
         for src in sorted({r.source for r in rates.values() if r}):
-            print(f"  rates {src} (cached per model/device/precision; --no-probe skips measuring)")
-        if not all(measured for _, measured in est.values()):
-            print("  * no measured rate: a FLOP count at a rough rate (see study/cost.py)")
+            print(f"  rates {src} (cached per model/device/precision)")
+        left = unmeasured(configs)
+        if left:
+            devices = sorted({_device(c).split(":")[0] for c in left})
+            print(f"  * {sum(not m for _, m in est.values())} runs: a FLOP count at the rough rate of a "
+                  f"{' / '.join(DEVICE_NAMES[d] for d in devices)} (see study/cost.py), no rates cached for "
+                  f"{len(left)} kind(s) of run; `--dry-run --probe` measures them here, about "
+                  f"{format_duration(sum(map(probe_eta, left)))}")
         for name, _ in runs:
             s, measured = est[name]
             print(f"  {name:60s} {format_duration(s):>12s}{'' if measured else ' *'}")
@@ -114,8 +138,13 @@ class StudyDir:
         return ok, err
 
 
+def _device(c: RunConfig) -> str:
+    """The device `c` would run on here (--device auto: a GPU where there is one)."""
+    return str(resolve_device(c.device))
+
+
 def run_study(spec: str | dict, out: Path | None = None, *, only: list[str] = (), overrides: dict | None = None,
-              dry_run: bool = False, probe: bool = True, executor: str = "local", report: bool = True,
+              dry_run: bool = False, probe: bool = False, executor: str = "local", report: bool = True,
               **executor_opts: Any) -> Path:
     """Run (or resume) a study; returns its directory."""
     spec_d = load_spec(spec) if isinstance(spec, str) else spec
@@ -125,7 +154,7 @@ def run_study(spec: str | dict, out: Path | None = None, *, only: list[str] = ()
     if not runs:
         raise SftdpoError(f"no run of study {spec_d['name']} matches --only {' '.join(only)}")
     if dry_run:
-        StudyDir(spec_d, out, runs).dry_run(runs, measure=probe)
+        StudyDir(spec_d, out, runs).dry_run(runs, measure=probe)  # measures only when asked (--probe)
         return out
     if executor == "ray":  # fail before reading data or touching the study directory when Ray is missing
         require_ray()
