@@ -16,7 +16,7 @@ with small sizes appended so the whole file stays within a few minutes on 2 core
   study run  --model tiny-gpt2, the same sizes as `--set`, `--only` filters that keep a few runs
              (seed 0, FFT, a slice of each spec: CUT, SPEC_CUT; never on a field the line filters
              itself), --no-report (the pages' `study report` lines write the reports), and
-             --no-probe with --dry-run
+             --no-probe with a --dry-run that does not ask for --probe
   bench      --model tiny-gpt2 --steps 1 --device cpu --only sft/paraphrase
 A path argument naming the page's backbone (`...-smollm2-135m-...`) is read with the tiny model's
 name, since the tiny model wrote it. Other lines run in bash. A line the test does not run carries
@@ -159,7 +159,10 @@ def small(argv: list[str]) -> list[str]:
         given = dict(argv[k + 1].split("=", 1) for k in range(len(argv) - 1) if argv[k] == "--only")
         cut = {**CUT, **SPEC_CUT.get(spec, {}), **(SONNET_CUT if given.get("task") == "sonnet" else {})}
         argv += [a for f, v in cut.items() if f not in given for a in ("--only", f"{f}={v}")]
-        argv += ["--no-probe"] if "--dry-run" in argv else ["--no-report"]
+        if "--dry-run" not in argv:
+            argv += ["--no-report"]
+        elif "--probe" not in argv:  # a dry-run answers from the FLOP count unless the line asks to measure
+            argv += ["--no-probe"]
     elif cmd == "bench":
         argv = _set(argv, "--model", TINY)
         argv = _set(argv, "--steps", "1")
