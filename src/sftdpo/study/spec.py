@@ -23,7 +23,7 @@ from ..config import FIELD_TYPES, RunConfig, SftdpoError, coerce_field, task_def
 from ..data import resolve_data
 from ..report.claims import parse_claims
 
-SHIPPED_SPECS = ("quick", "paper", "own-tasks", "dpo-sweep", "dpo-sweep-quick", "lr-sweep-quick")
+SHIPPED_SPECS = ("quick", "paper", "own-tasks", "dpo-sweep", "dpo-sweep-quick", "lr-sweep-quick", "findings")
 _DEFAULTS = RunConfig()
 
 
