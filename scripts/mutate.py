@@ -115,11 +115,16 @@ def mutmut(args: list[str], max_children: int) -> int:
     return subprocess.run(cmd, cwd=ROOT, env=env()).returncode
 
 
-def tests_hash() -> str:
+def tree_hash(folder: str, patterns: tuple[str, ...] = ("*.py",)) -> str:
     h = hashlib.sha256()
-    for p in sorted((ROOT / "tests").rglob("*.py")) + sorted((ROOT / "tests").rglob("*.yaml")):
-        h.update(p.relative_to(ROOT).as_posix().encode() + b"\0" + p.read_bytes())
+    for pat in patterns:
+        for p in sorted((ROOT / folder).rglob(pat)):
+            h.update(p.relative_to(ROOT).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def tests_hash() -> str:
+    return tree_hash("tests", ("*.py", "*.yaml"))
 
 
 def load_runs() -> list[dict]:
@@ -135,6 +140,11 @@ def run(only: list[str], max_children: int) -> None:
     mutants = read_mutants(diffs=False)
     runs = load_runs()
     retest = bool(runs) and runs[-1].get("tests") != tests_hash()
+    if runs and (retest or runs[-1].get("src") != tree_hash("src")):
+        # mutmut maps tests to functions once and afterwards only adds tests it has not seen: a new or
+        # changed function would be left with no tests, a changed test with its old reach. Collect
+        # the map again (one in-process run of the selected tests); verdicts of unchanged code stay.
+        (MUTANTS / "mutmut-stats.json").unlink(missing_ok=True)
     names = []
     for m in mutants:
         if not in_scope(m):
@@ -149,7 +159,7 @@ def run(only: list[str], max_children: int) -> None:
     code = mutmut(["run", "--max-children", str(max_children), *names], max_children) if names else 0
     wall = time.time() - t0
     runs.append(dict(date=time.strftime("%Y-%m-%d %H:%M"), mutants=len(names), wall_s=round(wall),
-                     max_children=max_children, cpu=cpu_model(), tests=tests_hash(), only=only, exit=code))
+                     max_children=max_children, cpu=cpu_model(), tests=tests_hash(), src=tree_hash("src"), only=only, exit=code))
     RUNS.write_text(json.dumps(runs, indent=1))
 
 
@@ -228,16 +238,24 @@ def read_mutants(diffs: bool = True) -> list[Mutant]:
 
 # -- explanations -------------------------------------------------------------------------------
 
-def _string_only(a: str, b: str) -> bool:
-    """Do two lines differ only inside string literals?"""
-    def toks(s: str) -> list[str] | None:
+def _text_only(a: str, b: str) -> bool:
+    """Do two lines differ only in string literals (their text, or a string replaced by None)?"""
+    def toks(s: str) -> list[tuple[int, str]] | None:
+        out = []  # a line of a longer statement may leave brackets open: keep the tokens read so far
         try:
-            return [("STR" if t.type == tokenize.STRING else t.string)
-                    for t in tokenize.generate_tokens(io.StringIO(s).readline) if t.type not in (tokenize.NL, tokenize.NEWLINE)]
-        except (tokenize.TokenError, SyntaxError, IndentationError):
+            for t in tokenize.generate_tokens(io.StringIO(s).readline):
+                if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER):
+                    out.append((t.type, t.string))
+        except tokenize.TokenError:
+            pass
+        except (SyntaxError, IndentationError):
             return None
+        return out
     ta, tb = toks(a), toks(b)
-    return ta is not None and ta == tb and a != b
+    if ta is None or tb is None or len(ta) != len(tb) or a == b:
+        return False
+    return all(x == y or (x[0] == tokenize.STRING and (y[0] == tokenize.STRING or y[1] == "None"))
+               for x, y in zip(ta, tb))
 
 
 _message_spans: dict[str, list[tuple[int, int]]] = {}
@@ -257,7 +275,7 @@ def message_spans(path: str) -> list[tuple[int, int]]:
 
 def rule(m: Mutant) -> str | None:
     """The equivalence rule that explains m, if any."""
-    if m.line and " / " not in m.line and _string_only(m.line, m.mutant) and any(
+    if m.line and " / " not in m.line and _text_only(m.line, m.mutant) and any(
             lo <= m.lineno <= hi for lo, hi in message_spans(m.path)):
         return "message text: only the text of an error, log or progress message changes"
     return None
