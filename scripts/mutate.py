@@ -13,13 +13,14 @@ mutants re-run, so a second run does only what changed. This script adds what mu
 - Scope below file level: of models.py only the PEFT set-up (SCOPE) is run; other functions' mutants
   are reported as out of scope, not run.
 - Survivors are re-run when tests/ changed since the last run (mutmut keeps a survivor's verdict
-  until its function changes, so a new test would otherwise never count).
+  until its function changes, so a new test would otherwise never count), and the test map is
+  collected again when a function changed or appeared (mutmut would leave it with no tests).
 - Every survivor must be explained: killed by a named test (tests/mutation-killed.yaml, checked: the
   mutant's verdict must be `killed`) or equivalent, one line why (tests/mutation-equivalent.yaml, or a
   RULE below). Entries are keyed by module, function, the original line and the mutated line (mutmut's
   numbering moves when code moves); entries that match no mutant any more are reported as stale.
 
-    python scripts/mutate.py [--only GLOB ...] [--max-children N] [--report-only]
+    python scripts/mutate.py [--only GLOB ...] [--max-children N] [--report-only] [--skeleton] [--verify-kills]
 
 `--only sftdpo.stats.*` (mutmut mutant-name globs) re-runs those mutants only (module by module on a
 busy machine). Exits 1 when a survivor is unexplained.
@@ -127,6 +128,20 @@ def tests_hash() -> str:
     return tree_hash("tests", ("*.py", "*.yaml"))
 
 
+def map_is_stale() -> bool:
+    """Has a function changed (or appeared) since mutmut last saved its test map?"""
+    stats = MUTANTS / "mutmut-stats.json"
+    if not stats.exists():
+        return False
+    known = json.loads(stats.read_text()).get("function_hashes", {})
+    for meta in (MUTANTS / "src").rglob("*.py.meta"):
+        module = module_of(ROOT / meta.with_suffix("").relative_to(MUTANTS))
+        for func, h in json.loads(meta.read_text()).get("hash_by_function_name", {}).items():
+            if known.get(f"{module}.{func}") != h:
+                return True
+    return False
+
+
 def load_runs() -> list[dict]:
     return json.loads(RUNS.read_text()) if RUNS.exists() else []
 
@@ -140,11 +155,12 @@ def run(only: list[str], max_children: int) -> None:
     mutants = read_mutants(diffs=False)
     runs = load_runs()
     retest = bool(runs) and runs[-1].get("tests") != tests_hash()
-    if runs and (retest or runs[-1].get("src") != tree_hash("src")):
-        # mutmut maps tests to functions once and afterwards only adds tests it has not seen: a new or
-        # changed function would be left with no tests, a changed test with its old reach. Collect
-        # the map again (one in-process run of the selected tests); verdicts of unchanged code stay.
-        (MUTANTS / "mutmut-stats.json").unlink(missing_ok=True)
+    if map_is_stale():
+        # mutmut maps tests to functions once and afterwards only adds the tests it has not seen: a
+        # new or changed function would keep no tests or its old ones. Collect the map again (one
+        # in-process run of the selected tests); the verdicts of unchanged functions stay.
+        print("mutate: functions changed since the test map was collected: collecting it again", flush=True)
+        (MUTANTS / "mutmut-stats.json").unlink()
     names = []
     for m in mutants:
         if not in_scope(m):
@@ -319,6 +335,7 @@ def cpu_model() -> str:
 
 WHY = ROOT / "scripts" / "mutate-why.md"
 SKELETON = False
+VERIFY = False
 
 
 def report() -> int:
@@ -348,8 +365,17 @@ def report() -> int:
             explained.append((m, equivalent[hit]["reason"]))
         else:
             unexplained.append(m)
-    # a killed-by entry must name a mutant that mutmut now finds killed; one that survives stays unexplained
+    # a killed-by entry must name a mutant that mutmut now finds killed (and, with --verify-kills, that
+    # the named test alone fails on); one that survives stays unexplained
     stale_k = [e for e in killed if not any(matches(e, m) and m.status == "killed" for m in mutants)]
+    if VERIFY:
+        for e in killed:
+            for m in (m for m in mutants if matches(e, m)):
+                proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", e["test"]],
+                                      cwd=MUTANTS, env={**env(), "MUTANT_UNDER_TEST": m.name}, capture_output=True)
+                print(f"mutate: {m.name} {'killed' if proc.returncode else 'NOT KILLED'} by {e['test']}", flush=True)
+                if proc.returncode == 0 and e not in stale_k:
+                    stale_k.append(e)
     stale_eq = [e for i, e in enumerate(equivalent) if i not in used_eq]
 
     cols = ["killed", "survived", "no tests", "timeout", "suspicious", "segfault", "not checked"]
@@ -435,9 +461,11 @@ def main() -> None:
     ap.add_argument("--max-children", type=int, default=2)
     ap.add_argument("--report-only", action="store_true", help="write docs/mutation.md from the cached results")
     ap.add_argument("--skeleton", action="store_true", help="print YAML entries for the unexplained survivors")
+    ap.add_argument("--verify-kills", action="store_true",
+                    help="run the test each tests/mutation-killed.yaml entry names against its mutant alone")
     a = ap.parse_args()
-    global SKELETON
-    SKELETON = a.skeleton
+    global SKELETON, VERIFY
+    SKELETON, VERIFY = a.skeleton, a.verify_kills
     os.chdir(ROOT)
     ensure_mutmut()
     if not a.report_only:
