@@ -111,6 +111,19 @@ copy_src_dir(); copy_also_copy_files(); create_mutants(int(sys.argv[1]))
 """
 
 
+# Child processes of mutmut's coverage pass (MUTANT_UNDER_TEST=stats) run in the tests' temporary
+# directories, where mutmut cannot find its configuration to record a call: a study's forked run
+# died there. What a child calls cannot reach the parent's test map anyway, so children skip the
+# recording. Imported at start-up by every Python child (PYTHONPATH=mutants/src), the fork server
+# included, whose forked run processes inherit it.
+SITECUSTOMIZE = """# written by scripts/mutate.py (see SITECUSTOMIZE there)
+import os
+if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+    import mutmut.mutation.trampoline as _t
+    _t.record_trampoline_hit = lambda *args, **kwargs: None
+"""
+
+
 def mutmut(args: list[str], max_children: int) -> int:
     cmd = ["nice", "-n", "15", sys.executable, "-m", "mutmut", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env()).returncode
@@ -148,6 +161,7 @@ def load_runs() -> list[dict]:
 
 def run(only: list[str], max_children: int) -> None:
     (MUTANTS / "src").mkdir(parents=True, exist_ok=True)
+    (MUTANTS / "src" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     gen = subprocess.run([sys.executable, "-c", GENERATE, str(max_children)], cwd=ROOT, env=env(),
                          capture_output=True, text=True)
     if gen.returncode:
