@@ -227,8 +227,10 @@ def defs(tree: ast.Module) -> dict[str, ast.FunctionDef]:
     return out
 
 
-def body_lines(text: str, node: ast.FunctionDef) -> list[str]:
-    return text.splitlines()[node.body[0].lineno - 1:node.end_lineno]
+def body_lines(text: str, node: ast.FunctionDef, name: str) -> list[str]:
+    """The function's lines from its `def` (default arguments are mutated too), named `name`."""
+    lines = text.splitlines()[node.lineno - 1:node.end_lineno]
+    return [lines[0].replace(node.name, name, 1)] + lines[1:]
 
 
 def read_mutants(diffs: bool = True) -> list[Mutant]:
@@ -254,7 +256,7 @@ def read_mutants(diffs: bool = True) -> list[Mutant]:
                 short = name.rpartition(".")[2]
                 orig, mut = fdefs.get(f"{mangled}__mutmut_orig"), fdefs.get(short)
                 if orig and mut:
-                    a, b = body_lines(mtext, orig), body_lines(mtext, mut)
+                    a, b = body_lines(mtext, orig, mangled), body_lines(mtext, mut, mangled)
                     old, new = [], []
                     for op in difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
                         if op[0] != "equal":
@@ -263,7 +265,7 @@ def read_mutants(diffs: bool = True) -> list[Mutant]:
                             if not m.lineno:
                                 sdef = sdefs.get(m.function.split(".")[-1])
                                 offset = op[1] if op[1] < len(a) else len(a) - 1
-                                m.lineno = (sdef.body[0].lineno + offset) if sdef else 0
+                                m.lineno = (sdef.lineno + offset) if sdef else 0
                     m.line, m.mutant = " / ".join(old), " / ".join(new) or "(line removed)"
             out.append(m)
     return out
@@ -367,6 +369,8 @@ def report() -> int:
             rows[m.path]["out of scope"] += 1
             continue
         rows[m.path][m.status] += 1
+        if m.status == "not checked":  # an entry for it is not stale, only not needed yet
+            used_eq.update(i for i, e in enumerate(equivalent) if "line" in e and matches(e, m))
         if m.status not in EXPLAIN:
             continue
         why = rule(m)
@@ -381,7 +385,7 @@ def report() -> int:
             unexplained.append(m)
     # a killed-by entry must name a mutant that mutmut now finds killed (and, with --verify-kills, that
     # the named test alone fails on); one that survives stays unexplained
-    stale_k = [e for e in killed if not any(matches(e, m) and m.status == "killed" for m in mutants)]
+    stale_k = [e for e in killed if not any(matches(e, m) and m.status in ("killed", "not checked") for m in mutants)]
     if VERIFY:
         for e in killed:
             for m in (m for m in mutants if matches(e, m)):
