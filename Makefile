@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sftdpo-installed
 
-.PHONY: demo test mutants bench install
+.PHONY: demo test mutants mutate bench install
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 # the mutation check: every mutant in tests/mutants.yaml must make its tests fail (scripts/mutants.py)
 mutants: $(STAMP)
 	$(PY) scripts/mutants.py
+
+# mutation testing of the number path by mutmut (not in CI: hours the first time, incremental after);
+# writes docs/mutation.md (scripts/mutate.py)
+mutate: $(STAMP)
+	$(PY) -m pip install -q -e ".[mutation]"
+	$(PY) scripts/mutate.py
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
