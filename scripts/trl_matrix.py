@@ -5,7 +5,7 @@ the largest difference per compared quantity and case (loss and grad_norm relati
 logps/rewards for DPO at accumulation 1, final weights relative to the update's norm), the steps on
 which clipping acted and each side's seconds; exits 1 when a case exceeds its bounds or fails.
 
-    PYTHONPATH=src python scripts/trl_matrix.py [--only TEXT ...]
+    PYTHONPATH=src python scripts/trl_matrix.py [--only TEXT ...] [--small]
 
 `make test` runs the small set (tests/test_trl_runs.py); this runs all 24 cases (~1 minute each on
 a 2-core CPU, most of it TRL's LM head scoring every position over the whole vocabulary).
@@ -36,6 +36,7 @@ def fmt(v) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="*", default=[], help="run the cases whose name contains one of these")
+    ap.add_argument("--small", action="store_true", help="the small set of `make test` instead of the matrix")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="trl-matrix-") as tmp:
         os.environ.setdefault("SFTDPO_CACHE_DIR", str(Path(tmp) / "cache"))  # before sftdpo is imported
@@ -43,7 +44,8 @@ def main() -> int:
         import test_trl_runs as t
 
         data = t.write_data(Path(tmp) / "data")
-        cases = [c for c in t.MATRIX if not args.only or any(o in c.name for o in args.only)]
+        cases = list(t.SMALL.values()) if args.small else t.MATRIX
+        cases = [c for c in cases if not args.only or any(o in c.name for o in args.only)]
         print("| case | " + " | ".join(COLUMNS) + " | norms | sftdpo s | TRL s | |")
         print("|" + "---|" * (len(COLUMNS) + 5))
         failed, start = [], time.perf_counter()

@@ -37,6 +37,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import PrinterCallback, TrainerCallback
 
 from sftdpo.config import RunConfig
 from sftdpo.models import load_model
@@ -152,8 +153,8 @@ class EpochBatches(torch.utils.data.Sampler):
     epoch offset + e + 1, ordered by ops/batching.py's bucketed_batches with that epoch's seed (a staged
     run's DPO stage numbers its epochs after the SFT ones), each step of batch x accum rows split into
     micro-batches of `batch` rows. transformers' Trainer groups consecutive micro-batches into optimizer
-    steps, so every step but the last must have `accum` micro-batches (true here: only the last step of
-    an epoch is short, and N_TRAIN leaves it 2 micro-batches)."""
+    steps, so every step must split into `accum` micro-batches (checked; N_TRAIN makes the short step of
+    an epoch 4 + 2 rows at accumulation 2)."""
 
     def __init__(self, lengths: list[int], batch: int, accum: int, seed: int, offset: int = 0) -> None:
         self.lengths, self.batch, self.accum, self.seed, self.offset, self.epoch = lengths, batch, accum, seed, offset, 0
@@ -163,6 +164,7 @@ class EpochBatches(torch.utils.data.Sampler):
 
     def micro_batches(self, epoch: int) -> list[list[int]]:
         steps = bucketed_batches(self.lengths, self.batch * self.accum, epoch_seed(self.seed, self.offset + epoch + 1))
+        assert all(len(s) > self.batch * (self.accum - 1) for s in steps), "a step of fewer micro-batches than accum"
         return [s[i : i + self.batch] for s in steps for i in range(0, len(s), self.batch)]
 
     def __iter__(self):
@@ -194,18 +196,15 @@ class SameBatches:
         pass
 
 
-class StopAfter:
-    """A TrainerCallback ending training after `epochs` epochs."""
+class StopAfter(TrainerCallback):
+    """Ends training after `epochs` epochs (the SFT stage of a staged run: k of the budget's epochs)."""
 
-    def __new__(cls, epochs: int):
-        from transformers import TrainerCallback
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
 
-        class _Stop(TrainerCallback):
-            def on_epoch_end(self, args, state, control, **kw):
-                if round(state.epoch) >= epochs:
-                    control.should_training_stop = True
-
-        return _Stop()
+    def on_epoch_end(self, args, state, control, **kw):
+        if round(state.epoch) >= self.epochs:
+            control.should_training_stop = True
 
 
 def trl_classes():
@@ -313,6 +312,7 @@ def quiet():
     import datasets
     from transformers.utils import logging as hf_logging
 
+    bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -321,6 +321,8 @@ def quiet():
             yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 def trainer_logs(trainer) -> list[dict]:
@@ -331,7 +333,6 @@ def run_trl(case: Case, data: dict, out: Path) -> dict:
     """TRL's run of the case: {"records": one log dict per optimizer step (both stages, in order), "weights":
     the final trainable weights, "start": the trainable weights before training, "sft_ids"/"dpo_ids":
     the token ids TRL trained on}."""
-    from transformers import PrinterCallback
     from trl import DPOConfig, SFTConfig
 
     SFT, DPO = trl_classes()
@@ -488,6 +489,11 @@ def case(task: str, param: str, regime: str, grad_accum: int = 1, **kw) -> Case:
 
 MATRIX = [case(t, p, r, a) for r in ("sft", "dpo", "sft-dpo") for p in ("fft", "lora")
           for t in ("paraphrase", "generate") for a in (1, 2)]
+# the small set, one test each below (`scripts/trl_matrix.py --small` prints their differences)
+SMALL = {"sft_fft_paraphrase": case("paraphrase", "fft", "sft"),
+         "sft_lora_generate_accum2": case("generate", "lora", "sft", 2),
+         "dpo_lora_generate": case("generate", "lora", "dpo", epochs=2),
+         "staged_sft1_dpo_fft_paraphrase": case("paraphrase", "fft", "sft-dpo")}
 
 
 def test_sft_fft_paraphrase_equals_trl(data, cache, tmp_path):
@@ -498,7 +504,7 @@ def test_sft_fft_paraphrase_equals_trl(data, cache, tmp_path):
     of round() steps, or the lr logged after the scheduler's step), weight decay on norms (or none),
     other AdamW betas/eps, clipping that is skipped or a norm logged after clipping, a loss over the two
     label words instead of the vocabulary, a wrong label token or prompt, another batch order or epoch seed."""
-    _check(case("paraphrase", "fft", "sft"), data, tmp_path)
+    _check(SMALL["sft_fft_paraphrase"], data, tmp_path)
 
 
 def test_sft_lora_generate_accum2_equals_trl(data, cache, tmp_path):
@@ -509,7 +515,7 @@ def test_sft_lora_generate_accum2_equals_trl(data, cache, tmp_path):
     rows. Catches a missing EOS or prompt tokens in the loss (the token check, then the loss), micro-batches
     weighted by their mean instead of their target tokens, a wrong LoRA scaling (alpha/r) or target set,
     an adapter initialised from another seed, trainable base weights."""
-    _check(case("generate", "lora", "sft", 2), data, tmp_path)
+    _check(SMALL["sft_lora_generate_accum2"], data, tmp_path)
 
 
 def test_dpo_lora_generate_equals_trl(data, cache, tmp_path):
@@ -521,7 +527,7 @@ def test_dpo_lora_generate_equals_trl(data, cache, tmp_path):
     (or chosen and rejected swapped), beta applied twice or not at all, the reference taken with the
     adapter enabled, prompt or padding tokens in a response's log-prob, a response without EOS, the DPO
     schedule or learning rate wrong."""
-    _check(case("generate", "lora", "dpo", epochs=2), data, tmp_path)
+    _check(SMALL["dpo_lora_generate"], data, tmp_path)
 
 
 def test_staged_sft1_dpo_fft_paraphrase_equals_trl(data, cache, tmp_path):
@@ -530,4 +536,4 @@ def test_staged_sft1_dpo_fft_paraphrase_equals_trl(data, cache, tmp_path):
     beta=0.1, learning_rate=1e-3, ...)) on the hand-off model, which is then the reference. Catches an SFT
     schedule over the SFT epochs only, the pretrained model as the reference, the DPO stage's epochs numbered
     from 1 (another batch order), the SFT learning rate or optimizer state carried into DPO."""
-    _check(case("paraphrase", "fft", "sft-dpo"), data, tmp_path)
+    _check(SMALL["staged_sft1_dpo_fft_paraphrase"], data, tmp_path)
