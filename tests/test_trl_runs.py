@@ -30,6 +30,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,6 +317,8 @@ def quiet():
     datasets.disable_progress_bars()
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    tqdm_disable = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # DPOTrainer's reference log-prob bar reads it
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
@@ -323,6 +326,10 @@ def quiet():
         hf_logging.set_verbosity(level)
         if bars_were_on:
             datasets.enable_progress_bars()
+        if tqdm_disable is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_disable
 
 
 def trainer_logs(trainer) -> list[dict]:
