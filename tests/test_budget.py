@@ -24,7 +24,7 @@ def _records(out, kind):
 def test_budget_takes_exactly_that_many_steps_with_one_schedule(n_train, regime, cache, tmp_path):
     """13 optimizer steps whatever the data size: 5 rows (one step per pass: 13 passes) or 40 rows (5 steps
     per pass: 3 passes, the last cut short at 3 steps), SFT or DPO. The schedule spans the 13 steps (warm-up
-    ceil(2.6) = 3, decay to exactly 0 at the last step), each pass is an epoch with its evaluation, and each
+    ceil(2.6) = 3, linear decay to 0 after the last step), each pass is an epoch with its evaluation, and each
     pass draws a fresh order. Catches a budget counted in epochs, a schedule per pass (the rate would climb
     back up), a last pass run to its end, and passes repeating one order."""
     files = qqp_files(tmp_path, n_train, 8)
@@ -36,7 +36,8 @@ def test_budget_takes_exactly_that_many_steps_with_one_schedule(n_train, regime,
     assert summary["optimizer_steps"] == len(steps) == 13 and summary["epochs"] == passes
     assert [r["global_step"] for r in steps] == list(range(1, 14))
     lr = 3e-3 if regime == "sft" else 1e-3
-    assert [r["lr"] for r in steps] == [pytest.approx(lr * (i / 3 if i < 3 else (13 - i) / 10)) for i in range(1, 14)]
+    # the rate each step applied (transformers' learning_rate): warm-up from 0, 0 again after the 13th step
+    assert [r["lr"] for r in steps] == [pytest.approx(lr * (i / 3 if i < 3 else (13 - i) / 10)) for i in range(13)]
     epochs = _records(out, "epoch")
     assert [e["epoch"] for e in epochs] == list(range(1, passes + 1)) and all("dev/accuracy" in e for e in epochs)
     assert [sum(r["epoch"] == e for r in steps) for e in range(1, passes + 1)] == \

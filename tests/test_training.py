@@ -194,13 +194,14 @@ def _records(out, kind="train"):
 
 def test_logged_learning_rate_follows_the_schedule_over_the_whole_budget(qqp, cache, tmp_path):
     """The lr logged after every optimizer step of a 3-epoch run: one schedule over all 18 steps (not
-    one per epoch, not constant). Logged as TRL logs it, after the scheduler's step: the next step's rate."""
+    one per epoch, not constant). Logged as transformers' Trainer (so TRL) logs `learning_rate`: the rate
+    the step's update used, read before the scheduler's step (0 at the first warm-up step)."""
     cfg = cfg_for("paraphrase", qqp, epochs=3, batch_size=8, log_every=1, warmup_ratio=0.2, lr=1e-3, eval_init=False)
     train(cfg, tmp_path / "run")
     lrs = [r["lr"] for r in _records(tmp_path / "run")]
     assert len(lrs) == 18  # 3 epochs x 48 / 8 steps; warm-up ceil(18 x 0.2) = 4 steps
-    want = [i / 4 if i < 4 else (18 - i) / 14 for i in range(1, 19)]
-    assert lrs == [pytest.approx(1e-3 * w) for w in want] and lrs[-1] == 0.0
+    want = [i / 4 if i < 4 else (18 - i) / 14 for i in range(18)]
+    assert lrs == [pytest.approx(1e-3 * w) for w in want] and lrs[0] == 0.0
 
 
 def test_staged_runs_sft_epochs_are_the_sft_only_runs_first_epochs(qqp, cache, tmp_path):

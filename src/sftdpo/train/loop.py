@@ -289,7 +289,7 @@ class Run:
                 logs, window_total = _read(step, window_tokens)
                 now = time.perf_counter()
                 mlog.write({"kind": "train", "stage": stage, "epoch": epoch, "step": i, "global_step": step0 + i,
-                            "lr": sched.get_last_lr()[0], "tokens_per_s": window_total / max(now - window_t, 1e-9),
+                            "lr": st.lr, "tokens_per_s": window_total / max(now - window_t, 1e-9),
                             **logs})
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
                 window_t, window_tokens = now, 0

@@ -53,13 +53,15 @@ class StepStats:
     """What one optimizer step measured on this rank, kept on the device (reading a value back would
     make the host wait for the device at every step): the step's loss and logged metrics, each the
     share-weighted sum over its micro-batches (summed over ranks, the global step's), the
-    non-padding tokens this rank trained on, and the global gradient's norm before clipping
-    (TRL's `grad_norm`)."""
+    non-padding tokens this rank trained on, the global gradient's norm before clipping
+    (TRL's `grad_norm`), and the learning rate this step's update used (what transformers' Trainer
+    logs as `learning_rate`: read before the scheduler's step)."""
 
     loss: torch.Tensor
     logs: dict[str, torch.Tensor]
     tokens: int
     grad_norm: torch.Tensor
+    lr: float
 
 
 def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.Optimizer,
@@ -87,7 +89,8 @@ def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.O
     all_reduce_grads(params)
     # the norm before clipping, whether or not we clip (inf: measured, never scaled)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
+    lr = sched.get_last_lr()[0]  # the rate opt.step() applies now
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return StepStats(loss_sum, logs_sum, tokens, grad_norm.detach().double())
+    return StepStats(loss_sum, logs_sum, tokens, grad_norm.detach().double(), lr)
