@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import tempfile
 import types
 import typing
 import warnings
@@ -482,11 +483,11 @@ def save_for_export(model, cfg: RunConfig, kind: str, out: Path, initial: Callab
         model.save_pretrained(out, safe_serialization=True)
         return
     if cfg.param in ("pissa", "olora"):
-        init_dir = out / ".initial-adapter"
-        initial().save_pretrained(init_dir, safe_serialization=True)
-        model.save_pretrained(out, safe_serialization=True, path_initial_model_for_weight_conversion=str(init_dir))
-        for f in sorted(init_dir.iterdir()):
-            f.unlink()
-        init_dir.rmdir()
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            # PEFT loads the initial adapter beside the trained one to take the difference, and warns about two adapters
+            warnings.filterwarnings("ignore", ".* changes the base weights of the model", UserWarning)
+            init_dir = Path(tmp) / "initial"  # (PEFT names an adapter after the directory: no dots)
+            initial().save_pretrained(init_dir, safe_serialization=True)
+            model.save_pretrained(out, safe_serialization=True, path_initial_model_for_weight_conversion=str(init_dir))
         return
     model.save_pretrained(out, safe_serialization=True)

@@ -6,6 +6,7 @@ turn text into prompts and continuations."""
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Sequence
 
 import torch
@@ -77,8 +78,9 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor):
     if is_prefix(model):
         pos = v + (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = model.get_prompt(n, max_cache_len=v + ids.size(1))
-        step = base(input_ids=ids, attention_mask=full, position_ids=pos, past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
+        # transformers >= 5.2x names the KV cache `cache` (`past_key_values` before, deprecated since)
+        kv = {"cache": cache} if "cache" in inspect.signature(base.forward).parameters else {"past_key_values": cache}
+        step = base(input_ids=ids, attention_mask=full, position_ids=pos, use_cache=True, logits_to_keep=1, **kv)
     else:
         pos = (full.long().cumsum(-1) - 1).clamp(min=0)
         embeds = model.word_embeddings(ids)
