@@ -242,7 +242,7 @@ def test_dpo_only_reference_is_the_pretrained_model(param, model, tmp_path, cach
     tol = 1e-4 if param in ("pissa", "olora") else TOL
     assert rel(obj.ref_chosen, chosen) < tol and rel(obj.ref_rejected[:, 0], rejected) < tol
     if param in DISABLED_ADAPTER_REFERENCE_PARAMS:  # the adapter does change the model: the test can fail
-        assert rel(label_logps(run.model, run.task)[0], chosen) > 1e-3
+        assert rel(label_logps(run.model, run.task)[0], chosen) > 10 * tol
 
 
 @pytest.mark.parametrize("param,model", CASES)
@@ -259,7 +259,7 @@ def test_staged_reference_is_the_model_at_the_handoff(param, model, tmp_path, ca
     chosen, rejected = label_logps(run.model, run.task)
     assert rel(obj.ref_chosen, chosen) < TOL and rel(obj.ref_rejected[:, 0], rejected) < TOL
     pretrained, _ = load_model(model, seed=cfg.seed)
-    assert rel(label_logps(pretrained, run.task)[0], chosen) > 1e-3
+    assert rel(label_logps(pretrained, run.task)[0], chosen) > 10 * TOL
     assert obj.describe()["reference"] == ("SFT adapter at hand-off epoch 1" if METHODS[param].config
                                            else "SFT model at hand-off epoch 1")
 
@@ -270,7 +270,12 @@ def _virtual_model(param: str, model: str, files: dict, tmp_path: Path) -> Run:
     if model == "tiny-gpt2":
         require_tiny_gpt2()
     run = built(cfg_for(param, model, files), tmp_path / "run")
-    perturb(run.model)  # away from PEFT's init, so the virtual tokens carry values of their own
+    # a random tiny model's logits hardly depend on its input (it repeats the last token): larger weights give
+    # a model whose predictions its virtual tokens (moved far from PEFT's init) do change
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in run.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * (3.0 if p.requires_grad else 0.1))
     return run
 
 
@@ -309,23 +314,27 @@ def test_virtual_tokens_cloze_and_sequence_logps_equal_the_peft_forward(param, m
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("param", VIRTUAL_TOKEN_PARAMS)
-def test_virtual_tokens_decode_as_peft_generate(param, model, tiny_data, tmp_path, cache):
-    """Greedy decoding of left-padded prompts (sftdpo's KV-cache loop) gives the tokens PEFT's own
-    generate gives each prompt alone (PeftModelForCausalLM.generate puts the virtual tokens first).
-    Catches virtual tokens dropped from decoding, put again at every step, or given the wrong positions."""
+def test_virtual_tokens_decode_as_the_peft_forward(param, model, tiny_data, tmp_path, cache):
+    """Greedy decoding of left-padded prompts (sftdpo's KV-cache loop) gives the tokens of greedy
+    decoding by the PeftModel's own forward (the function training optimises) on each prompt alone,
+    re-run on the growing sequence. (PEFT 0.21's generate is no oracle for prefix tuning on transformers
+    5.25: its first token already disagrees with its forward's argmax.) Catches virtual tokens dropped
+    from decoding, put again at every step, or given the wrong positions."""
     from sftdpo.ops.generation import generate_ids
 
     run = _virtual_model(param, model, tiny_data["paraphrase"], tmp_path)
     m, task, tok = run.model.eval(), run.task, run.tok
-    prompts = [task.train_ids[i][-12:] for i in (0, 1, 2)]  # several lengths
+    prompts = [task.train_ids[i][-12 + i:] for i in (0, 1, 2)]  # several lengths: left padding
     got = generate_ids(m, prompts, torch.device("cpu"), "fp32", pad_id=tok.pad_token_id, eos_id=-1, temperature=0.0,
                        top_p=1.0, max_new_tokens=5)
     for p, g in zip(prompts, got):
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            out = m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
-        assert g == out[0, -5:].tolist()
+        seq = list(p)
+        for _ in range(5):
+            seq.append(int(last_logits(m, [seq])[0].argmax()))
+        assert g == seq[len(p):]
+    with m.disable_adapter():  # the virtual tokens do change what is decoded: the test can fail
+        assert generate_ids(m, prompts, torch.device("cpu"), "fp32", pad_id=tok.pad_token_id, eos_id=-1,
+                            temperature=0.0, top_p=1.0, max_new_tokens=5) != got
 
 
 def test_virtual_tokens_are_counted_in_the_logged_tokens(tmp_path, cache):
