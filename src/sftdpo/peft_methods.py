@@ -42,6 +42,10 @@ from transformers.pytorch_utils import Conv1D
 from .config import (ADAPTER_PARAMS, LORA_PARAMS, SUBSET_PARAMS, TASK_KIND, VIRTUAL_TOKEN_PARAMS, RunConfig,
                      SftdpoError)
 
+# PEFT 0.21's prefix-tuning forward hands transformers 5 its prefix as `past_key_values`, deprecated for `cache`:
+# a FutureWarning at the first forward of every prefix run, not ours to fix
+warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
+
 # PEFT's method comparison: huggingface/peft, method_comparison/MetaMathQA/experiments/<experiment>/
 # (adapter_config.json, training_params.json; Llama-3.2-3B, 5000 steps of batch 4, AdamW, cosine schedule,
 # weight decay 0.1 unless the experiment's training_params.json replaces the optimizer options)
