@@ -15,9 +15,9 @@ reads lives in config.irrelevant_fields.
 
 Defaults are those of PEFT's own method comparison (METHODS: the experiment each comes from, and its
 learning rate); `--peft-set KEY=VALUE` sets any other field of the method's PEFT config, typed by it.
-PEFT's LoHa, LoKr, OFT, BOFT (and OLoRA's initialisation) take `nn.Linear` layers only: GPT-2's `Conv1D` layers are converted to
-`nn.Linear` (the transposed weight: the same function) before such an adapter is applied, and converted
-back when the adapter is merged for export.
+PEFT's LoHa, LoKr, OFT, BOFT (and OLoRA's initialisation) take `nn.Linear` layers only: GPT-2's
+`Conv1D` layers are converted to `nn.Linear` (the transposed weight: the same function) before such an
+adapter is applied, and converted back when the adapter is merged for export.
 """
 
 from __future__ import annotations
@@ -308,6 +308,9 @@ def apply_param(model, cfg: RunConfig, longest: int = 0):
         torch.manual_seed(cfg.seed)
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         warnings.filterwarnings("ignore", "fan_in_fan_out is set to False", UserWarning)  # PEFT sets it for Conv1D
+        # BOFT tries to build its CUDA kernel and, without it, runs its PyTorch version (the same function)
+        warnings.filterwarnings("ignore", "Failed to load the CUDA extension", UserWarning)
+        warnings.filterwarnings("ignore", "Setting boft_n_butterfly_factor to 1", UserWarning)
         try:
             return get_peft_model(model, pcfg)
         except (TypeError, ValueError) as e:
