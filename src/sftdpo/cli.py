@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import RECIPES, RunConfig, SftdpoError, task_definition
+from .config import RECIPES, RunConfig, SftdpoError, peft_set_entries, task_definition
 from .system import VERBOSE_ENV, format_duration, setup_logging
 
 log = logging.getLogger("sftdpo")
@@ -74,13 +74,19 @@ FLAG_GROUPS: dict[str, dict[str, str]] = {
     },
     "model and parameterization": {
         "model": "smollm2-135m (offline default) | gpt2 | tiny-gpt2 | tiny-llama | a Hugging Face id or local directory",
-        "param": "fft (full fine-tuning) | lora",
+        "param": "fft (full fine-tuning) | lora dora rslora pissa olora lora-plus (LoRA and its variants: --lora-*) | "
+                 "ia3 vera loha lokr adalora oft boft (PEFT adapters) | prefix prompt (virtual tokens) | bitfit (biases "
+                 "only) | ln (norm layers only); defaults from PEFT's method comparison",
         "lora_rank": "LoRA r",
         "lora_alpha": "LoRA alpha (scale alpha/r)",
         "lora_dropout": "LoRA dropout",
         "lora_targets": "attention | all-linear | comma-separated module names",
         "use_rslora": "rank-stabilised LoRA scale alpha/sqrt(r) (PEFT use_rslora)",
         "use_dora": "weight-decomposed LoRA (PEFT use_dora)",
+        "loraplus_lr_ratio": "lora-plus: lora_B's learning rate over --lr (LoRA+)",
+        "num_virtual_tokens": "prefix, prompt: virtual tokens before every sequence",
+        "peft_set": "KEY=VALUE: any other field of the method's PEFT config (e.g. r=16 for loha), typed by it; "
+                    "repeatable",
     },
     "training": {
         "regime": "sft | dpo (DPO from the pretrained model) | sft-dpo (SFT, then DPO from --handoff-epoch)",
@@ -149,7 +155,9 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
             args = typing.get_args(t)
             base = next((a for a in args if a is not type(None)), t) if args else t
             kw: dict[str, Any] = {"default": None, "dest": name}
-            if base is bool:
+            if name == "peft_set":
+                kw.update(action="append", metavar="KEY=VALUE")
+            elif base is bool:
                 kw.update(type=_parse_bool, nargs="?", const=True, metavar="true|false")
             elif typing.get_origin(t) is tuple:
                 kw.update(type=lambda s: tuple(float(x) for x in s.split(",")), metavar="T,T,...")
@@ -160,7 +168,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                 kw.pop("metavar", None)
             default = f.default if f.default is not dataclasses.MISSING else None
             if isinstance(default, tuple):
-                default = ",".join(f"{x:g}" for x in default)
+                default = ",".join(f"{x:g}" for x in default) or "none"
             if default is None:
                 default = "the conventions' value" if name in config.CONVENTIONS["sftdpo"] else "unset"
             g.add_argument(_flag(name), help=f"{text} (default: {default})", **kw)
@@ -176,6 +184,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
                                     Path(ns.task_file).stem))
     names = {f.name for f in dataclasses.fields(RunConfig)}
     for k, v in vars(ns).items():
+        if k == "peft_set" and v is not None and base.get(k):  # the file's entries, then the flags' (later wins)
+            v = [*peft_set_entries(base[k]), *v]
         if k in names and v is not None:
             base[k] = v
     return RunConfig.from_dict(base).validate()

@@ -25,7 +25,25 @@ __all__ = ["RunConfig", "SftdpoError", "irrelevant_fields"]
 # the paper's two tasks (presets with their own readers and conventions) and the two general kinds
 TASKS = ("paraphrase", "sonnet", "classify", "generate")
 TASK_KIND = {"paraphrase": "classify", "sonnet": "generate", "classify": "classify", "generate": "generate"}
-PARAMS = ("fft", "lora")
+# --param: full fine-tuning, the PEFT methods (peft_methods.py builds them), and two subsets of the model's own
+# weights (bitfit: the biases; ln: the normalisation layers)
+PARAMS = ("fft", "lora", "dora", "rslora", "pissa", "olora", "lora-plus", "ia3", "vera", "loha", "lokr", "adalora", "oft",
+          "boft", "prefix", "prompt", "bitfit", "ln")
+# LoRA and its variants: read the --lora-* options
+LORA_PARAMS = ("lora", "dora", "rslora", "pissa", "olora", "lora-plus")
+# virtual-token methods: --num-virtual-tokens positions before every sequence
+VIRTUAL_TOKEN_PARAMS = ("prefix", "prompt")
+# the model's own weights, a subset of them trainable: no adapter
+SUBSET_PARAMS = ("bitfit", "ln")
+# a PEFT adapter (--peft-set applies)
+ADAPTER_PARAMS = tuple(p for p in PARAMS if p not in ("fft", *SUBSET_PARAMS))
+# adapters whose untrained model is not the pretrained one: virtual tokens add positions from the start, and
+# PiSSA/OLoRA move the weights' principal part into the adapter (the base holds the residual, the sum equals the
+# pretrained weights up to float rounding)
+CHANGED_AT_INIT_PARAMS = ("pissa", "olora", *VIRTUAL_TOKEN_PARAMS)
+# DPO-only with these: the reference is the adapter-disabled base (the pretrained model); PiSSA/OLoRA's disabled
+# adapter leaves the residual base, so their reference is the model at its start, as FFT's
+DISABLED_ADAPTER_REFERENCE_PARAMS = tuple(p for p in ADAPTER_PARAMS if p not in ("pissa", "olora"))
 REGIMES = ("sft", "dpo", "sft-dpo")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 # v1/v2/v3: sampled rejections (generation tasks); hardest: the strongest wrong label (classification);
@@ -44,6 +62,9 @@ DPO_FIELDS = ("dpo_lr", "beta", "loss_type", "label_smoothing", "logp_reduction"
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "use_rslora", "use_dora")
 # LoRA settings that shape the adapted model's function (dropout is off whenever it is evaluated)
 LORA_FUNCTION_FIELDS = tuple(f for f in LORA_FIELDS if f != "lora_dropout")
+# the other PEFT methods' options (peft_methods.py): --peft-set KEY=VALUE for any PEFT config field, the
+# virtual tokens of prefix/prompt, LoRA+'s learning-rate ratio
+PEFT_FIELDS = ("peft_set", "num_virtual_tokens", "loraplus_lr_ratio")
 DECODING_FIELDS = ("temperature", "top_p", "max_new_tokens", "num_samples")
 # your own data (classify, generate): where it is and how its rows become examples
 OWN_DATA_FIELDS = ("dataset", "train_split", "dev_split", "id_column")
@@ -52,14 +73,14 @@ GENERATE_FIELDS = ("metric", "completion_only_loss", "prompt_lines")
 # settings of training only: the untrained model's dev metrics do not depend on them
 TRAINING_FIELDS = ("param", "regime", "handoff_epoch", "epochs", "budget_steps", "lr", "batch_size", "grad_accum", "weight_decay",
                    "warmup_ratio", "schedule", "max_train_examples", "data_fraction", "max_grad_norm",
-                   *DPO_FIELDS, *LORA_FIELDS)
+                   *DPO_FIELDS, *LORA_FIELDS, *PEFT_FIELDS)
 # bookkeeping that never changes a run's result (`conventions` is recorded; the fields it sets carry its effect)
 # (`compile`: kernels fused differently, equal to eager up to float rounding, tests/test_compile.py)
 NON_RESULT_FIELDS = ("log_every", "eval_batch_size", "eval_init", "conventions", "report_to", "keep_checkpoints",
                      "compile")
 # fields added after runs were first hashed: left out of a run's identity while at their default, so
 # the runs (and studies, caches and prefixes) of earlier versions keep their hashes
-LATER_FIELDS = ("budget_steps",)
+LATER_FIELDS = ("budget_steps", *PEFT_FIELDS)
 KEEP_CHECKPOINTS = ("all", "best", "last", "none")
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 
@@ -81,6 +102,24 @@ RECIPES = {
                        "lr": 1e-5, "batch_size": 8, "grad_accum": 1, "weight_decay": 0.0, "schedule": "constant",
                        "warmup_ratio": 0.0, "max_grad_norm": 0.0, "seed": 11711},
 }
+
+
+PARAM_NAMES = {"fft": "FFT", "lora": "LoRA", "dora": "DoRA", "rslora": "rsLoRA", "pissa": "PiSSA", "olora": "OLoRA",
+               "lora-plus": "LoRA+", "ia3": "IA3", "vera": "VeRA", "loha": "LoHa", "lokr": "LoKr", "adalora": "AdaLoRA",
+               "oft": "OFT", "boft": "BOFT", "prefix": "prefix tuning", "prompt": "prompt tuning", "bitfit": "BitFit",
+               "ln": "LN tuning"}
+
+
+def param_label(cfg: dict) -> str:
+    """A run's parameterization in a few words (reports, model cards): the method and its size."""
+    p = cfg.get("param")
+    label = PARAM_NAMES.get(p, str(p))
+    if p in LORA_PARAMS:
+        label += f" r={cfg.get('lora_rank')}"
+    elif p in VIRTUAL_TOKEN_PARAMS:
+        label += f" ({cfg.get('num_virtual_tokens', RunConfig.num_virtual_tokens)} tokens)"
+    extra = cfg.get("peft_set") or []
+    return label + (f" [{', '.join(extra)}]" if extra else "")
 
 
 def _show(v: Any) -> str:
@@ -127,6 +166,8 @@ def coerce_field(name: str, value: Any) -> Any:
         if isinstance(value, str):
             return value
         raise bad("a string")
+    if base == "tuple[str, ...]":  # peft_set: KEY=VALUE entries, as a list, a mapping or "k=v;k=v"
+        return peft_set_entries(value)
     if base.startswith("tuple"):  # pairs_temperatures: numbers, as a list or "0.7,1.0"
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):
@@ -136,6 +177,28 @@ def coerce_field(name: str, value: Any) -> Any:
         except (TypeError, ValueError):
             raise bad("a list of numbers") from None
     return value
+
+
+def peft_set_entries(value: Any) -> tuple[str, ...]:
+    """--peft-set as canonical entries: `KEY=VALUE` strings, one per key (the last given wins), sorted by
+    key; from a list of entries, a mapping (YAML) or one string "k=v;k=v". The values are typed later,
+    by the PEFT config class of the run's method (peft_methods.peft_options)."""
+    if isinstance(value, dict):
+        items = [f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in value.items()]
+    elif isinstance(value, str):
+        items = [x for x in value.split(";") if x.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise SftdpoError(f"invalid config: peft_set must be KEY=VALUE entries, got {_show(value)}")
+    out: dict[str, str] = {}
+    for item in items:
+        if not isinstance(item, str) or "=" not in item or not item.split("=", 1)[0].strip():
+            raise SftdpoError(f"invalid config: --peft-set {item!r}: use KEY=VALUE (a field of the method's PEFT "
+                              "config, e.g. --peft-set r=16)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return tuple(f"{k}={out[k]}" for k in sorted(out))
 
 
 _BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -154,8 +217,16 @@ def irrelevant_fields(cfg: "RunConfig") -> set[str]:
         out.add("epochs")  # the budget decides how many passes the run makes
     if cfg.regime == "dpo":
         out.add("lr")  # the SFT learning rate; a DPO-only run has no SFT stage
-    if cfg.param == "fft":
+    if cfg.param not in LORA_PARAMS:
         out.update(LORA_FIELDS)
+    elif cfg.param in ("dora", "rslora"):  # the method is the flag
+        out.add("use_dora" if cfg.param == "dora" else "use_rslora")
+    if cfg.param not in ADAPTER_PARAMS:
+        out.add("peft_set")
+    if cfg.param not in VIRTUAL_TOKEN_PARAMS:
+        out.add("num_virtual_tokens")
+    if cfg.param != "lora-plus":
+        out.add("loraplus_lr_ratio")
     kind = TASK_KIND.get(cfg.task, cfg.task)
     if cfg.task in ("paraphrase", "sonnet"):
         out.update(OWN_DATA_FIELDS)
@@ -198,6 +269,10 @@ class RunConfig:
     lora_targets: str = "attention"  # "attention", "all-linear", or comma-separated module names
     use_rslora: bool = False
     use_dora: bool = False
+    # the other PEFT methods (peft_methods.py has each one's defaults, from PEFT's method_comparison configs)
+    peft_set: tuple[str, ...] = ()  # KEY=VALUE fields of the method's PEFT config (typed by it)
+    num_virtual_tokens: int = 200  # prefix, prompt (PEFT's method_comparison: 200)
+    loraplus_lr_ratio: float = 16.0  # lora-plus: the lora_B learning rate over --lr (the LoRA+ paper's 2^4)
     # regime: sft, dpo (no warm start) or sft-dpo (handoff_epoch SFT epochs, then epochs-handoff DPO epochs)
     regime: str = "sft"
     epochs: int = 1
@@ -325,7 +400,7 @@ class RunConfig:
             if self.regime == "sft-dpo":
                 bad("--budget-steps is for single-stage runs (--regime sft or dpo): a staged run hands off after "
                     "--handoff-epoch epochs of an --epochs budget")
-        if self.param == "lora" and self.lora_rank < 1:
+        if self.param in LORA_PARAMS and self.lora_rank < 1:
             bad(f"--lora-rank must be >= 1 (got {self.lora_rank})")
         if self.lr < 0 or self.dpo_lr < 0:
             bad("learning rates must be >= 0")
@@ -362,6 +437,8 @@ class RunConfig:
             ("temperature", self.temperature >= 0, ">= 0 (0 = greedy decoding)"),
             ("lora_dropout", 0 <= self.lora_dropout < 1, "in [0, 1)"),
             ("lora_alpha", self.lora_alpha > 0, "> 0"),
+            ("num_virtual_tokens", self.num_virtual_tokens >= 1, ">= 1"),
+            ("loraplus_lr_ratio", self.loraplus_lr_ratio > 0, "> 0 (LoRA+: the paper uses 16)"),
             ("warmup_ratio", 0 <= self.warmup_ratio <= 1, "in [0, 1]"),
             ("max_length", self.max_length >= 2, ">= 2 tokens (a prompt and its answer)"),
             ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
@@ -415,6 +492,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["pairs_temperatures"] = list(self.pairs_temperatures)
+        d["peft_set"] = list(self.peft_set)
         return d
 
     @classmethod
@@ -438,6 +516,7 @@ class RunConfig:
         for name, value in CONVENTIONS[self.conventions].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        self.peft_set = peft_set_entries(self.peft_set)  # one canonical form: the same settings hash the same
 
     def normalised(self) -> "RunConfig":
         """This config with every field the run never reads reset to its default, so equivalent
@@ -450,8 +529,8 @@ class RunConfig:
         d = self.normalised().to_dict()
         if d["data_fingerprint"]:
             drop = (*drop, "train", "dev")
-        default = RunConfig()
-        drop = (*drop, *(f for f in LATER_FIELDS if d[f] == getattr(default, f)))
+        default = RunConfig().to_dict()
+        drop = (*drop, *(f for f in LATER_FIELDS if d[f] == default[f]))
         return {k: v for k, v in d.items() if k not in NON_RESULT_FIELDS and k not in drop}
 
     def hash(self) -> str:
@@ -468,7 +547,11 @@ class RunConfig:
 
     def init_eval_key(self) -> str:
         """Runs with the same key evaluate the same untrained model on the same dev data with the
-        same decoding (a fresh LoRA adapter is the identity), whatever they train."""
+        same decoding (a fresh adapter is the identity), whatever they train; a method that changes the
+        untrained model (virtual tokens, PiSSA/OLoRA's split weights) keeps its settings in the key."""
+        if self.param in CHANGED_AT_INIT_PARAMS:
+            return stable_hash(self.identity(tuple(f for f in TRAINING_FIELDS
+                                                   if f not in ("param", *LORA_FIELDS, *PEFT_FIELDS))))
         return stable_hash(self.identity(TRAINING_FIELDS))
 
 

@@ -1,8 +1,9 @@
 """`sftdpo export RUN --out DIR`: a trained run as a Hugging Face model directory.
 
-FFT runs become a directory that `AutoModelForCausalLM.from_pretrained(DIR)` and
-`AutoTokenizer.from_pretrained(DIR)` load; LoRA runs a PEFT adapter directory
-(`PeftModel.from_pretrained(base, DIR)`), or with `--merge` the merged full model. Each gets a model
+FFT runs (and BitFit, LN: their trained weights are the model's own) become a directory that
+`AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)` load; adapter runs
+(LoRA and the other PEFT methods) a PEFT adapter directory (`PeftModel.from_pretrained(base, DIR)`), or
+with `--merge` the merged full model where the method merges (not prefix/prompt tuning). Each gets a model
 card (README.md) with the base model, task, regime, the resolved config and the dev metrics. The
 offline backbone (smollm2-135m) exports as a plain Llama model. Only a finished run exports
 (predict.load_finished_run). The directory is built beside its final place and put there when complete:
@@ -20,9 +21,10 @@ from pathlib import Path
 import yaml
 from safetensors import SafetensorError
 
-from .config import SftdpoError, hub_reachable
+from .config import SftdpoError, hub_reachable, param_label
 from .files import replace_dir
-from .models import weights_origin
+from .models import load_model, weights_origin
+from .peft_methods import METHODS, apply_param, export_kind, save_for_export
 from .predict import load_finished_run, run_config
 
 log = logging.getLogger("sftdpo")
@@ -37,19 +39,14 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best", m
     if push_to_hub and not hub_reachable():
         raise SftdpoError(f"--push-to-hub {push_to_hub} needs the Hugging Face hub, which does not answer (offline?): "
                           f"export without it, and upload later with `huggingface-cli upload {push_to_hub} DIR`")
-    lora = run_config(run_dir).param == "lora"
-    if merge and not lora:
-        raise SftdpoError("--merge applies to LoRA runs (an FFT run exports its full weights already)")
+    kind = export_kind(run_config(run_dir), merge)  # by --param: full, adapter or merged (peft_methods)
     run = load_finished_run(run_dir, checkpoint, "export")
     cfg = run.cfg
     model = run.model.to("cpu")
-    if lora and merge:
-        model = model.merge_and_unload()
-    kind = "merged" if lora and merge else ("adapter" if lora else "full")
     summary = json.loads((run_dir / "summary.json").read_text())  # a finished run's (load_finished_run)
 
     def build(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        save_for_export(model, cfg, kind, tmp, lambda: apply_param(load_model(cfg.model, seed=cfg.seed)[0], cfg))
         run.tok.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(cfg.to_dict(), summary, checkpoint, kind), encoding="utf-8")
         (tmp / "sftdpo_config.json").write_text(json.dumps({"hash": cfg.hash(), "config": cfg.to_dict()}, indent=1))
@@ -100,6 +97,14 @@ def model_card(cfg: dict, summary: dict, checkpoint: str, kind: str) -> str:
     what = {"full": "full fine-tuning (all weights)", "merged": f"LoRA r={cfg.get('lora_rank')}, merged into the base weights",
             "adapter": f"a LoRA adapter (r={cfg.get('lora_rank')}, alpha={cfg.get('lora_alpha')}, "
                        f"targets {cfg.get('lora_targets')}) for the base model"}[kind]
+    if cfg.get("param", "lora") not in ("fft", "lora"):  # the other methods (peft_methods)
+        what = {"full": f"{param_label(cfg)}: the whole model, its trained weights in place",
+                "merged": f"{param_label(cfg)}, merged into the base weights",
+                "adapter": f"a {param_label(cfg)} adapter for the base model"}[kind]
+        if kind == "adapter" and METHODS[cfg["param"]].linear_only:
+            load = load.replace("model = PeftModel", "from sftdpo.peft_methods import conv1d_to_linear\n"
+                                f"conv1d_to_linear(base)  # a GPT-2 base: PEFT's {cfg['param']} takes nn.Linear, not "
+                                "Conv1D (no-op for other models)\nmodel = PeftModel")
     tags = ["sftdpo", *(["sft"] if cfg.get("regime") != "dpo" else []), *(["dpo"] if cfg.get("regime") != "sft" else [])]
     lines = [
         "---", "library_name: " + ("peft" if kind == "adapter" else "transformers"), f"tags: [{', '.join(tags)}]",

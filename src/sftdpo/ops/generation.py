@@ -1,16 +1,19 @@
 """Sampling from a causal LM: a batched KV-cache decode loop over left-padded prompts, exact
-top-p (nucleus) sampling, and LoRA models decoded from merged weights. Works on token ids; the
-tasks turn text into prompts and continuations."""
+top-p (nucleus) sampling, and adapters decoded from merged weights (those that merge: not virtual
+tokens, whose prefix or prompt the first step puts before the prompts). Works on token ids; the tasks
+turn text into prompts and continuations."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Sequence
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..models import autocast
+from ..peft_methods import is_prefix, merges, virtual_tokens
 from ..system import progress
 from .batching import left_pad
 
@@ -48,10 +51,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float) -> torch
 
 
 def merged_for_decoding(model):
-    """A LoRA model with its (enabled) adapter merged into a copy of its weights, else the model itself.
-    A decode step is launch-bound on CPU, and unmerged LoRA adds two small matmuls per adapted layer
-    to every step. The trained model is left untouched (no merge/unmerge drift)."""
-    if not hasattr(model, "merge_and_unload"):
+    """A model with its (enabled) adapter merged into a copy of its weights, else the model itself.
+    A decode step is launch-bound on CPU, and an unmerged adapter adds small matmuls per adapted layer
+    to every step. The trained model is left untouched (no merge/unmerge drift). Virtual tokens do not
+    merge: decode() puts them first."""
+    if not merges(model):
         return model
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     if not layers or any(m.disable_adapters for m in layers):  # disabled: the base model runs as is
@@ -59,12 +63,37 @@ def merged_for_decoding(model):
     return copy.deepcopy(model).merge_and_unload()
 
 
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor):
+    """The first decode step over the left-padded prompts: (the model to continue with, its output, the
+    attention mask so far, the position ids). Virtual tokens go first, as the PeftModel's forward puts
+    them in training (positions 0..V-1, the prompt's from V): prompt tuning's as input embeddings,
+    prefix tuning's as the cache; the steps that follow run the base model on that cache."""
+    v = virtual_tokens(model)
+    if not v:
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return model, model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1), mask, pos
+    base = model.get_base_model()
+    n = ids.size(0)
+    full = torch.cat([mask.new_ones(n, v), mask], dim=1)
+    if is_prefix(model):
+        pos = v + (mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = model.get_prompt(n, max_cache_len=v + ids.size(1))
+        # transformers >= 5.2x names the KV cache `cache` (`past_key_values` before, deprecated since)
+        kv = {"cache": cache} if "cache" in inspect.signature(base.forward).parameters else {"past_key_values": cache}
+        step = base(input_ids=ids, attention_mask=full, position_ids=pos, use_cache=True, logits_to_keep=1, **kv)
+    else:
+        pos = (full.long().cumsum(-1) - 1).clamp(min=0)
+        embeds = model.word_embeddings(ids)
+        embeds = torch.cat([model.get_prompt(batch_size=n).to(embeds.dtype), embeds], dim=1)
+        step = base(inputs_embeds=embeds, attention_mask=full, position_ids=pos, use_cache=True, logits_to_keep=1)
+    return base, step, full, pos
+
+
 @torch.no_grad()
 def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, temperature: float, top_p: float,
            eos_id: int) -> list[list[int]]:
     """KV-cache decoding of left-padded prompts; each row stops at end of text (not included)."""
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    step = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    model, step, mask, pos = prefill(model, ids, mask)
     pos = pos[:, -1:]
     done = torch.zeros(ids.size(0), dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []

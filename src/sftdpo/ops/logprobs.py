@@ -1,7 +1,9 @@
 """Log-probabilities from a causal LM without the (sequence x vocabulary) logits a plain forward
 builds: the decoder runs once and the LM head only where a log-prob is needed (the last prompt
 position of a cloze, the target tokens of a sequence). Equal to log-softmax of the plain forward's
-logits up to float rounding (tests/test_ops.py)."""
+logits up to float rounding (tests/test_ops.py). A virtual-token adapter (prefix or prompt tuning)
+lives in its PeftModel's own forward, which the decoder alone would bypass: such models take the
+plain forward, with every position shifted by the virtual tokens the forward puts first."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import weakref
 
 import torch
 
+from ..peft_methods import virtual_tokens
 from .batching import Batch
 
 # --compile: each model's compiled decoder (the models themselves stay as they are: checkpoints,
@@ -33,6 +36,10 @@ def decoder(model) -> torch.nn.Module:
 def last_token_logits(model, batch: Batch) -> torch.Tensor:
     """Logits at each row's last real position only. Running the decoder and projecting just
     those rows skips the (seq_len x vocab) LM-head product that a plain forward computes."""
+    if virtual_tokens(model):  # the PeftModel's forward puts its virtual tokens first (prompt tuning: in the logits)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        shift = logits.size(1) - batch.input_ids.size(1)
+        return logits[torch.arange(logits.size(0), device=logits.device), batch.last + shift].float()
     hidden = decoder(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     h = hidden[torch.arange(hidden.size(0), device=hidden.device), batch.last]
     return model.get_output_embeddings()(h).float()
@@ -105,9 +112,11 @@ def target_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     rows = mask.nonzero()[:, 0]
     head = model.get_output_embeddings()
     config = model.config
-    plain = type(head) is not torch.nn.Linear or any(getattr(config, k, None) is not None for k in _LOGIT_TRANSFORMS)
-    if plain:  # an adapted or transformed output layer: the model's own forward
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask].float()
+    plain = (type(head) is not torch.nn.Linear or any(getattr(config, k, None) is not None for k in _LOGIT_TRANSFORMS)
+             or virtual_tokens(model))
+    if plain:  # an adapted or transformed output layer, or virtual tokens: the model's own forward
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = logits[:, logits.size(1) - input_ids.size(1):][:, :-1][mask].float()
         return torch.log_softmax(logits, dim=-1).gather(1, target[mask][:, None]).squeeze(1), rows
     hidden = decoder(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     h = hidden[:, :-1][mask]

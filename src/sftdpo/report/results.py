@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import NON_RESULT_FIELDS, TASK_KIND, RunConfig, irrelevant_fields
+from ..config import param_label as config_param_label
 from ..store import Store
 from .table import Stat, _stat
 
@@ -72,7 +73,7 @@ def regime_label(cfg: dict) -> str:
 
 
 def param_label(cfg: dict) -> str:
-    return "FFT" if cfg.get("param") == "fft" else f"LoRA r={cfg.get('lora_rank')}"
+    return config_param_label(cfg)  # one definition, in config (model cards use it too)
 
 
 def _relevant(cfg: dict, f: str) -> bool:

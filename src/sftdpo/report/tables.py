@@ -143,18 +143,25 @@ def table_cost(study: StudyResults) -> Table | None:
         for c in conds:
             s0 = c.runs[0]["summary"]
             tp, tot = s0.get("trainable_params"), s0.get("total_params")
-            params = "—" if tp is None else f"{tp:,}" + (f" ({100 * tp / tot:.2f}%)" if tot else "")
+            params = "—" if tp is None else f"{tp:,}" + (f" ({_percent(100 * tp / tot)})" if tot else "")
             rows.append([task, c.cfg.get("model"), regime_label(c.cfg), param_label(c.cfg), sett[id(c)],
                          c.stat("wall_clock_per_epoch_s", 1, 1), c.stat("train_tokens_per_s", 1, 0),
-                         c.stat("peak_memory_mb", 1, 0), params])
+                         c.stat("peak_memory_mb", 1, 0), params, c.stat("adapter_mb", 1, 2)])
     if not rows:
         return None
     devices = sorted({str((r["env"] or {}).get("device")) for r in study.done if (r["env"] or {}).get("device")})
     return Table("table_cost", "Cost per regime × parameterization",
                  ["Task", "Model", "Regime", "Param", "Setting", "Wall-clock / epoch (s)", "Train tokens/s",
-                  "Peak memory (MB)", "Trainable params (% of total)"], rows,
-                 ["Wall-clock per epoch: mean over trained epochs (training only). Device(s): "
-                  + (", ".join(devices) or "not recorded") + "."]).drop_empty("Setting")
+                  "Peak memory (MB)", "Trainable params (% of total)", "Trained weights on disk (MB)"], rows,
+                 ["Wall-clock per epoch: mean over trained epochs (training only). Trained weights on disk: the "
+                  "checkpoint's weights file (the adapter; the whole model for FFT, BitFit and LN, whose trained "
+                  "weights are the model's own). Device(s): " + (", ".join(devices) or "not recorded") + "."]
+                 ).drop_empty("Setting", "Trained weights on disk (MB)")
+
+
+def _percent(x: float) -> str:
+    """A share in %: two decimals, or two significant digits below 0.01% (VeRA, IA3: a few thousandths)."""
+    return f"{x:.2f}%" if x >= 0.01 or x == 0 else f"{x:.2g}%"
 
 
 def table_data_scale(study: StudyResults) -> Table | None:

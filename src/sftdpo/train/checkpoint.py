@@ -1,5 +1,6 @@
-"""What a run keeps to resume exactly: trainable weights (safetensors), the training state (epoch,
-best metric, history, optimizer, scheduler, RNG), and the append-only metrics log.
+"""What a run keeps to resume exactly: trainable weights (safetensors, by name: the adapter, the biases
+or norms, or every weight), the training state (epoch, best metric, history, optimizer, scheduler, RNG,
+a method's own state: AdaLoRA's), and the append-only metrics log.
 
   checkpoints/last   weights + training_state.pt, rewritten after every epoch
   checkpoints/best   weights of the best epoch so far (hard-linked to `last` when they are the same)
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import SftdpoError
 from ..files import link_file, replace_dir
+from ..peft_methods import load_method_state, method_state
 
 STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "weights.safetensors"
@@ -82,6 +84,7 @@ def save_checkpoint(ckpt_dir: Path, model, state: RunState, opt, sched, *, final
             "state": state.__dict__, "optimizer": opt.state_dict() if opt and not final else None,
             "scheduler": sched.state_dict() if sched else None, "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "method": method_state(model),  # AdaLoRA's importance scores and rank pattern
         }, tmp / STATE_FILE)
 
     replace_dir(ckpt_dir / "last", build)
@@ -110,6 +113,7 @@ def load_checkpoint(ckpt_dir: Path, model) -> tuple[RunState, dict] | None:
         return None
     blob = torch.load(last / STATE_FILE, weights_only=False)
     load_weights(model, last)
+    load_method_state(model, blob.get("method"))
     torch.set_rng_state(blob["rng"])
     if blob.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])

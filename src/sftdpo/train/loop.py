@@ -26,8 +26,9 @@ from ..config import RunConfig, SftdpoError
 from ..data import TaskData, data_fingerprint, load_task_data, resolve_data
 from ..distributed import barrier, is_distributed, sum_over_ranks
 from ..files import write_json_atomic
-from ..models import (apply_lora, count_params, device_description, load_model, peak_memory_mb, resolve_device,
+from ..models import (count_params, device_description, load_model, peak_memory_mb, resolve_device,
                       resolve_precision)
+from ..peft_methods import MethodHooks, apply_param, trainable_share
 from ..objectives import Objective, StageContext
 from ..objectives.dpo import build_dpo_objective
 from ..objectives.sft import SFTObjective
@@ -109,7 +110,7 @@ class Run:
 
     # -- set-up --------------------------------------------------------------------------------
     def build(self) -> None:
-        """The model (with its LoRA adapter), the data and the task, on the run's device."""
+        """The model (with its --param adapter), the data and the task, on the run's device."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.model, self.tok = self.loader(cfg.model, seed=cfg.seed)
@@ -120,8 +121,8 @@ class Run:
                               f"(fingerprint {data_fingerprint(data)} != {cfg.data_fingerprint}): restore it, or start a "
                               "new run with a new --out")
         self.task = make_task(cfg, self.tok, data, rank=self.rank, world_size=self.world_size)
-        if cfg.param == "lora":
-            self.model = apply_lora(self.model, cfg)
+        self.model = apply_param(self.model, cfg, longest=max(map(len, self.task.train_ids)))
+        self.hooks = MethodHooks(self.model, cfg)  # LoRA+'s learning rates, AdaLoRA's rank allocation, virtual tokens
         self.model.to(self.device)
         if cfg.compile:
             compile_decoder(self.model)
@@ -231,7 +232,9 @@ class Run:
             obj = self.objective(stage, resumed_epoch=state.epoch)
             self.stage_info[stage] = obj.describe()
             last, total_steps = self.stage_span(stage, obj, first, last)
-            opt = make_optimizer(self.model, cfg.lr if stage == "sft" else cfg.dpo_lr, cfg.weight_decay)
+            self.hooks.start_stage(total_steps)
+            opt = make_optimizer(self.model, cfg.lr if stage == "sft" else cfg.dpo_lr, cfg.weight_decay,
+                                 self.hooks.lr_factor)
             sched = make_scheduler(opt, total_steps, cfg.warmup_ratio, cfg.schedule)
             if blob is not None and blob.get("optimizer") and state.epoch >= first:  # resumed inside this stage
                 opt.load_state_dict(blob["optimizer"])
@@ -278,7 +281,7 @@ class Run:
         bar = progress(n, f"{stage} epoch {epoch}", self.is_main)
         for i, window in zip(range(1, n + 1), obj.steps(epoch)):
             st = train_step(model, obj, window, opt, sched, params, device=self.device, precision=self.precision,
-                            max_grad_norm=cfg.max_grad_norm)
+                            max_grad_norm=cfg.max_grad_norm, hooks=self.hooks)
             step = {"loss": st.loss, "grad_norm": self.own(st.grad_norm), **st.logs}
             for k, v in step.items():
                 sums[k] = sums[k] + v if k in sums else v
@@ -322,6 +325,14 @@ class Run:
     def evaluate(self) -> tuple[dict, Evaluation | None, float]:
         return evaluate(self.task, self.model, self.device, self.precision, self.is_main)
 
+    def adapter_mb(self) -> float:
+        """The trained weights on disk (MB): the last checkpoint's weights file (the adapter, or the whole
+        model for FFT, BitFit, LN), or their size in fp32 before one is written."""
+        f = self.ckpt("last") / WEIGHTS_FILE
+        if f.exists():
+            return f.stat().st_size / 2**20
+        return sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad) / 2**20
+
     def summarise(self, state: RunState, wall: float) -> dict:
         epochs = [h for h in state.history if h["stage"] != "init"]
         final = epochs[-1] if epochs else state.history[-1]
@@ -340,6 +351,7 @@ class Run:
             "train_tokens_per_s": state.train_tokens / max(state.train_time_s, 1e-9),
             "peak_memory_mb": peak_memory_mb(self.device),
             "trainable_params": self.trainable, "total_params": self.total,
+            "trainable_pct": trainable_share(self.trainable, self.total), "adapter_mb": self.adapter_mb(),
             "train_examples": len(self.task.train_ids), "dev_examples": len(self.task.dev),
             "device": device_description(self.device), "precision": self.precision,
             "world_size": self.world_size, "effective_batch_size": self.effective_batch_size,

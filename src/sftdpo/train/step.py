@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import get_scheduler
@@ -14,6 +14,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 from ..distributed import all_reduce_grads
 from ..models import autocast
 from ..objectives import Objective
+from ..peft_methods import MethodHooks
 
 
 # transformers' names for the schedules after warm-up (`--schedule`)
@@ -36,15 +37,21 @@ def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_ratio: f
                          num_training_steps=total_steps)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                   lr_factor: Callable[[str, torch.Tensor], float] | None = None) -> torch.optim.Optimizer:
     """AdamW over the model's trainable parameters (betas 0.9/0.999, eps 1e-8, transformers' defaults),
     weight decay on all but biases and normalisation weights, as transformers' Trainer does. Fused on
     every device: on CPU the fused kernel is several times faster than the multi-tensor (foreach) one and
-    gives the same updates up to float rounding."""
+    gives the same updates up to float rounding. `lr_factor(name, param)`: a weight's learning rate as a
+    multiple of `lr` (LoRA+, peft_methods.MethodHooks)."""
     decay = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
               {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    if lr_factor is not None:  # each group split by factor
+        factor = {id(p): lr_factor(n, p) for n, p in named}
+        groups = [{**g, "params": [p for p in g["params"] if factor[id(p)] == k], "lr": lr * k}
+                  for g in groups for k in sorted({factor[id(p)] for p in g["params"]})]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=True)
 
 
@@ -66,12 +73,13 @@ class StepStats:
 
 def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.Optimizer,
                sched: torch.optim.lr_scheduler.LRScheduler, params: Sequence[torch.nn.Parameter], *,
-               device: torch.device, precision: str, max_grad_norm: float) -> StepStats:
+               device: torch.device, precision: str, max_grad_norm: float, hooks: MethodHooks | None = None) -> StepStats:
     """One optimizer step over the micro-batches of `window`: forward under autocast, backward of each
     micro-batch's loss times its share of the step (its loss units over the step's: examples, pairs
     or target tokens; see Task.train_steps), gradients summed over ranks, clipped (--max-grad-norm 0:
-    not clipped), AdamW, the schedule, gradients cleared. The gradient is that of the step's loss over all its examples, however it is
-    split into micro-batches and ranks."""
+    not clipped), AdamW, the schedule, gradients cleared. The gradient is that of the step's loss over
+    all its examples, however it is split into micro-batches and ranks. `hooks`: what the run's --param adds (AdaLoRA's regulariser
+    before clipping and its rank allocation after the update; virtual tokens in the token count)."""
     loss_sum: torch.Tensor | None = None
     logs_sum: dict[str, torch.Tensor] = {}
     tokens = 0
@@ -85,12 +93,22 @@ def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.O
         for k, v in logs.items():
             v = v.detach().double() * batch.share
             logs_sum[k] = logs_sum[k] + v if k in logs_sum else v
-        tokens += objective.n_tokens(batch) if batch.share else 0  # a stand-in row (share 0) trains on nothing
+        if batch.share:  # a stand-in row (share 0) trains on nothing
+            tokens += objective.n_tokens(batch) + (hooks.extra_tokens(_rows(batch)) if hooks else 0)
     all_reduce_grads(params)
+    if hooks:
+        hooks.before_update()
     # the norm before clipping, whether or not we clip (inf: measured, never scaled)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
     lr = sched.get_last_lr()[0]  # the rate opt.step() applies now
     opt.step()
     sched.step()
+    if hooks:
+        hooks.after_update(sched.last_epoch - 1)  # the stage's steps before this one
     opt.zero_grad(set_to_none=True)
     return StepStats(loss_sum, logs_sum, tokens, grad_norm.detach().double(), lr)
+
+
+def _rows(batch) -> int:
+    """Sequences in a micro-batch (a DPO pair batch holds its token batch)."""
+    return getattr(batch, "batch", batch).input_ids.size(0)

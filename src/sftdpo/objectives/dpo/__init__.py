@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ...config import RunConfig, SftdpoError
+from ...config import ADAPTER_PARAMS, DISABLED_ADAPTER_REFERENCE_PARAMS, RunConfig, SftdpoError
 from ...data.preferences import load_preferences
 from ...files import copy_atomic, write_json_atomic
 from ...models import weights_fingerprint
@@ -114,9 +114,9 @@ def build_dpo_objective(ctx: StageContext) -> DPOObjective:
     """The DPO stage's objective: pairs and reference log-probs, persisted in <run>/dpo/ before the
     first DPO step, and taken from there when the run resumes."""
     cfg, model = ctx.cfg, ctx.model
-    if cfg.param == "lora" and not hasattr(model, "disable_adapter"):
-        raise SftdpoError("--param lora but the model has no PEFT adapter: cannot build the DPO reference")
-    adapter_disabled = cfg.param == "lora" and cfg.sft_epochs == 0
+    if cfg.param in ADAPTER_PARAMS and not hasattr(model, "disable_adapter"):
+        raise SftdpoError(f"--param {cfg.param} but the model has no PEFT adapter: cannot build the DPO reference")
+    adapter_disabled = cfg.param in DISABLED_ADAPTER_REFERENCE_PARAMS and cfg.sft_epochs == 0
     dpo_dir = Path(ctx.out) / "dpo"
     saved = _read_state(dpo_dir)
     resumed, mid_dpo = ctx.resumed_epoch, ctx.resumed_epoch is not None and ctx.resumed_epoch > cfg.sft_epochs
@@ -145,7 +145,7 @@ def _fresh(ctx: StageContext, dpo_dir: Path, fingerprint: str, adapter_disabled:
                             "adapter_disabled": adapter_disabled, "pairs_file": str(dpo_dir / "pairs.jsonl")}
     t0 = time.perf_counter()
     pairs_cache = None
-    reference = model  # the model at the hand-off (for LoRA DPO-only: with its adapter disabled, below)
+    reference = model  # the model at the hand-off (for an adapter's DPO-only: with it disabled, below)
     if one_token_responses(task):  # one pass over the prompts gives every label's log-prob: pairs and reference
         m, cache = cached_label_logps(reference, task, cfg, ctx.device, ctx.precision, fingerprint=fingerprint,
                                       adapter_disabled=adapter_disabled, write=ctx.is_main)

@@ -1,8 +1,9 @@
 """The DPO reference model: which one a run uses, and its log-probs of every pair, computed once.
 
-DPO-only: the pretrained backbone (FFT) or, with LoRA, the same network with the adapter disabled
-(`model.disable_adapter()`). SFT@k->DPO: the model (FFT) or the SFT adapter (LoRA; training
-continues on the same adapter) at the hand-off. The reference log-probs of every pair are computed
+DPO-only: the pretrained backbone (FFT, BitFit, LN) or, with an adapter, the same network with the
+adapter disabled (`model.disable_adapter()`; PiSSA/OLoRA, whose base holds a residual, use the model at
+its start, the pretrained weights split in two). SFT@k->DPO: the model (FFT) or the SFT adapter
+(training continues on the same adapter) at the hand-off. The reference log-probs of every pair are computed
 ONCE before the DPO stage (eval mode, no grad, the run's autocast precision), summed over each
 response's tokens (a mean divides by the response length), so training has no reference forward
 pass. They are cached under `<cache>/reflogps/<key>.safetensors`; the key covers the model name, a
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ...config import RunConfig, cache_dir
+from ...config import ADAPTER_PARAMS, DISABLED_ADAPTER_REFERENCE_PARAMS, RunConfig, cache_dir
 from ...files import atomic_path, hash_id_lists, stable_hash
 from ...models import autocast
 from ...ops.batching import bucketed_batches
@@ -33,9 +34,13 @@ log = logging.getLogger("sftdpo")
 
 def reference_name(cfg: RunConfig) -> str:
     k = cfg.sft_epochs
-    if cfg.param == "lora":
-        return "adapter-disabled base" if k == 0 else f"SFT adapter at hand-off epoch {k}"
-    return "pretrained backbone (FFT)" if k == 0 else f"SFT model at hand-off epoch {k}"
+    if cfg.param in ADAPTER_PARAMS:
+        if k:
+            return f"SFT adapter at hand-off epoch {k}"
+        return ("adapter-disabled base" if cfg.param in DISABLED_ADAPTER_REFERENCE_PARAMS
+                else f"{cfg.param} adapter at its initialisation (the pretrained weights, split)")
+    return (f"pretrained backbone ({'FFT' if cfg.param == 'fft' else cfg.param})" if k == 0
+            else f"SFT model at hand-off epoch {k}")
 
 
 def one_token_responses(task: Task) -> bool:
