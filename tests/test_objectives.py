@@ -201,21 +201,23 @@ def test_each_dpo_loss_type_equals_trl_on_the_same_batch(trl_dpo, model_tok, cas
     assert_same(got, want, BETA, float(max(ref_c.abs().max(), ref_r.abs().max())))
 
 
-KNOBS = [
-    dict(loss_type="sigmoid,bco_pair,sft", loss_weights=(0.8, 0.2, 1.0)),  # MPO
-    dict(loss_type="ipo,hinge", loss_weights=(0.3, 2.0)),
-    dict(loss_type="sigmoid", ld_alpha=0.3), dict(loss_type="ipo", ld_alpha=0.0), dict(loss_type="sft", ld_alpha=0.5),
-    dict(loss_type="sigmoid", f_divergence_type="forward_kl"), dict(loss_type="ipo", f_divergence_type="js_divergence"),
-    dict(loss_type="sigmoid_norm", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
-    dict(loss_type="robust", label_smoothing=0.2, f_divergence_type="js_divergence"),
-    dict(loss_type="sigmoid", use_weighting=True), dict(loss_type="ipo", use_weighting=True),
-    dict(loss_type="bco_pair,apo_zero", use_weighting=True),
-    dict(loss_type="discopop", discopop_tau=0.3),
-]
+KNOBS = [pytest.param(kw, id=name) for name, kw in [
+    ("mpo", dict(loss_type="sigmoid,bco_pair,sft", loss_weights=(0.8, 0.2, 1.0))),
+    ("ipo+hinge", dict(loss_type="ipo,hinge", loss_weights=(0.3, 2.0))),
+    ("ld-sigmoid", dict(loss_type="sigmoid", ld_alpha=0.3)), ("ld0-ipo", dict(loss_type="ipo", ld_alpha=0.0)),
+    ("ld-sft", dict(loss_type="sft", ld_alpha=0.5)),
+    ("forward_kl-sigmoid", dict(loss_type="sigmoid", f_divergence_type="forward_kl")),
+    ("js-ipo", dict(loss_type="ipo", f_divergence_type="js_divergence")),
+    ("alpha-sigmoid_norm", dict(loss_type="sigmoid_norm", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)),
+    ("js-robust", dict(loss_type="robust", label_smoothing=0.2, f_divergence_type="js_divergence")),
+    ("wpo-sigmoid", dict(loss_type="sigmoid", use_weighting=True)), ("wpo-ipo", dict(loss_type="ipo", use_weighting=True)),
+    ("wpo-bco+apo", dict(loss_type="bco_pair,apo_zero", use_weighting=True)),
+    ("discopop-tau", dict(loss_type="discopop", discopop_tau=0.3)),
+]]
 
 
 @pytest.mark.parametrize("path", ["sequence", "one-token"])
-@pytest.mark.parametrize("knobs", KNOBS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+@pytest.mark.parametrize("knobs", KNOBS)
 def test_dpo_knobs_equal_trl(trl_dpo, model_tok, cases, path, knobs):
     """TRL's multi-loss (weighted sum), LD-DPO (--ld-alpha: the shared-length split of each pair's
     responses), f-DPO (--f-divergence-type) and WPO (--use-weighting, the policy's full next-token
@@ -305,13 +307,16 @@ def trl_orpo(trl, model_tok, tmp_path_factory):
                        train_dataset=Dataset.from_dict({"prompt": ["a b"], "chosen": [" c"], "rejected": [" d"]}))
 
 
-CPO_CASES = [("cpo", dict(loss_type="sigmoid")), ("cpo", dict(loss_type="hinge")), ("cpo", dict(loss_type="ipo")),
-             ("cpo", dict(loss_type="sigmoid", label_smoothing=0.1, cpo_alpha=0.3)), ("simpo", {}),
-             ("simpo", dict(simpo_gamma=1.5, label_smoothing=0.05)), ("simpo", dict(cpo_alpha=0.5))]
+CPO_CASES = [pytest.param(objective, kw, id=name) for name, objective, kw in [
+    ("cpo-sigmoid", "cpo", dict(loss_type="sigmoid")), ("cpo-hinge", "cpo", dict(loss_type="hinge")),
+    ("cpo-ipo", "cpo", dict(loss_type="ipo")),
+    ("cpo-smoothed", "cpo", dict(loss_type="sigmoid", label_smoothing=0.1, cpo_alpha=0.3)), ("simpo", "simpo", {}),
+    ("simpo-gamma", "simpo", dict(simpo_gamma=1.5, label_smoothing=0.05)), ("cpo-simpo", "simpo", dict(cpo_alpha=0.5)),
+]]
 
 
 @pytest.mark.parametrize("path", ["sequence", "one-token"])
-@pytest.mark.parametrize("objective,kw", CPO_CASES, ids=lambda x: str(x))
+@pytest.mark.parametrize("objective,kw", CPO_CASES)
 def test_cpo_and_simpo_equal_trl(trl_cpo, model_tok, cases, path, objective, kw):
     """CPO (sigmoid, hinge, ipo; the NLL term weighted by cpo_alpha) and SimPO (length-normalised rewards,
     the margin gamma/beta; cpo_alpha 0 by default, CPO-SimPO with it) equal CPOTrainer's loss and metrics.
@@ -397,7 +402,7 @@ def kto_examples(task, one_token: bool) -> KTOExamples:
 
 
 @pytest.mark.parametrize("path", ["sequence", "one-token"])
-@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.3, 0.7)])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.3, 0.7)], ids=["equal", "weighted"])
 def test_kto_equals_trl(trl_kto, model_tok, cases, path, weights):
     """KTO's loss (desirable 1 - sigma(beta (r - z0)), undesirable 1 - sigma(beta (z0 - r)), z0 the clamped
     mean log-ratio of the micro-batch's KL completions, no gradient through it) and its metrics (kl,
@@ -612,3 +617,30 @@ def test_preference_stage_builder_dispatches_on_the_objective(data, tmp_path, mo
         cfg, task = make_tiny_task(data, "paraphrase", "tiny-gpt2", tok, regime="dpo", objective=objective)
         obj = build_preference_objective(StageContext(cfg.validate(), task, model, CPU, "fp32", tmp_path / objective))
         assert type(obj) is cls and obj.describe()["objective"] == objective
+
+
+def test_kto_takes_trls_unpaired_rows_from_a_file(data, tmp_path, model_tok):
+    """--pairs file:PATH with TRL's unpaired rows (prompt, completion, label): each row one KTO example
+    with its label; `desirable` keeps the desirable rows; a file of pairs is split as TRL's
+    unpair_preference_dataset (chosen desirable, rejected undesirable). Catches labels dropped or
+    inverted, rows lost, a pair file read as if every row were desirable."""
+    _, tok = model_tok
+    model, _ = load_model("tiny-gpt2", seed=0)
+    rows = [{"prompt": f"Line {i} of a poem", "completion": f" and its end {i}", "label": i % 3 != 0} for i in range(7)]
+    unpaired = tmp_path / "unpaired.jsonl"
+    unpaired.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": r["prompt"], "chosen": r["completion"], "rejected": " nothing"})
+                               for r in rows) + "\n")
+    for source, kind, want in ((unpaired, "auto", [r["label"] for r in rows]), (unpaired, "desirable", [True] * 4),
+                               (pairs, "unpaired", [True] * 7 + [False] * 7)):
+        cfg, task = make_tiny_task(data, "sonnet", "tiny-gpt2", tok, regime="dpo", objective="kto", pairs=f"file:{source}",
+                                   kto_examples=kind, batch_size=3)
+        obj = build_preference_objective(StageContext(cfg.validate(), task, model, CPU, "fp32", tmp_path / f"{kind}-run"))
+        ex = obj.ex
+        assert sorted(ex.label) == sorted(want)
+        texts = sorted((tok.decode(p), tok.decode(c), lab) for p, c, lab in zip(ex.ps.prompt, ex.ps.chosen, ex.label))
+        if source == unpaired:
+            expected = [(r["prompt"], r["completion"] + tok.eos_token, r["label"]) for r in rows if kind != "desirable" or r["label"]]
+            assert texts == sorted(expected)
+        assert obj.describe()["desirable"] == sum(want) and obj.describe()["undesirable"] == len(want) - sum(want)

@@ -217,6 +217,12 @@ def _objective_irrelevant(cfg: "RunConfig") -> set[str]:
             out.add("f_alpha_divergence_coef")
         if "discopop" not in cfg.loss_types:
             out.add("discopop_tau")
+        if not any(t in SMOOTHED_LOSS_TYPES for t in cfg.loss_types):
+            out.add("label_smoothing")
+        if TASK_KIND.get(cfg.task) == "classify":
+            out.add("ld_alpha")  # one-token answers: chosen and rejected always have the same length
+    elif cfg.objective == "cpo" and cfg.loss_type != "sigmoid":
+        out.add("label_smoothing")
     return out
 
 
