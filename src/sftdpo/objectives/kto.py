@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from ..config import RunConfig, SftdpoError
 from ..data.preferences import Unpaired, load_unpaired
