@@ -3,6 +3,7 @@ the SFT->DPO hand-off and resuming mid-DPO. Tiny models (tiny-gpt2) and the fixt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -506,9 +507,9 @@ def test_ipo_follows_trl_and_metrics_are_in_trl_units(tmp_path):
     (batch,) = next(iter(obj.steps(1)))
     run.model.eval()
     with torch.no_grad():
-        pc, pr = obj.policy_logps(run.model, batch)
-        pc, pr = pc + 0.3, pr - 0.2  # as if the policy had moved away from the reference
-        obj.policy_logps = lambda model, b: (pc, pr)
+        lp = obj.policy_logps(run.model, batch)
+        pc, pr = lp.chosen + 0.3, lp.rejected - 0.2  # as if the policy had moved away from the reference
+        obj.policy_logps = lambda model, b: dataclasses.replace(lp, chosen=pc, rejected=pr)
         loss, logs = obj.loss(run.model, batch)
     nc, nr = batch.chosen_len, batch.rejected_len
     assert (nc > 1).all() and not torch.equal(nc, nr)

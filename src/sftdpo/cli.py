@@ -108,14 +108,31 @@ FLAG_GROUPS: dict[str, dict[str, str]] = {
         "compile": "torch.compile the decoder for training and evaluation (dynamic shapes: one graph for every "
                    "length; the first steps compile, about a minute on a CPU); generation stays eager",
     },
-    "DPO": {
-        "dpo_lr": "DPO learning rate",
-        "beta": "DPO beta (the paper: 0.2)",
-        "loss_type": "sigmoid (DPO) | ipo | hinge | robust (TRL's names)",
-        "label_smoothing": "robust DPO's label noise, in [0, 0.5)",
-        "logp_reduction": "auto (TRL: mean over tokens for ipo, else sum) | sum | mean",
+    "DPO and the other preference objectives (TRL's names)": {
+        "objective": "the preference stage's objective: dpo | simpo | cpo | orpo (reference-free) | kto (unpaired "
+                     "examples)",
+        "dpo_lr": "preference-stage learning rate (every objective's)",
+        "beta": "DPO beta (the paper: 0.2); CPO/SimPO beta; ORPO lambda; KTO beta",
+        "loss_type": "dpo: sigmoid | hinge | ipo | exo_pair | nca_pair | robust | bco_pair | sppo_hard | aot | "
+                     "aot_unpaired | apo_zero | apo_down | discopop | sft | sigmoid_norm, or several comma-separated "
+                     "(e.g. MPO: sigmoid,bco_pair,sft); cpo: sigmoid | hinge | ipo",
+        "loss_weights": "dpo: one weight per --loss-type, comma-separated; unset: 1 each",
+        "label_smoothing": "robust's label noise in [0, 0.5); exo_pair's epsilon (> 0, EXO: 1e-3); aot's; cpo/simpo's",
+        "logp_reduction": "auto (TRL's: dpo ipo/sigmoid_norm and cpo ipo/simpo per token, the others summed) | sum | "
+                          "mean (dpo, cpo, simpo)",
+        "ld_alpha": "dpo, generation tasks: LD-DPO, tokens past the shorter response's length weighted by this, in [0, 1]",
+        "f_divergence_type": "dpo: f-DPO's reverse_kl (DPO) | forward_kl | js_divergence | alpha_divergence",
+        "f_alpha_divergence_coef": "alpha of --f-divergence-type alpha_divergence",
+        "use_weighting": "dpo: WPO, each pair weighted by the policy's length-normalised probabilities",
+        "discopop_tau": "--loss-type discopop's temperature",
+        "cpo_alpha": "cpo/simpo: the NLL term's weight; unset: 1 for cpo, 0 for simpo (> 0 with simpo: CPO-SimPO)",
+        "simpo_gamma": "simpo: the target reward margin gamma",
+        "desirable_weight": "kto: weight of the desirable examples' losses",
+        "undesirable_weight": "kto: weight of the undesirable examples' losses",
+        "kto_examples": "kto: desirable (the gold answers alone) | unpaired (the pairs split: chosen desirable, rejected "
+                        "undesirable) | auto (desirable for classification, unpaired for generation)",
         "pairs": "preference pairs: v1 | v2 | v3 (sonnet constructions) | hardest (classification) | file:PATH "
-                 "(TRL preference format)",
+                 "(TRL preference format; kto: also its unpaired prompt/completion/label rows)",
         "pairs_n": "v2/v3: rejections generated per prompt",
         "pairs_top_k": "v3: pairs kept (default: one per training example)",
         "pairs_temperatures": "v3: sampling temperatures of the rejections, comma-separated",
@@ -138,7 +155,8 @@ FLAG_GROUPS: dict[str, dict[str, str]] = {
                             "outputs only)",
     },
 }
-_CHOICES = {"task": "TASKS", "param": "PARAMS", "regime": "REGIMES", "loss_type": "LOSS_TYPES"}
+_CHOICES = {"task": "TASKS", "param": "PARAMS", "regime": "REGIMES", "objective": "OBJECTIVES",
+            "f_divergence_type": "F_DIVERGENCES", "kto_examples": "KTO_EXAMPLES"}
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -159,7 +177,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                 kw.update(action="append", metavar="KEY=VALUE")
             elif base is bool:
                 kw.update(type=_parse_bool, nargs="?", const=True, metavar="true|false")
-            elif typing.get_origin(t) is tuple:
+            elif typing.get_origin(t) is tuple or typing.get_origin(base) is tuple:
                 kw.update(type=lambda s: tuple(float(x) for x in s.split(",")), metavar="T,T,...")
             elif base in (int, float, str):
                 kw["type"] = base

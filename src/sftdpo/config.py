@@ -45,7 +45,20 @@ CHANGED_AT_INIT_PARAMS = ("pissa", "olora", *VIRTUAL_TOKEN_PARAMS)
 # adapter leaves the residual base, so their reference is the model at its start, as FFT's
 DISABLED_ADAPTER_REFERENCE_PARAMS = tuple(p for p in ADAPTER_PARAMS if p not in ("pissa", "olora"))
 REGIMES = ("sft", "dpo", "sft-dpo")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+# the preference stage's objective (--objective): DPO (a reference), the reference-free SimPO, CPO and ORPO
+# (TRL's experimental CPOTrainer, ORPOTrainer), KTO on unpaired examples (TRL's KTOTrainer)
+OBJECTIVES = ("dpo", "simpo", "cpo", "orpo", "kto")
+REFERENCE_FREE = ("simpo", "cpo", "orpo")
+# TRL 1.16's DPO loss types (DPOConfig.loss_type), alone or several comma-separated with --loss-weights
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # CPOConfig.loss_type (its simpo is --objective simpo)
+# the DPO loss types that read --label-smoothing (TRL: robust's flip rate, EXO's epsilon, AOT's smoothing)
+SMOOTHED_LOSS_TYPES = ("robust", "exo_pair", "aot", "aot_unpaired")
+# f-divergences (f-DPO) and the loss types TRL allows them with: built on the chosen-rejected score difference
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+KTO_EXAMPLES = ("auto", "desirable", "unpaired")
 # v1/v2/v3: sampled rejections (generation tasks); hardest: the strongest wrong label (classification);
 # file:PATH: preference pairs in TRL's formats (generation tasks)
 PAIR_VERSIONS = ("v1", "v2", "v3", "hardest")
@@ -58,7 +71,13 @@ METRICS = ("chrf", "bleu")
 # sonnet preference-pair construction (part of the DPO settings)
 PAIR_FIELDS = ("pairs", "pairs_n", "pairs_top_k", "pairs_temperatures")
 # settings read only once a DPO stage starts: the SFT prefix of a run does not depend on them
-DPO_FIELDS = ("dpo_lr", "beta", "loss_type", "label_smoothing", "logp_reduction", *PAIR_FIELDS)
+# each objective's own settings (TRL's parameter names)
+DPO_LOSS_FIELDS = ("loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef", "use_weighting",
+                   "discopop_tau")
+CPO_FIELDS = ("cpo_alpha", "simpo_gamma")
+KTO_FIELDS = ("desirable_weight", "undesirable_weight", "kto_examples")
+OBJECTIVE_FIELDS = ("objective", *DPO_LOSS_FIELDS, *CPO_FIELDS, *KTO_FIELDS)
+DPO_FIELDS = ("dpo_lr", "beta", "loss_type", "label_smoothing", "logp_reduction", *OBJECTIVE_FIELDS, *PAIR_FIELDS)
 LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "use_rslora", "use_dora")
 # LoRA settings that shape the adapted model's function (dropout is off whenever it is evaluated)
 LORA_FUNCTION_FIELDS = tuple(f for f in LORA_FIELDS if f != "lora_dropout")
@@ -80,7 +99,7 @@ NON_RESULT_FIELDS = ("log_every", "eval_batch_size", "eval_init", "conventions",
                      "compile")
 # fields added after runs were first hashed: left out of a run's identity while at their default, so
 # the runs (and studies, caches and prefixes) of earlier versions keep their hashes
-LATER_FIELDS = ("budget_steps", *PEFT_FIELDS)
+LATER_FIELDS = ("budget_steps", *PEFT_FIELDS, *OBJECTIVE_FIELDS)
 KEEP_CHECKPOINTS = ("all", "best", "last", "none")
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 
@@ -211,6 +230,8 @@ def irrelevant_fields(cfg: "RunConfig") -> set[str]:
     out: set[str] = set()
     if cfg.regime == "sft":
         out.update(DPO_FIELDS)
+    else:
+        out.update(_objective_irrelevant(cfg))
     if cfg.regime != "sft-dpo":
         out.add("handoff_epoch")
     if cfg.budget_steps is not None:
@@ -251,6 +272,38 @@ def irrelevant_fields(cfg: "RunConfig") -> set[str]:
             out.update(("pairs_n", "pairs_top_k", "pairs_temperatures"))
         elif cfg.pairs == "v2":
             out.add("pairs_top_k")
+    return out
+
+
+def _objective_irrelevant(cfg: "RunConfig") -> set[str]:
+    """The preference-stage fields the run's --objective (and loss types) never reads."""
+    out: set[str] = set()
+    if cfg.objective != "dpo":
+        out.update(DPO_LOSS_FIELDS)
+    if cfg.objective not in ("dpo", "cpo"):
+        out.add("loss_type")
+    if cfg.objective not in ("dpo", "cpo", "simpo"):
+        out.update(("logp_reduction", "label_smoothing"))
+    if cfg.objective not in ("cpo", "simpo"):
+        out.update(CPO_FIELDS)
+    elif cfg.objective == "cpo":
+        out.add("simpo_gamma")
+    if cfg.objective != "kto":
+        out.update(KTO_FIELDS)
+    elif cfg.kto_examples == "desirable" or (cfg.kto_examples == "auto" and TASK_KIND.get(cfg.task) == "classify"):
+        if not cfg.pairs.startswith("file:"):
+            out.update(PAIR_FIELDS)  # the gold answers alone: no pairs are built
+    if cfg.objective == "dpo":
+        if cfg.f_divergence_type != "alpha_divergence":
+            out.add("f_alpha_divergence_coef")
+        if "discopop" not in cfg.loss_types:
+            out.add("discopop_tau")
+        if not any(t in SMOOTHED_LOSS_TYPES for t in cfg.loss_types):
+            out.add("label_smoothing")
+        if TASK_KIND.get(cfg.task) == "classify":
+            out.add("ld_alpha")  # one-token answers: chosen and rejected always have the same length
+    elif cfg.objective == "cpo" and cfg.loss_type != "sigmoid":
+        out.add("label_smoothing")
     return out
 
 
@@ -332,12 +385,26 @@ class RunConfig:
     top_p: float | None = None  # 0.9
     max_new_tokens: int | None = None  # sftdpo: 160, cs224n: 128
     num_samples: int = 1
-    # DPO
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0  # for loss_type=robust
-    # a response's log-prob in the loss: auto (TRL's choice: the mean over its tokens for ipo, else the sum) | sum | mean
+    # the preference stage (DPO, or --objective simpo | cpo | orpo | kto): TRL's parameter names
+    objective: str = "dpo"
+    beta: float = 0.1  # DPO's beta; CPO/SimPO's beta; ORPO's lambda; KTO's beta (TRL calls each `beta`)
+    loss_type: str = "sigmoid"  # dpo: TRL's DPO loss types, comma-separated for several; cpo: sigmoid | hinge | ipo
+    loss_weights: tuple[float, ...] | None = None  # one per loss type (TRL's multi-loss); default all 1.0
+    label_smoothing: float = 0.0  # robust, exo_pair, aot, aot_unpaired; cpo/simpo's conservative loss
+    # a response's log-prob in the loss: auto (TRL's choice per loss type) | sum | mean
     logp_reduction: str = "auto"
+    ld_alpha: float | None = None  # LD-DPO: response tokens past the shorter response's length weighted by this
+    f_divergence_type: str = "reverse_kl"  # f-DPO: reverse_kl | forward_kl | js_divergence | alpha_divergence
+    f_alpha_divergence_coef: float = 0.5  # alpha of alpha_divergence
+    use_weighting: bool = False  # WPO: each pair weighted by the policy's length-normalised probabilities
+    discopop_tau: float = 0.05  # DiscoPOP's temperature (loss type discopop)
+    cpo_alpha: float | None = None  # CPO's NLL weight (None: TRL's 1.0 for cpo, 0 for simpo as the SimPO paper)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    desirable_weight: float = 1.0  # KTO
+    undesirable_weight: float = 1.0  # KTO
+    # KTO's examples: desirable (the gold answers/completions alone) | unpaired (the DPO pairs split: chosen desirable,
+    # rejected undesirable) | auto: desirable on classification tasks, unpaired on generation tasks
+    kto_examples: str = "auto"
     pairs: str = "v1"
     pairs_n: int = 4  # rejections generated per prompt for v2/v3
     pairs_top_k: int | None = None  # v3: pairs kept (default: one per training sonnet)
@@ -363,8 +430,7 @@ class RunConfig:
             bad(f"--param {self.param!r} is not one of {', '.join(PARAMS)}")
         if self.regime not in REGIMES:
             bad(f"--regime {self.regime!r} is not one of {', '.join(REGIMES)}")
-        if self.loss_type not in LOSS_TYPES:
-            bad(f"--loss-type {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+        self._validate_objective(bad)
         kind = TASK_KIND.get(self.task)
         if self.pairs not in PAIR_VERSIONS and not self.pairs.startswith("file:"):
             bad(f"--pairs {self.pairs!r} is not one of {', '.join(PAIR_VERSIONS)} or file:PATH")
@@ -410,8 +476,6 @@ class RunConfig:
             bad(f"--data-fraction must be in (0, 1] (got {self.data_fraction})")
         if self.balance_labels and TASK_KIND.get(self.task) != "classify":
             bad("--balance-labels only applies to classification tasks (paraphrase, classify)")
-        if self.logp_reduction not in ("auto", "sum", "mean"):
-            bad(f"--logp-reduction must be auto, sum or mean (got {self.logp_reduction!r})")
         if self.schedule not in ("linear", "cosine", "constant"):
             bad(f"--schedule must be linear, cosine or constant (got {self.schedule!r})")
         if self.keep_checkpoints not in KEEP_CHECKPOINTS:
@@ -426,8 +490,6 @@ class RunConfig:
             bad(f"--device must be auto, cpu or cuda (got {self.device!r})")
         if not 0 <= self.label_smoothing < 0.5:
             bad(f"--label-smoothing must be in [0, 0.5) (got {self.label_smoothing})")
-        if self.loss_type != "robust" and self.label_smoothing:
-            bad("--label-smoothing only applies to --loss-type robust")
         if self.num_samples < 1 or self.pairs_n < 1:
             bad("--num-samples and --pairs-n must be >= 1")
         # ranges: each value a user can give, and what it must be
@@ -458,6 +520,96 @@ class RunConfig:
                 bad(f"--{name.replace('_', '-')} must be {what} (got {_show(getattr(self, name))})")
         return self
 
+    def _validate_objective(self, bad) -> None:
+        """--objective and its settings: each one only where the objective (and loss types) read it."""
+        obj, types = self.objective, self.loss_types
+        default = RunConfig()
+
+        def only(field: str, where: str) -> None:
+            if getattr(self, field) != getattr(default, field):
+                bad(f"--{field.replace('_', '-')} applies to {where} (got --objective {obj}, --loss-type {self.loss_type})")
+
+        if obj not in OBJECTIVES:
+            bad(f"--objective {obj!r} is not one of {', '.join(OBJECTIVES)}")
+        if obj == "dpo":
+            unknown = [t for t in types if t not in LOSS_TYPES]
+            if unknown or not types:
+                bad(f"--loss-type {self.loss_type!r}: each comma-separated loss type must be one of {', '.join(LOSS_TYPES)}")
+        elif obj == "cpo":
+            if len(types) != 1 or types[0] not in CPO_LOSS_TYPES:
+                bad(f"--objective cpo takes one --loss-type of {', '.join(CPO_LOSS_TYPES)} (got {self.loss_type!r}); "
+                    "SimPO is --objective simpo")
+        elif self.loss_type != default.loss_type:
+            bad(f"--loss-type applies to --objective dpo and cpo; {obj} has one loss (got --loss-type {self.loss_type})")
+        if self.loss_weights is not None:
+            if obj != "dpo":
+                bad(f"--loss-weights applies to --objective dpo (got {obj})")
+            if len(self.loss_weights) != len(types):
+                bad(f"--loss-weights has {len(self.loss_weights)} weights for {len(types)} loss types "
+                    f"({self.loss_type}): give one per loss type")
+        smoothed = (obj == "dpo" and any(t in SMOOTHED_LOSS_TYPES for t in types)) or obj == "simpo" or (
+            obj == "cpo" and types == ["sigmoid"])
+        if self.label_smoothing and not smoothed:
+            bad("--label-smoothing applies to --loss-type robust, exo_pair, aot and aot_unpaired (DPO) and to cpo's "
+                f"sigmoid and simpo (got --objective {obj}, --loss-type {self.loss_type})")
+        if obj == "dpo" and "exo_pair" in types and not self.label_smoothing:
+            bad("--loss-type exo_pair needs --label-smoothing > 0 (EXO's epsilon; the EXO paper recommends 1e-3)")
+        if self.logp_reduction not in ("auto", "sum", "mean"):
+            bad(f"--logp-reduction must be auto, sum or mean (got {self.logp_reduction!r})")
+        if obj in ("orpo", "kto"):
+            only("logp_reduction", "--objective dpo, cpo and simpo (orpo's odds use mean log-probs, kto's sums)")
+        if obj != "dpo":
+            for f in DPO_LOSS_FIELDS:
+                only(f, "--objective dpo")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            bad(f"--f-divergence-type must be one of {', '.join(F_DIVERGENCES)} (got {self.f_divergence_type!r})")
+        if self.f_divergence_type != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_LOSS_TYPES):
+            bad(f"--f-divergence-type {self.f_divergence_type} applies to loss types built on the chosen-rejected score "
+                f"difference ({', '.join(F_DIVERGENCE_LOSS_TYPES)}); got --loss-type {self.loss_type}")
+        if self.f_divergence_type != "alpha_divergence":
+            only("f_alpha_divergence_coef", "--f-divergence-type alpha_divergence")
+        if "discopop" not in types:
+            only("discopop_tau", "--loss-type discopop")
+        if self.discopop_tau <= 0:
+            bad(f"--discopop-tau must be > 0 (got {self.discopop_tau})")
+        if self.ld_alpha is not None:
+            if not 0 <= self.ld_alpha <= 1:
+                bad(f"--ld-alpha must be in [0, 1] (got {self.ld_alpha}; 1 = plain DPO, 0 = shared length only)")
+            if TASK_KIND.get(self.task) == "classify":
+                bad("--ld-alpha has no effect on a classification task: chosen and rejected are one token each, the "
+                    "same length; leave it unset")
+        if self.use_weighting and any(t in ("aot", "aot_unpaired", "sft") for t in types):
+            bad("--use-weighting does not apply to --loss-type aot or aot_unpaired (they sort the pairs, TRL refuses "
+                "them) nor sft (TRL 1.16 fails on it)")
+        if obj in ("cpo", "simpo"):
+            if self.cpo_alpha is not None and self.cpo_alpha < 0:
+                bad(f"--cpo-alpha must be >= 0 (got {self.cpo_alpha})")
+        else:
+            only("cpo_alpha", "--objective cpo and simpo")
+        if obj != "simpo":
+            only("simpo_gamma", "--objective simpo")
+        if obj == "kto":
+            if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+                bad("--desirable-weight and --undesirable-weight must be > 0")
+            if self.kto_examples not in KTO_EXAMPLES:
+                bad(f"--kto-examples must be one of {', '.join(KTO_EXAMPLES)} (got {self.kto_examples!r})")
+            if self.batch_size < 2:
+                bad("--objective kto estimates its KL term from mismatched pairs within a micro-batch: --batch-size "
+                    "must be >= 2")
+        else:
+            for f in KTO_FIELDS:
+                only(f, "--objective kto")
+
+    @property
+    def loss_types(self) -> list[str]:
+        """--loss-type as a list (TRL's multi-loss form: several comma-separated)."""
+        return [t.strip() for t in self.loss_type.split(",") if t.strip()]
+
+    @property
+    def reference_free(self) -> bool:
+        """The preference stage needs no reference model (SimPO, CPO, ORPO)."""
+        return self.objective in REFERENCE_FREE
+
     @property
     def trackers(self) -> list[str]:
         """The experiment trackers asked for (--report-to), `none` left out."""
@@ -482,17 +634,26 @@ class RunConfig:
 
     @property
     def loss_logp_reduction(self) -> str:
-        """How the DPO loss reduces a response's token log-probs: TRL's IPO normalises the log-ratios by
-        the response length, its other losses use sums; --logp-reduction sum|mean overrides."""
-        if self.logp_reduction == "auto":
-            return "mean" if self.loss_type == "ipo" else "sum"
-        return self.logp_reduction
+        """How the preference loss reduces a response's token log-probs, as TRL: DPO's ipo and sigmoid_norm
+        divide each response's score by its length, its other losses use sums; CPO averages for ipo and
+        simpo; ORPO averages, KTO sums. --logp-reduction sum|mean overrides (dpo, cpo, simpo). `mixed`:
+        several DPO loss types, each with its own."""
+        if self.logp_reduction != "auto":
+            return self.logp_reduction
+        if self.objective == "dpo":
+            normalised = [t in ("ipo", "sigmoid_norm") for t in self.loss_types]
+            return "mean" if all(normalised) else "sum" if not any(normalised) else "mixed"
+        if self.objective in ("cpo", "simpo"):
+            return "mean" if self.objective == "simpo" or self.loss_type == "ipo" else "sum"
+        return "mean" if self.objective == "orpo" else "sum"
 
     # -- serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["pairs_temperatures"] = list(self.pairs_temperatures)
         d["peft_set"] = list(self.peft_set)
+        if self.loss_weights is not None:
+            d["loss_weights"] = list(self.loss_weights)
         return d
 
     @classmethod
@@ -517,6 +678,8 @@ class RunConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self.peft_set = peft_set_entries(self.peft_set)  # one canonical form: the same settings hash the same
+        if isinstance(self.loss_type, str):  # "sigmoid, sft" and "sigmoid,sft" are one setting
+            self.loss_type = ",".join(self.loss_types)
 
     def normalised(self) -> "RunConfig":
         """This config with every field the run never reads reset to its default, so equivalent

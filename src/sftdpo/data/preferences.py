@@ -6,6 +6,10 @@ formats:
                     (TRL's extract_prompt: whole messages for conversations; for text, a space before
                     the point where they differ stays with the responses)
   conversational    prompt/chosen/rejected (or chosen/rejected alone) as message lists
+
+and, for KTO (`--objective kto`), TRL's unpaired preference format: {"prompt": ..., "completion": ...,
+"label": true|false} (text or message lists), or any of the pair formats above split as TRL's
+unpair_preference_dataset splits them (each chosen desirable, each rejected undesirable).
 """
 
 from __future__ import annotations
@@ -63,10 +67,50 @@ def _preference(r: Row) -> Preference:
     return Preference(prompt, chosen, rejected)
 
 
-def load_preferences(source: str, split: str = "train") -> list[Preference]:
-    """`--pairs file:SOURCE`: a preference file, a save_to_disk directory or a hub dataset (its `split`)."""
+def _rows(source: str, split: str) -> list[Row]:
     p = Path(source).expanduser()
     rows = read_rows(p, split) if p.exists() else dataset_rows(source, split)
     if not rows:
         raise SftdpoError(f"--pairs file:{source} holds no pairs")
-    return [_preference(r) for r in rows]
+    return rows
+
+
+def load_preferences(source: str, split: str = "train") -> list[Preference]:
+    """`--pairs file:SOURCE`: a preference file, a save_to_disk directory or a hub dataset (its `split`)."""
+    return [_preference(r) for r in _rows(source, split)]
+
+
+@dataclass(frozen=True)
+class Unpaired:
+    prompt: Any  # text or messages
+    completion: Any
+    label: bool  # desirable
+
+
+def _unpaired(r: Row) -> Unpaired:
+    f = r.fields
+    label = f.get("label")
+    if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
+        label = bool(label)
+    if "completion" not in f or not isinstance(label, bool):
+        raise SftdpoError(f"{r.where}: an unpaired preference row needs `completion` and a true/false `label` (and "
+                          f"`prompt`); the row has: {', '.join(map(str, f)) or 'none'}")
+    completion, prompt = f["completion"], f.get("prompt", "")
+    if isinstance(completion, list):
+        completion = check_messages(completion, r.where, "completion")
+        prompt = check_messages(prompt, r.where, "prompt") if prompt else []
+    elif not isinstance(completion, str) or not isinstance(prompt, str):
+        raise SftdpoError(f"{r.where}: prompt and completion must be text (or both message lists)")
+    if not completion or (isinstance(completion, str) and not completion.strip()):
+        raise SftdpoError(f"{r.where}: the completion is empty")
+    return Unpaired(prompt, completion, label)
+
+
+def load_unpaired(source: str, split: str = "train") -> list[Unpaired]:
+    """KTO's `--pairs file:SOURCE`: unpaired rows (prompt, completion, label) as they are, or preference
+    pairs split as TRL's unpair_preference_dataset (all chosen desirable, then all rejected undesirable)."""
+    rows = _rows(source, split)
+    if "completion" in rows[0].fields:
+        return [_unpaired(r) for r in rows]
+    prefs = [_preference(r) for r in rows]
+    return [Unpaired(p.prompt, p.chosen, True) for p in prefs] + [Unpaired(p.prompt, p.rejected, False) for p in prefs]

@@ -1,4 +1,5 @@
-"""What a training stage optimises: SFT (objectives/sft.py) or DPO (objectives/dpo/)."""
+"""What a training stage optimises: SFT (objectives/sft.py) or a preference objective (objectives/preference.py:
+DPO in objectives/dpo/, SimPO and CPO in cpo.py, ORPO in orpo.py, KTO in kto.py)."""
 
 from __future__ import annotations
 

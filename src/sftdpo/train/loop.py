@@ -30,7 +30,7 @@ from ..models import (count_params, device_description, load_model, peak_memory_
                       resolve_precision)
 from ..peft_methods import MethodHooks, apply_param, trainable_share
 from ..objectives import Objective, StageContext
-from ..objectives.dpo import build_dpo_objective
+from ..objectives.preference import build_preference_objective
 from ..objectives.sft import SFTObjective
 from ..ops.logprobs import compile_decoder
 from ..system import format_duration, git_commit, package_versions, progress
@@ -159,9 +159,9 @@ class Run:
             return SFTObjective(self.task)
         ctx = StageContext(self.cfg, self.task, self.model, self.device, self.precision, self.out, resumed_epoch,
                            self.is_main)
-        obj = build_dpo_objective(ctx) if self.is_main else None
+        obj = build_preference_objective(ctx) if self.is_main else None
         barrier()
-        return obj if self.is_main else build_dpo_objective(ctx)
+        return obj if self.is_main else build_preference_objective(ctx)
 
     def stage_span(self, stage: str, obj: Objective, first: int, last: int) -> tuple[int, int]:
         """(the stage's last epoch, the optimizer steps its schedule spans). SFT's schedule spans the

@@ -95,15 +95,15 @@ class PairSet:
 
 @dataclass
 class PairBatch:
-    """A DPO batch: the token batch plus the cached reference log-probs (summed over each response's
-    tokens) and the response lengths of its pairs. With one-token responses `batch` holds the prompts,
-    `chosen` (B,) and `rejected` (B, R) the answer tokens, `ref_rejected` (B, R) and `mask` (B, R)
-    which of the R slots are pairs; else `batch` holds 2B rows (prompt + chosen, then prompt +
-    rejected) and its labels mark the responses."""
+    """A batch of pairs: the token batch plus the cached reference log-probs (summed over each response's
+    tokens; None for a reference-free objective) and the response lengths of its pairs. With one-token
+    responses `batch` holds the prompts, `chosen` (B,) and `rejected` (B, R) the answer tokens,
+    `ref_rejected` (B, R) and `mask` (B, R) which of the R slots are pairs; else `batch` holds 2B rows
+    (prompt + chosen, then prompt + rejected) and its labels mark the responses."""
 
     batch: Batch
-    ref_chosen: torch.Tensor
-    ref_rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None
+    ref_rejected: torch.Tensor | None
     chosen_len: torch.Tensor
     rejected_len: torch.Tensor
     chosen: torch.Tensor | None = None
@@ -122,6 +122,11 @@ class PairBatch:
     @property
     def share(self) -> float:
         return self.batch.share
+
+
+def one_token_responses(task: Any) -> bool:
+    """Whether the task's responses are one-token answers read from the prompt's last position."""
+    return getattr(task, "kind", None) == "classify"
 
 
 # -- classification ------------------------------------------------------------------------------
@@ -169,8 +174,12 @@ def collate_sequence_pairs(ps: PairSet, rows: Sequence[int], pad_id: int) -> Bat
     response tokens (-100 elsewhere)."""
     rows = list(rows)
     resp = [ps.chosen[i] for i in rows] + [ps.rejected[i] for i in rows]
-    prompts = [ps.prompt[i] for i in rows] * 2
-    b = pad_batch([p + r for p, r in zip(prompts, resp)], pad_id, rows + rows)
+    return collate_responses([ps.prompt[i] for i in rows] * 2, resp, pad_id, rows + rows)
+
+
+def collate_responses(prompts: Sequence[list[int]], resp: Sequence[list[int]], pad_id: int, index: Sequence[int]) -> Batch:
+    """Right-padded prompt + response rows; labels mark the response tokens (-100 elsewhere)."""
+    b = pad_batch([p + r for p, r in zip(prompts, resp)], pad_id, index)
     labels = torch.full_like(b.input_ids, -100)
     for j, (p, r) in enumerate(zip(prompts, resp)):
         labels[j, len(p): len(p) + len(r)] = torch.tensor(r, dtype=torch.long)

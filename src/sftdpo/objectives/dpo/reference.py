@@ -1,4 +1,4 @@
-"""The DPO reference model: which one a run uses, and its log-probs of every pair, computed once.
+"""The reference model (DPO, KTO): which one a run uses, and its log-probs of every pair, computed once.
 
 DPO-only: the pretrained backbone (FFT, BitFit, LN) or, with an adapter, the same network with the
 adapter disabled (`model.disable_adapter()`; PiSSA/OLoRA, whose base holds a residual, use the model at
@@ -7,8 +7,9 @@ its start, the pretrained weights split in two). SFT@k->DPO: the model (FFT) or 
 ONCE before the DPO stage (eval mode, no grad, the run's autocast precision), summed over each
 response's tokens (a mean divides by the response length), so training has no reference forward
 pass. They are cached under `<cache>/reflogps/<key>.safetensors`; the key covers the model name, a
-fingerprint of the reference weights, the pairs' token ids, and the device type and precision they
-were computed with.
+fingerprint of the reference weights, the pairs' token ids, the reduction (sums, or LD-DPO's
+weighted sums with --ld-alpha), and the device type and precision they were computed with.
+SimPO, CPO and ORPO have no reference (`reference_name` says so) and never compute one.
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ from ...config import ADAPTER_PARAMS, DISABLED_ADAPTER_REFERENCE_PARAMS, RunConf
 from ...files import atomic_path, hash_id_lists, stable_hash
 from ...models import autocast
 from ...ops.batching import bucketed_batches
-from ...ops.logprobs import last_token_logits, sequence_logps
+from ...ops.logprobs import last_token_logits
 from ...tasks import Task
-from .pairs import CACHE_VERSION, PairSet, collate_sequence_pairs
+from .pairs import CACHE_VERSION, PairSet, collate_sequence_pairs, one_token_responses
+from .policy import response_logps
 
 log = logging.getLogger("sftdpo")
 
 
 def reference_name(cfg: RunConfig) -> str:
+    if cfg.reference_free:
+        return f"none ({cfg.objective} is reference-free)"
     k = cfg.sft_epochs
     if cfg.param in ADAPTER_PARAMS:
         if k:
@@ -41,11 +45,6 @@ def reference_name(cfg: RunConfig) -> str:
                 else f"{cfg.param} adapter at its initialisation (the pretrained weights, split)")
     return (f"pretrained backbone ({'FFT' if cfg.param == 'fft' else cfg.param})" if k == 0
             else f"SFT model at hand-off epoch {k}")
-
-
-def one_token_responses(task: Task) -> bool:
-    """Whether the task's pairs are one-token answers read from the prompt's last position."""
-    return getattr(task, "kind", None) == "classify"
 
 
 @torch.no_grad()
@@ -83,9 +82,9 @@ def from_label_logps(task: Task, ps: PairSet, m: torch.Tensor) -> tuple[torch.Te
 @torch.no_grad()
 def compute_reference_logps(model, task: Task, ps: PairSet, cfg: RunConfig, device: torch.device, precision: str, *,
                             adapter_disabled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of every pair's chosen and rejected response under the reference: eval mode
-    (no dropout), no grad, the run's autocast precision; the adapter disabled if asked. One-token
-    responses: chosen (n,) and rejected (n, R)."""
+    """Summed log-probs (LD-weighted with --ld-alpha) of every pair's chosen and rejected response under
+    the reference: eval mode (no dropout), no grad, the run's autocast precision; the adapter disabled if
+    asked. One-token responses: chosen (n,) and rejected (n, R)."""
     if one_token_responses(task):
         return from_label_logps(task, ps, label_logps(model, task, device, precision, adapter_disabled=adapter_disabled))
     was_training = model.training
@@ -98,7 +97,7 @@ def compute_reference_logps(model, task: Task, ps: PairSet, cfg: RunConfig, devi
                 idx = torch.tensor(rows)
                 b = collate_sequence_pairs(ps, rows, task.pad_id).to(device)
                 with autocast(device, precision):
-                    lp = sequence_logps(model, b, "sum")
+                    lp = response_logps(model, b, len(rows), cfg.ld_alpha)
                 chosen[idx], rejected[idx] = lp[: len(rows)].float().cpu(), lp[len(rows):].float().cpu()
     finally:
         model.train(was_training)
@@ -141,8 +140,9 @@ def reference_key(cfg: RunConfig, task: Task, fingerprint: str, ps: PairSet, dev
     """What the reference log-probs of sequence pairs depend on. No adapter flag: a disabled LoRA layer
     runs its base layer alone, so the adapter-disabled base and the plain backbone (same fingerprint)
     share them."""
+    reduction = "sum" if cfg.ld_alpha is None else f"ld_alpha={cfg.ld_alpha!r}"
     return {"cache_version": CACHE_VERSION, "task": task.name, "model": cfg.model, "weights": fingerprint,
-            "data": ps.data_hash(), "reduction": "sum", "precision": precision, "device": device.type}
+            "data": ps.data_hash(), "reduction": reduction, "precision": precision, "device": device.type}
 
 
 def cached_label_logps(model, task: Task, cfg: RunConfig, device: torch.device, precision: str, *, fingerprint: str,
