@@ -57,14 +57,15 @@ def write_tiny_gpt2(path: Path, tokenizer_dir: Path, seed: int = 0, init: float 
     return path
 
 
-def write_tiny_llama(path: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+def write_tiny_llama(path: Path, tokenizer_dir: Path, seed: int = 0, init: float = 0.02) -> Path:
     """A 2-layer Llama with tied embeddings and the given tokenizer (SmolLM2's: it has a chat template)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         initializer_range=init)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -77,12 +78,13 @@ def load_tokenizer(base: Path):
     return AutoTokenizer.from_pretrained(base)
 
 
-def run_weights(run_dir: Path, checkpoint: str) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(run_dir) / "checkpoints" / checkpoint / "weights.safetensors"))
-
-
 def load_run_model(base: Path, run_dir: Path, checkpoint: str = "last", lora: dict | None = None):
-    """The base directory's model with a run's checkpoint weights loaded into it, in eval mode.
+    """The base directory's model with a run's checkpoint weights loaded into it, in eval mode."""
+    return load_weights_file(base, Path(run_dir) / "checkpoints" / checkpoint / "weights.safetensors", lora)
+
+
+def load_weights_file(base: Path, weights: Path, lora: dict | None = None):
+    """The base directory's model with the weights of a safetensors file loaded into it, in eval mode.
     FFT: every weight but the tied output layer must be in the file. LoRA (`lora`: LoraConfig keyword
     arguments): a PEFT model built here, every adapter weight from the file, the base untouched."""
     from transformers import AutoModelForCausalLM
@@ -92,7 +94,7 @@ def load_run_model(base: Path, run_dir: Path, checkpoint: str = "last", lora: di
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
-    sd = run_weights(run_dir, checkpoint)
+    sd = load_file(str(weights))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected, f"checkpoint weights the model does not have: {unexpected[:3]}"
     if lora is None:
@@ -102,6 +104,10 @@ def load_run_model(base: Path, run_dir: Path, checkpoint: str = "last", lora: di
         adapter = {n for n, _ in model.named_parameters() if "lora_" in n}
         assert adapter and adapter <= set(sd), f"LoRA checkpoint lacks {sorted(adapter - set(sd))[:3]}"
     return model.eval()
+
+
+# LoRA on GPT-2's fused attention input (sftdpo: --lora-rank 4 --lora-alpha 16 --lora-targets c_attn)
+LORA_GPT2_C_ATTN = dict(r=4, lora_alpha=16.0, target_modules=["c_attn"], fan_in_fan_out=True)
 
 
 # -- raw data, parsed here -----------------------------------------------------------------------
@@ -238,17 +244,30 @@ def write_qqp_pairs(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+def qqp_files(folder: Path, n_train: int = 128, n_dev: int = 40, overlap: int = 0) -> dict[str, str]:
+    """`train`/`dev` paths of write_qqp_pairs files; `overlap` train pairs are appended to dev (new
+    ids, the questions swapped and upper-cased): dev examples that sftdpo must drop."""
+    train = write_qqp_pairs(folder / "train.csv", n_train, seed=0)
+    dev = write_qqp_pairs(folder / "dev.csv", n_dev, seed=1)
+    again = [r for r in read_qqp_tsv(train)][:overlap]
+    with dev.open("a") as f:
+        f.writelines(f"again-{k}\t{r['q2'].upper()}\t{r['q1']}\t{r['label']}\n" for k, r in enumerate(again))
+    return dict(train=str(train), dev=str(dev))
+
+
 # -- fixtures: the base models (tests import them by name) ----------------------------------------
 
 @pytest.fixture(scope="session")
 def gpt2_base(tmp_path_factory) -> Path:
-    """A tiny GPT-2 directory (the GPT-2 tokenizer from the data directory: skipped without it)."""
+    """A tiny GPT-2 directory (the GPT-2 tokenizer from the data directory: skipped without it). Seed 3:
+    untrained, it answers "no" to every write_qqp_pairs prompt (some seeds separate the two question
+    wordings by chance, right or wrong), so what a run predicts is what it learnt."""
     from sftdpo.config import find_in_data_dirs  # only to find the tokenizer files
 
     tok = find_in_data_dirs("gpt2-tokenizer")
     if tok is None:
         pytest.skip("the tiny GPT-2 needs the GPT-2 tokenizer: set SFTDPO_DATA_DIR to a folder with gpt2-tokenizer/")
-    return write_tiny_gpt2(tmp_path_factory.mktemp("gpt2-base"), tok)
+    return write_tiny_gpt2(tmp_path_factory.mktemp("gpt2-base"), tok, seed=3)
 
 
 @pytest.fixture(scope="session")
@@ -261,13 +280,42 @@ def gpt2_noisy(gpt2_base, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_base(tmp_path_factory, shared_cache) -> Path:
     """A tiny Llama directory with SmolLM2's tokenizer (and its chat template), the tokenizer files
-    as sftdpo caches them from the offline backbone's GGUF (converted by transformers)."""
+    as sftdpo caches them from the offline backbone's GGUF (converted by transformers); drawn at 10x
+    Llama's initialisation scale, so that its greedy continuations depend on the prompt (see gpt2_noisy)."""
     from sftdpo.config import cache_dir_at
     from sftdpo.models import smollm2_tokenizer_dir  # only to find the tokenizer files
 
     with cache_dir_at(shared_cache):
         tok = smollm2_tokenizer_dir()
-    return write_tiny_llama(tmp_path_factory.mktemp("llama-base"), tok)
+    return write_tiny_llama(tmp_path_factory.mktemp("llama-base"), tok, init=0.2)
+
+
+# A paraphrase run whose dev accuracy peaks inside the run: SFT@3->DPO over 4 epochs, DPO at a learning
+# rate high enough to undo some of SFT (dev accuracy 0.83, 0.92, 0.92, 0.83 on the CPU tried: the best
+# epoch is neither the first, the last nor the lowest, and best and last predict differently).
+PEAKED = dict(task="paraphrase", regime="sft-dpo", epochs=4, handoff_epoch=3, lr=1e-2, dpo_lr=0.03, batch_size=8,
+              eval_batch_size=8, device="cpu", precision="fp32", eval_init=False, log_every=100)
+
+
+@pytest.fixture(scope="session")
+def peaked_run(gpt2_base, shared_cache, tmp_path_factory) -> dict:
+    """{"run": the run directory, "files": its data, "epochs": {epoch: a copy of that epoch's weights}}
+    of the PEAKED run, trained once per session (the copies taken when each epoch's checkpoint is on disk)."""
+    import shutil
+
+    from sftdpo.config import RunConfig, cache_dir_at
+    from sftdpo.train.loop import train
+
+    root = tmp_path_factory.mktemp("peaked")
+    files = qqp_files(root)
+    out = root / "run"
+
+    def keep(epoch: int) -> None:
+        shutil.copyfile(out / "checkpoints" / "last" / "weights.safetensors", root / f"epoch{epoch}.safetensors")
+
+    with cache_dir_at(shared_cache):
+        train(RunConfig(model=str(gpt2_base), **files, **PEAKED), out, on_checkpoint=keep)
+    return {"run": out, "files": files, "epochs": {e: root / f"epoch{e}.safetensors" for e in range(1, PEAKED["epochs"] + 1)}}
 
 
 # -- checks of a finished run against the plain evaluator -------------------------------------------

@@ -23,18 +23,13 @@ from sftdpo.config import RunConfig
 from sftdpo.train.loop import train
 
 import oracle
-from oracle import gpt2_base, gpt2_noisy  # noqa: F401  (fixtures)
 
 COMMON = dict(device="cpu", batch_size=8, eval_batch_size=8, eval_init=False, log_every=100)
 
 
 @pytest.fixture
 def qqp(tmp_path) -> dict[str, str]:
-    return dict(train=str(oracle.write_qqp_pairs(tmp_path / "train.csv", 128, seed=0)),
-                dev=str(oracle.write_qqp_pairs(tmp_path / "dev.csv", 40, seed=1)))
-
-
-LORA = dict(r=4, lora_alpha=16.0, target_modules=["c_attn"], fan_in_fan_out=True)  # GPT-2's fused attention input
+    return oracle.qqp_files(tmp_path)
 
 
 @pytest.mark.parametrize("param, conventions, precision", [
@@ -55,7 +50,7 @@ def test_paraphrase_predictions_equal_a_plain_evaluator(param, conventions, prec
                     **(dict(lora_rank=4, lora_alpha=16.0, lora_targets="c_attn", lora_dropout=0.1) if lora else {}))
     out = tmp_path / "run"
     train(cfg, out)
-    model = oracle.load_run_model(gpt2_base, out, "last", lora=LORA if lora else None)
+    model = oracle.load_run_model(gpt2_base, out, "last", lora=oracle.LORA_GPT2_C_ATTN if lora else None)
     dev = oracle.paraphrase_dev(qqp)
     assert len(dev) >= 30
     oracle.check_cloze_run(out, model, oracle.load_tokenizer(gpt2_base),
@@ -91,7 +86,7 @@ def test_three_class_predictions_equal_a_plain_evaluator(gpt2_base, cache, tmp_p
     dev_f = write_topics(tmp_path / "dev.jsonl", DEV_FRAMES, "d")
     labels = ",".join(f"{v}={w}" for v, (w, _) in CLASSES.items())
     cfg = RunConfig(task="classify", model=str(gpt2_base), train=str(train_f), dev=str(dev_f), template=TEMPLATE,
-                    labels=labels, epochs=2, lr=3e-3, precision="fp32", **COMMON)
+                    labels=labels, epochs=3, lr=2e-2, precision="fp32", **COMMON)
     out = tmp_path / "run"
     s = train(cfg, out)
     rows = oracle.read_jsonl(dev_f)
