@@ -86,7 +86,7 @@ def test_three_class_predictions_equal_a_plain_evaluator(gpt2_base, cache, tmp_p
     dev_f = write_topics(tmp_path / "dev.jsonl", DEV_FRAMES, "d")
     labels = ",".join(f"{v}={w}" for v, (w, _) in CLASSES.items())
     cfg = RunConfig(task="classify", model=str(gpt2_base), train=str(train_f), dev=str(dev_f), template=TEMPLATE,
-                    labels=labels, epochs=3, lr=2e-2, precision="fp32", **COMMON)
+                    labels=labels, epochs=3, lr=7e-3, precision="fp32", **COMMON)
     out = tmp_path / "run"
     s = train(cfg, out)
     rows = oracle.read_jsonl(dev_f)

@@ -60,6 +60,7 @@ def test_fft_export_loads_with_from_pretrained_and_predicts_as_the_run(peaked_ru
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import oracle
+    from oracle import PEAKED
 
     run_dir = peaked_run["run"]
     out = export_run(run_dir, tmp_path / "export")
@@ -81,7 +82,7 @@ def test_fft_export_loads_with_from_pretrained_and_predicts_as_the_run(peaked_ru
     assert summary["best/dev/accuracy"] == pytest.approx(accuracy_score([dev[i]["label"] for i in ids],
                                                                         [exported[i] for i in ids]), abs=1e-12)
     card = (out / "README.md").read_text()
-    assert str(gpt2_base) in card and "## Dev metrics" in card and "dev/accuracy" in card and "SFT for 3 epochs, then DPO" in card
+    assert str(gpt2_base) in card and "## Dev metrics" in card and "dev/accuracy" in card and f"SFT for {PEAKED['handoff_epoch']} epochs, then DPO" in card
     assert f"best epoch: {summary['best_epoch']}" in card
     assert json.loads((out / "sftdpo_config.json").read_text())["hash"] == summary["run_hash"]
 

@@ -100,8 +100,8 @@ def test_checkpoint_reload_gives_identical_predictions(peaked_run, gpt2_base, ca
     """`evaluate_run` rebuilds the model from a checkpoint: from `last` it predicts what the run wrote
     at its end, from `best` what the best epoch predicted, each equal by id to the plain evaluator on
     that checkpoint's file; the two checkpoints predict differently here (the run's dev accuracy peaks
-    mid-run), and each predicts both labels. Catches a reload of the other checkpoint (or of the
-    untrained model), weights left out of the reload, a constant predictor, ids misaligned."""
+    mid-run), and the best one predicts both labels. Catches a reload of the other checkpoint (or of
+    the untrained model), weights left out of the reload, a constant predictor, ids misaligned."""
     out, dev = peaked_run["run"], oracle.paraphrase_dev(peaked_run["files"])
     prompts, tok = oracle.paraphrase_prompts(dev), oracle.load_tokenizer(gpt2_base)
     final = oracle.run_outputs(out)
@@ -110,8 +110,8 @@ def test_checkpoint_reload_gives_identical_predictions(peaked_run, gpt2_base, ca
         reloaded[ck] = {i: p for i, p, _ in evaluate_run(out, ck)["outputs"]}
         want = oracle.cloze_predictions(oracle.load_run_model(gpt2_base, out, ck), tok, prompts, [("0", "no"), ("1", "yes")])
         wrong, ties = oracle.disagreements(reloaded[ck], want, "fp32")
-        assert not wrong and not ties, (ck, wrong[:3], ties)
-        assert min(Counter(reloaded[ck].values())[v] for v in ("0", "1")) >= 3, (ck, Counter(reloaded[ck].values()))
+        assert not wrong and ties <= 1, (ck, wrong[:3], ties)
+    assert min(Counter(reloaded["best"].values())[v] for v in ("0", "1")) >= 3, Counter(reloaded["best"].values())
     assert reloaded["last"] == final
     assert sum(reloaded["last"][i] != reloaded["best"][i] for i in final) >= 3
 
