@@ -254,10 +254,11 @@ def test_staged_runs_sft_epochs_are_the_sft_only_runs_first_epochs(qqp, cache, t
 def test_best_is_the_highest_dev_metric(peaked_run, gpt2_base):
     """Through a real run whose dev accuracy peaks mid-run (tests/oracle.py::PEAKED): each epoch's weights
     (copied when its checkpoint was on disk) scored by the plain evaluator and scikit-learn give the
-    accuracies the run logged; the highest of them (the earlier epoch on a tie) is the summary's
-    best_epoch and best/dev/accuracy, and checkpoints/best holds exactly that epoch's weights,
-    checkpoints/last the final epoch's. Catches best = the lowest or the last or the first epoch, the
-    best checkpoint written with another epoch's weights, best/* taken from another epoch's record."""
+    accuracies the run logged; the highest of them is the summary's best_epoch and best/dev/accuracy,
+    and checkpoints/best holds exactly that epoch's weights, checkpoints/last the final epoch's.
+    Catches best = the lowest or the last or the first epoch, the best checkpoint written with another
+    epoch's weights, best/* taken from another epoch's record. (No two epochs tie here: which epoch a
+    tie keeps is RunState's rule, not checked by this run.)"""
     from safetensors.torch import load_file
 
     out, dev = peaked_run["run"], oracle.paraphrase_dev(peaked_run["files"])
