@@ -8,10 +8,10 @@ was configured with (bf16: under torch.autocast, as the run computes).
 
 Ties: two correct implementations may disagree where the decision is within rounding of a tie. The
 comparisons below accept a disagreement only on such an example, with the bound derived from the
-dtype (README, Development): fp32 paths that compute the same sums in another order agree to 1e-5 of
-the logits' size; a bf16 autocast path is within 4u (u = 2^-8) of the fp32 computation, so each of the
-two logits of a margin moves by at most 4u·S (S = the row's largest |logit|), one path's margin by at
-most 8u·S, and two bf16 paths' margins differ by at most 16u·S.
+dtype (README, Development), S being the row's largest |logit|: fp32 paths that compute the same sums
+in another order agree to 1e-5·S per logit, so one path's margin (a difference of two logits) is
+within 2e-5·S of the exact one and two paths' margins within 4e-5·S; a bf16 autocast path is within
+4u·S (u = 2^-8) of the fp32 computation per logit, so 8u·S per margin and 16u·S between two paths.
 """
 
 from __future__ import annotations
