@@ -13,6 +13,9 @@ SONNET_FILES = dict(train=str(FIX / "sonnets" / "sonnets.txt"), dev=str(FIX / "s
 
 _SHARED_CACHE: Path | None = None
 
+# the independent evaluator's base models and a run whose dev metric peaks mid-run (tests/oracle.py)
+from oracle import gpt2_base, gpt2_noisy, llama_base, peaked_run  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:

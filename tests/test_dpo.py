@@ -95,26 +95,42 @@ def all_pair_logps(model, task):
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
 def test_loss_matches_hand_computation(loss_type):
-    pc, pr = torch.tensor([-1.0, -4.0]), torch.tensor([-3.0, -2.0])
-    rc, rr = torch.tensor([-2.0, -3.0]), torch.tensor([-2.5, -2.5])
+    """Each pair's loss and the logged rewards, computed by hand from TRL's formulas, on four pairs whose
+    margins differ in size and sign (2.5, -0.5, -1.0, -4.0: no two cancel, their mean is not 0) and whose
+    references differ between chosen and rejected. Catches a flipped margin (rejected - chosen, or the
+    chosen and rejected log-probs swapped: a margin set that is not symmetric gives other losses), the
+    reference subtracted with the wrong sign or left out, β applied twice or not at all, the pair
+    losses summed instead of averaged, rewards with the wrong sign or without β."""
+    pc = torch.tensor([-1.0, -4.0, -2.0, -6.0])  # policy log-probs of the chosen responses
+    pr = torch.tensor([-3.0, -2.0, -3.5, -1.0])  # ... and of the rejected ones
+    rc = torch.tensor([-2.0, -3.0, -1.5, -4.0])  # reference log-probs, chosen
+    rr = torch.tensor([-1.5, -1.5, -4.0, -3.0])  # reference log-probs, rejected
     beta, eps = 0.5, 0.2
+    # delta = (pc - rc) - (pr - rr), by hand: (1 - (-1.5)), (-1 - (-0.5)), (-0.5 - 0.5), (-2 - 2)
+    deltas = [2.5, -0.5, -1.0, -4.0]
+    assert ((pc - rc) - (pr - rr)).tolist() == deltas
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    deltas = [(-1 + 2) - (-3 + 2.5), (-4 + 3) - (-2 + 2.5)]  # 1.5, -1.5
     per = {
         "sigmoid": [-math.log(sig(beta * d)) for d in deltas],
         "ipo": [(d - 1 / (2 * beta)) ** 2 for d in deltas],
         "hinge": [max(0.0, 1 - beta * d) for d in deltas],
         "robust": [(-(1 - eps) * math.log(sig(beta * d)) + eps * math.log(sig(-beta * d))) / (1 - 2 * eps) for d in deltas],
     }[loss_type]
-    loss, m = dpo_loss(pc, pr, rc, rr, beta, loss_type, eps if loss_type == "robust" else 0.0)
-    assert loss.item() == pytest.approx(sum(per) / 2, abs=1e-6)
-    # rewards: beta * (policy - ref); chosen rewards 0.5, -0.5; rejected -0.25, 0.25
-    assert m["rewards/chosen"].item() == pytest.approx(0.0)
-    assert m["rewards/rejected"].item() == pytest.approx(0.0)
-    assert m["rewards/margins"].item() == pytest.approx((0.75 - 0.75) / 2)
-    assert m["rewards/accuracies"].item() == pytest.approx(0.5)
-    assert m["logps/chosen"].item() == pytest.approx(-2.5)
-    assert m["logps/rejected"].item() == pytest.approx(-2.5)
+    smoothing = eps if loss_type == "robust" else 0.0
+    losses = dpo_loss_module.dpo_losses(pc, pr, rc, rr, beta, loss_type, smoothing)
+    assert losses.tolist() == pytest.approx(per, abs=1e-6)
+    loss, m = dpo_loss(pc, pr, rc, rr, beta, loss_type, smoothing)
+    assert loss.item() == pytest.approx(sum(per) / 4, abs=1e-6)
+    # swapping chosen and rejected gives another loss: the margins are not symmetric
+    swapped = dpo_loss(pr, pc, rr, rc, beta, loss_type, smoothing)[0].item()
+    assert abs(swapped - loss.item()) > 0.1
+    # rewards: beta * (policy - reference); chosen 0.5, -0.5, -0.25, -1.0; rejected -0.75, -0.25, 0.25, 1.0
+    assert m["rewards/chosen"].item() == pytest.approx(-1.25 / 4)
+    assert m["rewards/rejected"].item() == pytest.approx(0.25 / 4)
+    assert m["rewards/margins"].item() == pytest.approx(beta * sum(deltas) / 4)
+    assert m["rewards/accuracies"].item() == pytest.approx(0.25)  # only the first pair's chosen reward is higher
+    assert m["logps/chosen"].item() == pytest.approx(-13.0 / 4)
+    assert m["logps/rejected"].item() == pytest.approx(-9.5 / 4)
     assert set(m) == set(dpo_loss_module.METRIC_NAMES)
 
 

@@ -2,6 +2,7 @@
 dev predictions; --keep-checkpoints decides what a finished run keeps."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -45,53 +46,86 @@ def plain_predictions(run_dir: Path, model, tok) -> list[str]:
     return preds
 
 
-def test_fft_export_loads_with_from_pretrained_and_predicts_as_the_run(qqp, cache, tmp_path):
+LABELS = [("0", "no"), ("1", "yes")]
+
+
+def test_fft_export_loads_with_from_pretrained_and_predicts_as_the_run(peaked_run, gpt2_base, cache, tmp_path):
+    """A run whose dev accuracy peaks mid-run (tests/oracle.py::PEAKED), exported (the best checkpoint by
+    default) and loaded with transformers' from_pretrained alone: its tokenizer reads the CS224N prompt
+    (written out in oracle.py) as the run did, and its predictions equal, by id, the plain evaluator's on
+    checkpoints/best, score the summary's best/dev/accuracy with scikit-learn, predict both labels,
+    and differ from the last epoch's. Catches the last (or the untrained) weights exported, the
+    tokenizer or the config of another model, a model card that names another run."""
+    from sklearn.metrics import accuracy_score
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run_dir = tmp_path / "run"
-    train(cfg(qqp, epochs=2), run_dir)  # best and final may differ: export the best, compare with its eval
+    import oracle
+    from oracle import PEAKED
+
+    run_dir = peaked_run["run"]
     out = export_run(run_dir, tmp_path / "export")
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    assert type(model).__name__ == "LlamaForCausalLM"
-    best = [p for _, p, _ in evaluate_run(run_dir, "best")["outputs"]]
-    assert plain_predictions(run_dir, model, tok) == best
-    from sftdpo.models import load_model
-
-    untrained, _ = load_model("tiny-llama", seed=0)  # the export holds the trained weights, not the start
-    ids = torch.tensor([load_run(run_dir).task.dev_ids[0]])
-    assert not torch.allclose(untrained(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    dev = oracle.paraphrase_dev(peaked_run["files"])
+    prompts = oracle.paraphrase_prompts(dev)
+    exported = {i: p for i, (p, _) in oracle.cloze_predictions(model, tok, prompts, LABELS).items()}
+    best = oracle.cloze_predictions(oracle.load_run_model(gpt2_base, run_dir, "best"), oracle.load_tokenizer(gpt2_base),
+                                    prompts, LABELS)
+    last = oracle.cloze_predictions(oracle.load_run_model(gpt2_base, run_dir, "last"), oracle.load_tokenizer(gpt2_base),
+                                    prompts, LABELS)
+    assert exported == {i: p for i, (p, _) in best.items()}
+    assert min(Counter(exported.values())[v] for v, _ in LABELS) >= 3, Counter(exported.values())
+    assert sum(exported[i] != last[i][0] for i in dev) >= 3  # the test tells best from last
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ids = sorted(dev)
+    assert summary["best/dev/accuracy"] == pytest.approx(accuracy_score([dev[i]["label"] for i in ids],
+                                                                        [exported[i] for i in ids]), abs=1e-12)
     card = (out / "README.md").read_text()
-    assert "tiny-llama" in card and "## Dev metrics" in card and "dev/accuracy" in card and "regime: sft" in card
-    assert json.loads((out / "sftdpo_config.json").read_text())["hash"] == json.loads(
-        (run_dir / "summary.json").read_text())["run_hash"]
+    assert str(gpt2_base) in card and "## Dev metrics" in card and "dev/accuracy" in card and f"SFT for {PEAKED['handoff_epoch']} epochs, then DPO" in card
+    assert f"best epoch: {summary['best_epoch']}" in card
+    assert json.loads((out / "sftdpo_config.json").read_text())["hash"] == summary["run_hash"]
 
 
-def test_lora_export_adapter_and_merged(qqp, cache, tmp_path):
+def test_lora_export_adapter_and_merged(gpt2_base, cache, tmp_path):
+    """A LoRA run (GPT-2's fused attention input adapted, 2 epochs) exported as a PEFT adapter and as a
+    merged model: the adapter on the base loaded by transformers (PeftModel.from_pretrained), and the
+    merged model by from_pretrained alone, predict, by id, what the plain evaluator predicts with the
+    best checkpoint's adapter weights in a PEFT model configured in oracle.py (merging moves logits by
+    fp32 rounding only: ties within it excepted); both labels are predicted several times. Catches an
+    adapter exported without its trained weights, another checkpoint's adapter, a merge that drops or
+    doubles the adapter (alpha / r scaling), an adapter_config with other targets."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftdpo.models import load_model
+    import oracle
 
+    files = oracle.qqp_files(tmp_path)
     run_dir = tmp_path / "run"
-    c = cfg(qqp, param="lora", lora_rank=4, lora_targets="all-linear", lr=5e-2)
+    c = RunConfig(task="paraphrase", model=str(gpt2_base), **files, device="cpu", precision="fp32", batch_size=8,
+                  eval_batch_size=8, eval_init=False, epochs=2, lr=3e-2, param="lora", lora_rank=4, lora_alpha=16.0,
+                  lora_targets="c_attn", lora_dropout=0.1)
     train(c, run_dir)
-    want = run_predictions(run_dir)
+    dev = oracle.paraphrase_dev(files)
+    prompts = oracle.paraphrase_prompts(dev)
+    want = oracle.cloze_predictions(oracle.load_run_model(gpt2_base, run_dir, "best", lora=oracle.LORA_GPT2_C_ATTN),
+                                    oracle.load_tokenizer(gpt2_base), prompts, LABELS)
+    assert min(Counter(p for p, _ in want.values())[v] for v, _ in LABELS) >= 3
     adapter = export_run(run_dir, tmp_path / "adapter")
     assert (adapter / "adapter_config.json").exists() and not (adapter / "model.safetensors").exists()
-    base, _ = load_model("tiny-llama", seed=c.seed)  # the base, as sftdpo builds it
-    peft_model = PeftModel.from_pretrained(base, adapter)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gpt2_base), adapter).eval()
     tok = AutoTokenizer.from_pretrained(adapter)
-    assert plain_predictions(run_dir, peft_model, tok) == want
+    got = {i: p for i, (p, _) in oracle.cloze_predictions(peft_model, tok, prompts, LABELS).items()}
+    assert oracle.disagreements(got, want, "fp32")[0] == []
     merged = export_run(run_dir, tmp_path / "merged", merge=True)
     assert not (merged / "adapter_config.json").exists()
-    model = AutoModelForCausalLM.from_pretrained(merged)
-    assert plain_predictions(run_dir, model, AutoTokenizer.from_pretrained(merged)) == want
-    # the adapter really matters: the bare base predicts otherwise on some example, or the test proves nothing
-    bare, _ = load_model("tiny-llama", seed=c.seed)
-    logits_base = bare(input_ids=torch.tensor([load_run(run_dir).task.dev_ids[0]])).logits
-    logits_tuned = model(input_ids=torch.tensor([load_run(run_dir).task.dev_ids[0]])).logits
-    assert not torch.allclose(logits_base, logits_tuned)
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    got = {i: p for i, (p, _) in oracle.cloze_predictions(model, AutoTokenizer.from_pretrained(merged), prompts, LABELS).items()}
+    wrong, ties = oracle.disagreements(got, want, "fp32")
+    assert not wrong and ties <= 1
+    # the adapter matters: the bare base predicts otherwise on some example
+    bare = oracle.cloze_predictions(AutoModelForCausalLM.from_pretrained(gpt2_base).eval(), tok, prompts, LABELS)
+    assert sum(bare[i][0] != want[i][0] for i in dev) >= 3
 
 
 @pytest.mark.slow

@@ -191,21 +191,41 @@ def torch_equal(a, b) -> bool:
     return bool(torch.equal(a, b))
 
 
-def test_conversational_rows_use_the_chat_template(cache, tmp_path):
-    chats = [{"messages": [{"role": "user", "content": f"Say {w} twice."}, {"role": "assistant", "content": f"{w} {w}"}]}
-             for w in ("red", "blue", "green", "gold", "pink", "gray")]
+def test_conversational_rows_use_the_chat_template(llama_base, cache, tmp_path):
+    """Conversations (`messages`) go through the tokenizer's own chat template: the training target is
+    the rendered assistant turn (its end-of-turn token, no extra end token), and each dev completion
+    the run writes is, by id, transformers' greedy `generate` on the checkpoint's weights from the
+    conversation rendered here by `apply_chat_template(..., add_generation_prompt=True)`; dev/chrf is
+    sacrebleu's against the assistant messages. Catches the chat template not applied (the raw text or
+    the template without its generation prompt as the prompt), the template's markup in the reference,
+    completions misaligned with their conversations, a constant completion."""
+    import oracle
+
+    words = ("red", "blue", "green", "gold", "pink", "gray", "black", "white")
+    chats = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"Say {w} twice."},
+                                          {"role": "assistant", "content": f"{w} {w}"}]} for i, w in enumerate(words)]
     write_jsonl(tmp_path / "train.jsonl", chats)
-    write_jsonl(tmp_path / "dev.jsonl", chats[:2])
+    write_jsonl(tmp_path / "dev.jsonl", chats[:5])
     cfg = RunConfig(task="generate", train=str(tmp_path / "train.jsonl"), dev=str(tmp_path / "dev.jsonl"), epochs=1,
-                    batch_size=3, max_new_tokens=6, **TINY)
-    model, tok = load_model("tiny-llama")
-    task = make_task(cfg, tok)
-    e = task.dev[0]
-    assert e.prompt.endswith("<|im_start|>assistant\n") and e.completion == "red red<|im_end|>\n"
+                    batch_size=4, lr=1e-3, temperature=0.0, max_new_tokens=6, **{**TINY, "model": str(llama_base)})
+    tok = oracle.load_tokenizer(llama_base)
+    task = make_task(cfg, load_model(str(llama_base))[1])
     seq, start = task.train_ids[0], task.loss_start[0]
     assert tok.decode(seq[start:]) == "red red<|im_end|>\n"  # the completion is the loss; no extra end token
     s = train(cfg, tmp_path / "run")
-    assert 0 <= s["dev/chrf"] <= 100 and (tmp_path / "run" / "generations.jsonl").exists()
+    model = oracle.load_run_model(llama_base, tmp_path / "run")
+    want, gaps = {}, []
+    for c in chats[:5]:
+        prompt = tok.apply_chat_template(c["messages"][:1], tokenize=False, add_generation_prompt=True)
+        assert prompt.endswith("<|im_start|>assistant\n")
+        want[c["id"]], gap = oracle.greedy_completion(model, tok, prompt, cfg.max_new_tokens)
+        gaps.append(gap)
+    assert min(gaps) > oracle.tie_band("fp32") and len(set(want.values())) >= 3, (want, min(gaps))
+    assert outputs(tmp_path / "run") == [(c["id"], want[c["id"]].strip(), c["messages"][1]["content"]) for c in chats[:5]]
+    gens = [json.loads(x) for x in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
+    assert [g["completion"] for g in gens] == [want[c["id"]].strip() for c in chats[:5]]
+    hyps, refs = [want[c["id"]].strip() for c in chats[:5]], [c["messages"][1]["content"] for c in chats[:5]]
+    assert s["dev/chrf"] == pytest.approx(oracle.corpus_chrf(hyps, refs), abs=1e-9)
     require_tiny_gpt2()
     no_template = dict(cfg.to_dict(), model="tiny-gpt2")
     rc, err = cli("train", "--config", _dump(tmp_path / "c.json", no_template), "--out", str(tmp_path / "x"))

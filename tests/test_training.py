@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from sftdpo.ops.batching import bucketed_batches
 from sftdpo.tasks import CS224N_PROMPT
 from sftdpo.train.loop import Run, evaluate_run, train
 
+import oracle
 from conftest import SONNET_FILES, qqp_files, require_tiny_gpt2
 
 
@@ -52,32 +54,66 @@ def test_bucketed_batches_cover_every_row_once_and_are_seeded():
     assert a == bucketed_batches(lengths, 4, seed=1) and a != bucketed_batches(lengths, 4, seed=2)
 
 
-def test_paraphrase_loss_decreases_and_metrics_match_sklearn(qqp, cache, tmp_path):
-    out = tmp_path / "run"
-    summary = train(cfg_for("paraphrase", qqp, epochs=3), out)
+@pytest.fixture(scope="module")
+def sft_run(gpt2_base, shared_cache, tmp_path_factory) -> dict:
+    """A 3-epoch SFT run of a tiny GPT-2 (built with transformers, tests/oracle.py) on a learnable QQP set
+    whose dev file also holds 4 train pairs (reworded ids, questions swapped and upper-cased)."""
+    from sftdpo.config import cache_dir_at
+
+    root = tmp_path_factory.mktemp("sft-run")
+    files = oracle.qqp_files(root, overlap=4)
+    cfg = RunConfig(task="paraphrase", model=str(gpt2_base), **files, device="cpu", precision="fp32", batch_size=8,
+                    lr=1e-2, epochs=3, eval_batch_size=8, eval_init=False, log_every=1)
+    with cache_dir_at(shared_cache):
+        summary = train(cfg, root / "run")
+    return {"run": root / "run", "files": files, "summary": summary, "base": gpt2_base}
+
+
+def test_paraphrase_loss_decreases_and_metrics_match_sklearn(sft_run):
+    """The SFT loss falls epoch over epoch, and the summary's accuracy, macro-F1 and positive-class F1
+    are scikit-learn's on the predictions of the plain evaluator (tests/oracle.py: the checkpoint in
+    transformers, the CS224N prompt written out, one example at a time), each matched to its gold label
+    in the raw dev file by id; predictions.csv holds the same. Catches a loop that does not train,
+    metrics on predictions misaligned with their labels, a constant predictor, the lower logit of the
+    label pair, the positive class's F1 taken for the negative's."""
+    out, summary = sft_run["run"], sft_run["summary"]
     losses = [r["train/loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
               if r["kind"] == "epoch" and r["stage"] == "sft"]
-    assert losses[-1] < losses[0]
-    rows = [json.loads(x) for x in (out / "dev_outputs.jsonl").read_text().splitlines()]
-    pred = [int(r["prediction"]) for r in rows]
-    ref = [int(r["reference"]) for r in rows]
-    assert summary["dev/accuracy"] == pytest.approx(accuracy_score(ref, pred))
-    assert summary["dev/macro_f1"] == pytest.approx(f1_score(ref, pred, average="macro"))
-    assert summary["dev/f1_positive"] == pytest.approx(f1_score(ref, pred, pos_label=1, zero_division=0))
-    head = (out / "predictions.csv").read_text().splitlines()
-    assert head[0] == "id,prediction,label" and len(head) == len(rows) + 1
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
+    dev = oracle.paraphrase_dev(sft_run["files"])
+    base = sft_run["base"]
+    preds = oracle.check_cloze_run(out, oracle.load_run_model(base, out), oracle.load_tokenizer(base),
+                                   oracle.paraphrase_prompts(dev), {i: r["label"] for i, r in dev.items()},
+                                   [("0", "no"), ("1", "yes")], "fp32")
+    ids = sorted(preds)
+    ref, pred = [dev[i]["label"] for i in ids], [preds[i] for i in ids]
+    assert summary["dev/f1_positive"] == pytest.approx(f1_score(ref, pred, pos_label="1"), abs=1e-12)
+    assert 0.5 < summary["dev/accuracy"] < 1  # learnt, and with mistakes for the metrics to weigh
+    assert (out / "predictions.csv").read_text().splitlines()[0] == "id,prediction,label"
     for key in ("wall_clock_s", "wall_clock_per_epoch_s", "train_tokens_per_s", "peak_memory_mb", "trainable_params", "total_params"):
         assert summary[key] > 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["hash"] == summary["run_hash"] and "torch" in cfg["versions"]
 
 
-def test_checkpoint_reload_gives_identical_predictions(qqp, cache, tmp_path):
-    out = tmp_path / "run"
-    train(cfg_for("paraphrase", qqp, epochs=1), out)
-    final = [json.loads(x)["prediction"] for x in (out / "dev_outputs.jsonl").read_text().splitlines()]
-    again = evaluate_run(out, "last")
-    assert [p for _, p, _ in again["outputs"]] == final
+def test_checkpoint_reload_gives_identical_predictions(peaked_run, gpt2_base, cache):
+    """`evaluate_run` rebuilds the model from a checkpoint: from `last` it predicts what the run wrote
+    at its end, from `best` what the best epoch predicted, each equal by id to the plain evaluator on
+    that checkpoint's file; the two checkpoints predict differently here (the run's dev accuracy peaks
+    mid-run), and the best one predicts both labels. Catches a reload of the other checkpoint (or of
+    the untrained model), weights left out of the reload, a constant predictor, ids misaligned."""
+    out, dev = peaked_run["run"], oracle.paraphrase_dev(peaked_run["files"])
+    prompts, tok = oracle.paraphrase_prompts(dev), oracle.load_tokenizer(gpt2_base)
+    final = oracle.run_outputs(out)
+    reloaded = {}
+    for ck in ("last", "best"):
+        reloaded[ck] = {i: p for i, p, _ in evaluate_run(out, ck)["outputs"]}
+        want = oracle.cloze_predictions(oracle.load_run_model(gpt2_base, out, ck), tok, prompts, [("0", "no"), ("1", "yes")])
+        wrong, ties = oracle.disagreements(reloaded[ck], want, "fp32")
+        assert not wrong and ties <= 1, (ck, wrong[:3], ties)
+    assert min(Counter(reloaded["best"].values())[v] for v in ("0", "1")) >= 3, Counter(reloaded["best"].values())
+    assert reloaded["last"] == final
+    assert sum(reloaded["last"][i] != reloaded["best"][i] for i in final) >= 3
 
 
 def test_sonnet_sft_loss_masks_padding_and_chrf_matches_sacrebleu(cache, tmp_path):
@@ -216,12 +252,35 @@ def test_staged_runs_sft_epochs_are_the_sft_only_runs_first_epochs(qqp, cache, t
     assert _records(tmp_path / "staged", "epoch")[0]["dev/accuracy"] == _records(tmp_path / "sft", "epoch")[0]["dev/accuracy"]
 
 
-def test_best_is_the_highest_dev_metric():
-    from sftdpo.train.checkpoint import RunState
+def test_best_is_the_highest_dev_metric(peaked_run, gpt2_base):
+    """Through a real run whose dev accuracy peaks mid-run (tests/oracle.py::PEAKED): each epoch's weights
+    (copied when its checkpoint was on disk) scored by the plain evaluator and scikit-learn give the
+    accuracies the run logged; the highest of them is the summary's best_epoch and best/dev/accuracy,
+    and checkpoints/best holds exactly that epoch's weights, checkpoints/last the final epoch's.
+    Catches best = the lowest or the last or the first epoch, the best checkpoint written with another
+    epoch's weights, best/* taken from another epoch's record. (No two epochs tie here: which epoch a
+    tie keeps is RunState's rule, not checked by this run.)"""
+    from safetensors.torch import load_file
 
-    state = RunState()
-    assert [state.update_best(e, v) for e, v in enumerate([0.5, 0.9, 0.7, 0.9], 1)] == [True, True, False, False]
-    assert (state.best_epoch, state.best_value) == (2, 0.9)
+    out, dev = peaked_run["run"], oracle.paraphrase_dev(peaked_run["files"])
+    prompts, tok = oracle.paraphrase_prompts(dev), oracle.load_tokenizer(gpt2_base)
+    ids = sorted(dev)
+    acc = {}
+    for epoch, weights in peaked_run["epochs"].items():
+        pred = oracle.cloze_predictions(oracle.load_weights_file(gpt2_base, weights), tok, prompts, [("0", "no"), ("1", "yes")])
+        assert all(gap > oracle.tie_band("fp32") for _, gap in pred.values())
+        acc[epoch] = accuracy_score([dev[i]["label"] for i in ids], [pred[i][0] for i in ids])
+    logged = {r["epoch"]: r["dev/accuracy"] for r in _records(out, "epoch")}
+    assert logged == pytest.approx(acc, abs=1e-12)
+    best = max(acc, key=lambda e: (acc[e], -e))
+    last = max(acc)
+    assert 1 < best < last and acc[best] > max(acc[1], acc[last]) and min(acc.values()) < acc[best]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_epoch"] == best and summary["best/dev/accuracy"] == pytest.approx(acc[best], abs=1e-12)
+    assert summary["dev/accuracy"] == pytest.approx(acc[last], abs=1e-12)
+    for name, epoch in (("best", best), ("last", last)):
+        got, want = load_file(str(out / "checkpoints" / name / "weights.safetensors")), load_file(str(peaked_run["epochs"][epoch]))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
 
 
 class _Stop(Exception):
@@ -319,17 +378,17 @@ def test_paraphrase_sft_targets_are_the_gold_label_tokens(qqp, cache, tmp_path):
     assert t.tok.decode([t.yes_id]) == "yes" and t.tok.decode([t.no_id]) == "no"
 
 
-def test_dev_metrics_are_computed_on_the_dev_examples(qqp, cache, tmp_path):
-    import csv
-
-    run = Run(cfg_for("paraphrase", qqp), tmp_path / "r")
-    run.build()
-    ev = run.task.evaluate(run.model, run.device, "fp32")
-    with open(qqp["dev"], newline="") as f:
-        dev = {r["id"]: r["is_duplicate"] for r in csv.DictReader(f, delimiter="\t")}
-    # every dev example the file holds that is not also a train pair (deduped), with the file's label
-    assert len(ev.outputs) == len(run.task.dev) >= 8 and {i for i, _, _ in ev.outputs} <= set(dev)
-    assert all(int(r) == int(float(dev[i])) for i, _, r in ev.outputs)
-    preds, refs = [int(p) for _, p, _ in ev.outputs], [int(r) for _, _, r in ev.outputs]
-    assert ev.metrics["accuracy"] == pytest.approx(accuracy_score(refs, preds))
-    assert ev.metrics["macro_f1"] == pytest.approx(f1_score(refs, preds, average="macro"))
+def test_dev_metrics_are_computed_on_the_dev_examples(sft_run):
+    """The dev examples are exactly the raw dev file's rows (parsed here) less the pairs the train file
+    holds (in either order and any case: 4 such rows were planted), each with its own gold label and the
+    prediction the plain evaluator makes for its prompt; the summary counts the dropped rows.
+    Catches dev metrics on training examples, dev pairs that train holds left in, labels or
+    predictions misaligned with their ids."""
+    out, files, base = sft_run["run"], sft_run["files"], sft_run["base"]
+    raw = oracle.read_qqp_tsv(files["dev"])
+    dev = oracle.paraphrase_dev(files)
+    dropped = {r["id"] for r in raw} - set(dev)
+    assert {f"again-{k}" for k in range(4)} <= dropped and len(dev) >= 30
+    assert sft_run["summary"]["dev_dropped_overlap"] == len(dropped) and sft_run["summary"]["dev_examples"] == len(dev)
+    oracle.check_cloze_run(out, oracle.load_run_model(base, out), oracle.load_tokenizer(base), oracle.paraphrase_prompts(dev),
+                           {i: r["label"] for i, r in dev.items()}, [("0", "no"), ("1", "yes")], "fp32")

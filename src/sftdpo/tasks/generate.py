@@ -147,11 +147,20 @@ class GenerateTask(Task):
                              top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, num_samples=cfg.num_samples,
                              seed=cfg.seed)
 
+    def reference(self, e: PromptExample) -> str:
+        """A dev completion as the generations are scored against it: without the tokenizer's special
+        tokens (a chat template's end-of-turn marker), which the generated text never holds (decoded
+        with skip_special_tokens)."""
+        text = e.completion
+        for t in self.tok.all_special_tokens:
+            text = text.replace(t, "")
+        return text.strip()
+
     def evaluate(self, model, device: torch.device, precision: str) -> Evaluation:
         """chrF and BLEU (sacrebleu defaults, corpus level) of the generated completions against the
         references; with several samples, the mean of the per-sample corpus scores."""
         gens = self.dev_generations(model, device, precision)
-        refs = [e.completion.strip() for e in self.dev]
+        refs = [self.reference(e) for e in self.dev]
         k = self.cfg.num_samples
         hyps = [[g[s].strip() for g in gens] for s in range(k)]
         metrics = {"chrf": sum(stats.corpus_chrf(h, refs) for h in hyps) / k,
