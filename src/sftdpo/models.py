@@ -12,9 +12,10 @@ import importlib.util
 import io
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -74,6 +75,18 @@ def smollm2_dir() -> Path:
     return atomic_dir(final, build)
 
 
+def _from_cache(directory: Callable[[], Path], load: Callable[[Path], Any]) -> Any:
+    """load(a directory converted once into the cache); one that cannot be loaded (damaged on disk) is
+    converted again, said in one line."""
+    path = directory()
+    try:
+        return load(path)
+    except Exception as e:  # noqa: BLE001 - transformers and safetensors raise many types for a broken file
+        log.warning("%s is damaged (%s): converting it again", path, type(e).__name__)
+    shutil.rmtree(path, ignore_errors=True)
+    return load(directory())
+
+
 def smollm2_tokenizer_dir() -> Path:
     """The SmolLM2 tokenizer alone (for tiny-llama): the converted model's copy when present,
     else converted from the GGUF metadata without dequantizing any weights."""
@@ -108,7 +121,7 @@ def _tiny_model(name: str, seed: int):
                             bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
         cls = GPT2LMHeadModel
     else:
-        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+        tok = _from_cache(smollm2_tokenizer_dir, AutoTokenizer.from_pretrained)
         config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                              tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
@@ -144,7 +157,7 @@ def load_tokenizer(name: str) -> Any:
     if name == "tiny-gpt2":
         tok = _gpt2_tokenizer()
     elif name in ("tiny-llama", "smollm2-135m"):
-        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+        tok = _from_cache(smollm2_tokenizer_dir, AutoTokenizer.from_pretrained)
     elif Path(name).expanduser().is_dir():
         tok = AutoTokenizer.from_pretrained(Path(name).expanduser())
     elif _is_hub_id(name):
@@ -164,11 +177,12 @@ def load_model(name: str, seed: int = 0) -> tuple[Any, Any]:
     """(model, tokenizer) in fp32 on CPU, with a pad token set and right padding."""
     if name in ("tiny-gpt2", "tiny-llama"):
         model, tok = _tiny_model(name, seed)
+    elif name == "smollm2-135m":
+        tok, model = _from_cache(smollm2_dir, lambda d: (AutoTokenizer.from_pretrained(d),
+                                                         AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)))
     else:
-        if name == "smollm2-135m":
-            source: str | Path = smollm2_dir()
-        elif Path(name).expanduser().is_dir():
-            source = Path(name).expanduser()
+        if Path(name).expanduser().is_dir():
+            source: str | Path = Path(name).expanduser()
             if not (source / "config.json").is_file():
                 raise SftdpoError(f"model directory {source} has no config.json: it is not a Hugging Face model "
                                   "directory (one written by save_pretrained, or `sftdpo export`)")

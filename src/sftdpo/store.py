@@ -83,24 +83,28 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # one long-lived connection: closing the last one checkpoints the WAL, which costs an fsync
-        self._con = self._connect()
+        self._con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
-        with self._tx() as con:  # executescript would COMMIT implicitly; run statements in our transaction
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    con.execute(stmt)
+        try:  # a file that is not a database fails here (sqlite3.DatabaseError): the caller rebuilds it
+            self._setup()
+            with self._tx() as con:  # executescript would COMMIT implicitly; run statements in our transaction
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        con.execute(stmt)
+        except BaseException:
+            self._con.close()
+            raise
 
     # -- connection handling -------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in _tx
-        con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+    def _setup(self) -> None:
+        # autocommit mode (isolation_level=None): transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in _tx
+        con = self._con
         con.row_factory = sqlite3.Row
         con.execute("PRAGMA journal_mode=WAL")
         # WAL + NORMAL: each commit is still atomic and survives a process crash; only an OS crash
         # or power loss can drop the last commits (the run is then simply redone)
         con.execute("PRAGMA synchronous=NORMAL")
         con.execute("PRAGMA foreign_keys=ON")
-        return con
 
     def close(self) -> None:
         self._con.close()
@@ -211,6 +215,9 @@ class Store:
     def stamps(self) -> dict[str, str]:
         """run hash -> the stamp of the run directory's files when the run was last indexed."""
         return {r[0]: r[1] for r in self._read("SELECT run_hash, stamp FROM sources")}
+
+    def run_hashes(self) -> list[str]:
+        return [r[0] for r in self._read("SELECT run_hash FROM runs")]
 
     def remove_runs(self, run_hashes: list[str]) -> None:
         with self._tx() as con:

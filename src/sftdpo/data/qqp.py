@@ -85,7 +85,7 @@ def _unescape(field: str) -> str:
 
 def _iter_tsv(path: Path, errors: str = "strict") -> Iterator[tuple[int, list[str]]]:
     """Plain tab splitting (raw quotes kept), as GLUE/Quora TSVs need; yields (line number, fields)."""
-    with open(path, encoding="utf-8", errors=errors, newline="") as f:
+    with open(path, encoding="utf-8-sig", errors=errors, newline="") as f:  # -sig: a byte-order mark dropped
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if line.strip():
@@ -112,8 +112,9 @@ def read_qqp_with_stats(path: str | Path, fmt: str | None = None) -> tuple[list[
 
     try:
         if fmt in _LENIENT:
-            # csv.DictReader(delimiter="\t") exactly like the course's loader, so the same rows survive.
-            with open(p, encoding="utf-8", newline="") as f:
+            # csv.DictReader(delimiter="\t") exactly like the course's loader, so the same rows survive
+            # (utf-8-sig: a byte-order mark would otherwise be part of the first column's name).
+            with open(p, encoding="utf-8-sig", newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t")
                 labelled = "is_duplicate" in (reader.fieldnames or [])
                 for rec in reader:
@@ -146,9 +147,9 @@ def read_qqp_with_stats(path: str | Path, fmt: str | None = None) -> tuple[list[
                 else:
                     out.append(ParaphraseExample(row[0], _unescape(row[3]), _unescape(row[4]), label(row[5], lineno)))
         else:  # kaggle-csv: a proper comma CSV (quoted fields, embedded newlines), read once, no unescaping
-            with open(p, encoding="utf-8", newline="") as f:
+            with open(p, encoding="utf-8-sig", newline="") as f:
                 reader = csv.reader(f)
-                head = [h.lstrip("\ufeff") for h in next(reader, _GLUE_HEAD)]
+                head = next(reader, _GLUE_HEAD)
                 for row in reader:
                     if not row:
                         continue

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..distributed import barrier, broadcast_from_main
-from ..files import atomic_dir, link_tree, stable_hash
+from ..files import atomic_dir, copy_atomic, link_file, link_tree, replace_dir, stable_hash
 from .checkpoint import STATE_FILE
 
 log = logging.getLogger("sftdpo")
@@ -40,12 +40,15 @@ class SFTPrefixes:
             src = self.root / self.key(cfg, k, world_size)
             if broadcast_from_main((src / "last" / STATE_FILE).exists()):
                 if is_main:
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    for name in ("last", "best"):
-                        shutil.rmtree(run_dir / "checkpoints" / name, ignore_errors=True)
+                    # the metrics first, in one step: a process killed half-way leaves no `last`
+                    # checkpoint without the metrics it counted, so the next attempt seeds again
+                    copy_atomic(src / "metrics.jsonl", run_dir / "metrics.jsonl")
+                    for name in ("best", "last"):  # each replaced in one step (a checkpoint is flat)
+                        dst = run_dir / "checkpoints" / name
                         if (src / name).exists():
-                            link_tree(src / name, run_dir / "checkpoints" / name)
-                    shutil.copy(src / "metrics.jsonl", run_dir / "metrics.jsonl")
+                            replace_dir(dst, lambda tmp, d=src / name: [link_file(f, tmp / f.name) for f in d.iterdir()])
+                        else:
+                            shutil.rmtree(dst, ignore_errors=True)
                 barrier()
                 log.info("reusing the SFT prefix of %d epoch(s) from %s", k, src)
                 return k

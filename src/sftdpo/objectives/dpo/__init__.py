@@ -17,7 +17,6 @@ resumed mid-DPO, whose model is no longer the reference, reuses them.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 from ...config import RunConfig, SftdpoError
 from ...data.preferences import load_preferences
-from ...files import copy_atomic, write_json_atomic
+from ...files import RUN_RESTARTS, DamagedFile, copy_atomic, read_json, write_json_atomic
 from ...models import weights_fingerprint
 from ...ops.logprobs import last_token_logits, sequence_logps
 from ...tasks import Task
@@ -118,13 +117,14 @@ def build_dpo_objective(ctx: StageContext) -> DPOObjective:
         raise SftdpoError("--param lora but the model has no PEFT adapter: cannot build the DPO reference")
     adapter_disabled = cfg.param == "lora" and cfg.sft_epochs == 0
     dpo_dir = Path(ctx.out) / "dpo"
-    saved = _read_state(dpo_dir)
     resumed, mid_dpo = ctx.resumed_epoch, ctx.resumed_epoch is not None and ctx.resumed_epoch > cfg.sft_epochs
-    if mid_dpo and saved is None:
-        raise SftdpoError(
-            f"{ctx.out} resumes after epoch {resumed}, inside the DPO stage, but {dpo_dir} holds no saved pairs and "
-            "reference log-probs; the reference (the model at hand-off) cannot be rebuilt from the current weights. "
-            "Start the run again with a new --out")
+    # a damaged file of <run>/dpo/: at the hand-off the model is the reference, and they are rebuilt from it;
+    # inside the stage the model has trained on since, and the run starts again (files.RUN_RESTARTS)
+    fix = RUN_RESTARTS if mid_dpo else REBUILT
+    saved = _read_state(dpo_dir, fix)
+    if mid_dpo and saved is None:  # the reference (the model at the hand-off) cannot be rebuilt from the weights now
+        raise DamagedFile(dpo_dir / "state.json", f"missing, and the run resumes after epoch {resumed}, inside the "
+                                                  "DPO stage", RUN_RESTARTS)
     fingerprint = None
     if saved is not None and resumed is not None and not mid_dpo:
         # at the hand-off the current weights ARE the reference: the saved state must be theirs
@@ -133,7 +133,12 @@ def build_dpo_objective(ctx: StageContext) -> DPOObjective:
             log.warning("%s was written for other reference weights (a restarted run?); rebuilding it", dpo_dir)
             saved = None
     if saved is not None:
-        return _from_run_dir(ctx, dpo_dir, saved)
+        try:
+            return _from_run_dir(ctx, dpo_dir, saved, fix)
+        except DamagedFile as e:
+            if fix == RUN_RESTARTS:
+                raise
+            log.warning("%s", e)
     return _fresh(ctx, dpo_dir, fingerprint or weights_fingerprint(model, cfg, adapter_disabled=adapter_disabled),
                   adapter_disabled)
 
@@ -163,7 +168,10 @@ def _fresh(ctx: StageContext, dpo_dir: Path, fingerprint: str, adapter_disabled:
             rows, pairs_cache = build_generation_pairs(task, model, cfg, ctx.device, ctx.precision,
                                                        fingerprint=fingerprint, adapter_disabled=adapter_disabled,
                                                        write=ctx.is_main)
-            header = read_pairs(pairs_cache)[0] if pairs_cache.exists() else {}
+            try:
+                header = read_pairs(pairs_cache, "generating them again")[0]
+            except (OSError, DamagedFile):  # another rank's copy, being rewritten
+                header = {}
             info.update({"pairs_version": cfg.pairs, "pairs_cache": str(pairs_cache), "pairs_top_k": header.get("top_k"),
                          "pairs_generated": header.get("generated_pairs", len(rows))})
         ps = sequence_pair_set(task, rows)
@@ -187,18 +195,34 @@ def _fresh(ctx: StageContext, dpo_dir: Path, fingerprint: str, adapter_disabled:
     return DPOObjective(cfg, task, ps, ref_c, ref_r, info)
 
 
-def _read_state(dpo_dir: Path) -> dict | None:
+REBUILT = "rebuilt from the model at the hand-off"
+
+
+def _read_state(dpo_dir: Path, fix: str) -> dict | None:
+    """<run>/dpo/state.json, or None when there is none (or, where it can be rebuilt, a damaged one:
+    said in one line)."""
     state = dpo_dir / "state.json"
-    return json.loads(state.read_text()) if state.exists() else None
+    if not state.exists():
+        return None
+    try:
+        saved = read_json(state, fix)
+        if not isinstance(saved, dict):
+            raise DamagedFile(state, "not a JSON object", fix)
+    except DamagedFile as e:
+        if fix == RUN_RESTARTS:
+            raise
+        log.warning("%s", e)
+        return None
+    return saved
 
 
-def _from_run_dir(ctx: StageContext, dpo_dir: Path, saved: dict) -> DPOObjective:
+def _from_run_dir(ctx: StageContext, dpo_dir: Path, saved: dict, fix: str) -> DPOObjective:
     """The pairs and reference log-probs saved in the run directory (a resumed run)."""
     cfg, task = ctx.cfg, ctx.task
     reference = reference_name(cfg)
     if saved.get("reference") != reference:
         raise SftdpoError(f"{dpo_dir}/state.json names reference {saved.get('reference')!r}, this run needs {reference!r}")
-    rows = read_pairs(dpo_dir / "pairs.jsonl")[1]
+    rows = read_pairs(dpo_dir / "pairs.jsonl", fix)[1]
     if one_token_responses(task):  # the rejected labels chosen at the hand-off (hardest), row by row
         rejected: list[list[int]] = [[] for _ in task.train]
         for r in rows:
@@ -213,7 +237,7 @@ def _from_run_dir(ctx: StageContext, dpo_dir: Path, saved: dict) -> DPOObjective
         raise SftdpoError(f"{dpo_dir} holds reference log-probs computed as {kf.get('reduction')} on "
                           f"{kf.get('device')} in {kf.get('precision')}; this run needs sums on {ctx.device.type} in "
                           f"{ctx.precision}: resume it where it started, or use a new --out")
-    ref_c, ref_r = load_logps(dpo_dir / "reference.safetensors")
+    ref_c, ref_r = load_logps(dpo_dir / "reference.safetensors", fix)
     if ref_c.size(0) != len(ps) or ref_r.size(0) != len(ps):
         raise SftdpoError(f"{dpo_dir}/reference.safetensors has {ref_c.size(0)} rows for {len(ps)} pair rows")
     log.info("DPO: reusing the pairs and reference log-probs saved in %s", dpo_dir)
