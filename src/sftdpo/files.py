@@ -182,10 +182,10 @@ def read_json(path: str | Path, fix: str) -> Any:
         raise DamagedFile(path, why, fix) from None
 
 
-def read_jsonl(path: str | Path, fix: str) -> list[dict]:
-    """The records of a JSON Lines file sftdpo appends to. A last line that does not parse is one
-    cut short by a crash or a full disk (the writer appends whole lines): it is dropped, as `train`
-    drops it on resume. Any other bad line raises DamagedFile naming the line."""
+def read_jsonl(path: str | Path, fix: str, torn_ok: bool = True) -> list[dict]:
+    """The records of a JSON Lines file. In a file sftdpo appends to (`torn_ok`), a last line that does
+    not parse is one cut short by a crash or a full disk (the writer appends whole lines): it is
+    dropped, as `train` drops it on resume. Any other bad line raises DamagedFile naming the line."""
     lines = Path(path).read_bytes().splitlines()
     out: list[dict] = []
     for n, line in enumerate(lines, 1):
@@ -194,7 +194,7 @@ def read_jsonl(path: str | Path, fix: str) -> list[dict]:
         try:
             rec = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            if n == len(lines):
+            if torn_ok and n == len(lines):
                 break  # a torn last line
             raise DamagedFile(path, f"line {n} is not JSON ({type(e).__name__})", fix) from None
         if not isinstance(rec, dict):

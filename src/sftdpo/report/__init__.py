@@ -22,7 +22,7 @@ from html import escape
 from pathlib import Path
 
 from ..config import SftdpoError
-from ..files import replace_files
+from ..files import is_write_failure, replace_files, write_failure
 from ..store import Store
 from .figures import figure_fft_vs_lora, figure_handoff, save
 from .paper import PAPER
@@ -149,7 +149,12 @@ def write_report(study_dir: Path, store: Store | None = None, out: Path | None =
         with Store(db) as own:
             return write_report(study_dir, own, out_dir)
     study = StudyResults(store)
-    replace_files(out_dir, lambda tmp: _write(study_dir, study, tmp), stale=_report_file)
+    try:
+        replace_files(out_dir, lambda tmp: _write(study_dir, study, tmp), stale=_report_file)
+    except OSError as e:
+        if not is_write_failure(e):
+            raise
+        raise write_failure(e, f"the report in {out_dir}", "the previous report there is as it was") from None
     return out_dir / "report.md"
 
 

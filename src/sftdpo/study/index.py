@@ -10,7 +10,7 @@ failed (failed.json, or a damaged result: the next `study run` redoes it), else 
 
 `study.db` is an index built from them (`study_index`): only runs whose files changed since the
 last indexing are read again. It is never the only copy of anything: a damaged one is rebuilt, and
-a study directory this process cannot write (a shared results folder) is indexed in a temporary copy.
+a study directory this process cannot write (a shared results folder) is indexed in memory.
 """
 
 from __future__ import annotations
@@ -18,18 +18,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import sqlite3
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..config import RunConfig
 from ..files import DamagedFile, lock_holder, read_json, read_jsonl, writable, write_json_atomic
-from ..store import Store
+from ..store import MEMORY, Store
 
 log = logging.getLogger("sftdpo")
+_said: set[str] = set()
+
+
+def _warn(message: object) -> None:
+    """A damaged file said once per process (the index is brought up to date many times in a study run)."""
+    if str(message) not in _said:
+        _said.add(str(message))
+        log.warning("%s", message)
 
 RUN_FILE = "run.json"
 FAILED_FILE = "failed.json"
@@ -78,10 +84,9 @@ def read_manifest(study_dir: Path) -> dict[str, dict]:
     except FileNotFoundError:
         return {}
     except DamagedFile as e:
-        log.warning("%s", e)
+        _warn(e)
     except (KeyError, TypeError):
-        log.warning("%s is damaged (not a list of runs): the run directories stand for it until `study run` "
-                    "rewrites it", path)
+        _warn(f"{path} is damaged (not a list of runs): the run directories stand for it until `study run` rewrites it")
     return {}
 
 
@@ -111,8 +116,8 @@ def study_runs(study_dir: Path) -> dict[str, dict]:
         try:
             runs[run_dir.name] = read_run_file(run_dir)
         except DamagedFile as e:
-            if run_dir.name not in runs:
-                log.warning("%s; that run is left out until then", e)
+            _warn(f"{e}; its entry in study.json stands in" if run_dir.name in runs
+                  else f"{e}; that run is left out until then")
     return runs
 
 
@@ -168,17 +173,21 @@ def run_results(run_dir: Path) -> tuple[dict, dict, list[tuple[str, int, dict, f
         raise DamagedFile(run_dir / "config.json", "not a JSON object", REDO)
     env = {"versions": conf.get("versions", {}), "device": summary.get("device"), "precision": summary.get("precision"),
            "git_commit": conf.get("git_commit")}
-    epochs = [(r["stage"], r["epoch"], {k: v for k, v in r.items() if k not in ("kind", "stage", "epoch")}, r.get("train_s"))
-              for r in epoch_records(run_dir)]
+    records = epoch_records(run_dir)
+    if summary.get("epochs") and not any(r["epoch"] == summary["epochs"] for r in records):
+        # written before summary.json: a finished run's last epoch is there unless the file was damaged since
+        raise DamagedFile(run_dir / "metrics.jsonl", f"no record of the last epoch, {summary['epochs']}", REDO)
+    epochs = [(r["stage"], r["epoch"], {k: v for k, v in r.items() if k not in ("kind", "stage", "epoch")},
+               r.get("train_s")) for r in records]
     path = run_dir / "dev_outputs.jsonl"
     if not path.exists():
         raise DamagedFile(path, "missing", REDO)
-    try:
-        outputs = [(o["id"], o["prediction"], o["reference"]) for o in read_jsonl(path, REDO)]
+    try:  # written whole, before summary.json: no line may be missing
+        outputs = [(o["id"], o["prediction"], o["reference"]) for o in read_jsonl(path, REDO, torn_ok=False)]
     except KeyError as e:
         raise DamagedFile(path, f"a record without {e}", REDO) from None
-    if not outputs and summary.get("dev_examples"):
-        raise DamagedFile(path, "empty", REDO)
+    if isinstance(summary.get("dev_examples"), int) and len(outputs) != summary["dev_examples"]:
+        raise DamagedFile(path, f"{len(outputs)} outputs for {summary['dev_examples']} dev examples", REDO)
     return summary, env, epochs, outputs
 
 
@@ -198,7 +207,7 @@ _STAMPED = (RUN_FILE, "summary.json", FAILED_FILE, "metrics.jsonl", "config.json
 
 
 def _stamp(run_dir: Path, status: str) -> str:
-    parts: list[Any] = [status]
+    parts: list[Any] = [status, str(run_dir)]  # a moved study directory is indexed again
     for name in _STAMPED:
         try:
             st = (run_dir / name).stat()
@@ -251,47 +260,51 @@ def index_study(store: Store, study_dir: Path) -> None:
 @contextlib.contextmanager
 def study_index(study_dir: Path) -> Iterator[Store]:
     """The study's index (study.db) brought up to date with its run directories. A damaged study.db
-    is rebuilt from them, said in one line. A study directory this process cannot write (a shared
-    results folder) is indexed in a temporary copy of its study.db, also said in one line, and left
-    as it is."""
+    is rebuilt from them, said in one line. Where it cannot be written (a study directory this process
+    cannot write, a shared results folder; a full disk) it is indexed in memory, from a copy of
+    study.db, also said in one line, and nothing in the study directory changes."""
     study_dir = Path(study_dir)
     db = study_dir / INDEX_FILE
     if writable(study_dir) and (not db.exists() or os.access(db, os.W_OK)):
-        store = _open_indexed(db, study_dir)
         try:
-            yield store
-        finally:
-            store.close()
-        return
-    log.info("%s is not writable: its index is built in a temporary copy (nothing there is changed)", study_dir)
-    with tempfile.TemporaryDirectory(prefix="sftdpo-index-") as tmp:
-        copy = Path(tmp) / INDEX_FILE
-        for suffix in ("", "-wal"):
-            src = Path(f"{db}{suffix}")
-            if src.is_file() and os.access(src, os.R_OK):
-                shutil.copyfile(src, f"{copy}{suffix}")
-        store = _open_indexed(copy, study_dir)
-        try:
-            yield store
-        finally:
-            store.close()
+            store = _open_indexed(db, study_dir)
+        except sqlite3.OperationalError as e:  # the disk is full, a file-size limit
+            log.warning("could not update %s (%s): the index is built in memory for this command", db, e)
+            store = _in_memory(db, study_dir)
+    else:
+        log.info("%s is not writable: its index is built in memory (nothing there is changed)", study_dir)
+        store = _in_memory(db, study_dir)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def _open_indexed(db: Path, study_dir: Path) -> Store:
     """Store(db) indexed; a database SQLite cannot read is removed and built again from the run directories."""
     try:
-        return _indexed(db, study_dir)
+        return _indexed(Store(db), study_dir)
     except sqlite3.DatabaseError as e:
-        if isinstance(e, sqlite3.OperationalError):  # locked, unable to open: not damage
+        if isinstance(e, sqlite3.OperationalError):  # locked, disk full: not damage
             raise
         log.warning("%s is damaged (%s): rebuilt from the run directories", db, e)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
-    return _indexed(db, study_dir)
+    return _indexed(Store(db), study_dir)
 
 
-def _indexed(db: Path, study_dir: Path) -> Store:
-    store = Store(db)
+def _in_memory(db: Path, study_dir: Path) -> Store:
+    """The index in memory: a copy of study.db (if it can be read) brought up to date."""
+    try:
+        return _indexed(Store(MEMORY, copy_of=db if db.is_file() and os.access(db, os.R_OK) else None), study_dir)
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError):
+            raise
+        log.warning("%s is damaged (%s): the index is built from the run directories alone", db, e)
+    return _indexed(Store(MEMORY), study_dir)
+
+
+def _indexed(store: Store, study_dir: Path) -> Store:
     try:
         index_study(store, study_dir)
     except BaseException:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import select
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -38,19 +40,33 @@ LOCK_WAIT_S = 30.0
 def die_with_parent() -> None:
     """The run's process must not outlive the process that started it (WORKER_PARENT_PID_ENV: the
     study driver, or under Ray the Ray worker): it would train on unseen, and the next study run
-    would find the run directory busy. The kernel sends SIGKILL when this process's parent dies: the
-    driver or Ray worker itself, or the fork server, which exits when the driver is gone. Linux only
-    (PR_SET_PDEATHSIG)."""
+    would find the run directory busy. The kernel sends SIGKILL when this process's parent dies
+    (PR_SET_PDEATHSIG). Forked from the local executor's fork server, whose parent is the driver,
+    the parent is the fork server, which lives on while one of its children does: a thread then
+    waits for the driver itself to end (a pidfd) and ends this process. Linux only."""
     watched = os.environ.get(WORKER_PARENT_PID_ENV)
     if not watched or not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    watched_pid, parent = int(watched), os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent or not _alive(int(watched)):  # gone before the signal was armed
+    if os.getppid() != parent or not _alive(watched_pid):  # gone before the signal was armed
         os._exit(1)
+    if watched_pid != parent:
+        threading.Thread(target=_die_with, args=(watched_pid,), daemon=True, name="sftdpo-die-with-driver").start()
+
+
+def _die_with(pid: int) -> None:
+    """End this process (as SIGKILL would) once process `pid` has ended."""
+    try:
+        fd = os.pidfd_open(pid)  # readable when the process ends (Linux 5.3)
+        select.select([fd], [], [])
+    except (OSError, AttributeError):
+        while _alive(pid):
+            time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

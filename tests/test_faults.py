@@ -1,0 +1,262 @@
+"""Fault injection: every file a run or a study reads back, truncated, garbage or missing, through the
+command that reads it: no traceback, at most one line, and the documented recovery; every command that
+writes, made to fail by a file-size limit (a full disk, as the kernel reports it): one line, and the
+previous output intact.
+
+The files read back, and who reads them (each row is tested below):
+
+  study.db                     study status / report / run (the index)      rebuilt from the run directories
+  study.json                   study status / report / run                  the run directories stand in
+  spec.yaml                    study report                                 shown as it is
+  runs/R/run.json              study status / run, the run's process        study.json stands in; rewritten by study run
+  runs/R/summary.json          study status, train, study run               the run is failed, redone by study run
+  runs/R/dev_outputs.jsonl     study status / report                        "
+  runs/R/metrics.jsonl         study status, train (resume)                 a torn last line dropped; else redone
+  runs/R/config.json           study status, train                          redone / rewritten
+  runs/R/failed.json           study status                                 "failed (unreadable failed.json)"
+  runs/R/checkpoints/last/*    train / study run (resume), eval --checkpoint last    the run restarts; eval: one line
+  runs/R/checkpoints/best/*    eval                                          one line
+  runs/R/dpo/{state.json, pairs.jsonl, reference.safetensors}    resume inside DPO    the run restarts
+  <cache>/init_eval, reflogps, pairs, rates, tokenizers    any run          recomputed
+
+Each test builds on one finished study (`finished`, built once per module) copied per case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sftdpo.study.runner import run_study
+
+from conftest import qqp_files
+from test_inputs import cli
+
+HOWS = ("truncated", "garbage", "missing")
+
+
+def damage(path: Path, how: str) -> None:
+    """Truncated: the first half of the bytes (a line cut mid-way); garbage: bytes that are no format;
+    missing: gone."""
+    if how == "missing":
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    elif how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes(b"\x00\xff garbage \xfe\n" * 7)
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under `root` with its content hash (what 'left as it was' means)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def lines(text: str) -> list[str]:
+    return [ln for ln in text.strip().splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, shared_cache):
+    """A finished two-run study (SFT, and SFT@1->DPO sharing its first epoch), tiny-llama, all checkpoints kept."""
+    root = tmp_path_factory.mktemp("faults")
+    spec = {"name": "faults",
+            "defaults": {"task": "paraphrase", "model": "tiny-llama", "epochs": 2, "batch_size": 8, "lr": 3e-3,
+                         "dpo_lr": 1e-3, "precision": "fp32", "device": "cpu", **qqp_files(root, 16, 8)},
+            "grid": {"regime": [{"regime": "sft"}, {"regime": "sft-dpo", "handoff_epoch": 1}]}}
+    (root / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SFTDPO_CACHE_DIR", str(shared_cache))
+        run_study(str(root / "spec.yaml"), root / "study", report=True)
+    return root / "study"
+
+
+@pytest.fixture
+def study(finished, tmp_path, cache):
+    """A copy of the finished study, to damage."""
+    return Path(shutil.copytree(finished, tmp_path / "study"))
+
+
+def run_names(study: Path) -> dict[str, str]:
+    return {("staged" if "sft1-dpo" in p.name else "sft"): p.name for p in (study / "runs").iterdir()}
+
+
+def status(study: Path) -> tuple[int, str, dict[str, str]]:
+    """(exit status, stderr, {run name: its status line}) of `sftdpo study status`."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc, err = cli("study", "status", str(study))
+    rows = {ln.split()[1]: ln for ln in out.getvalue().splitlines()[1:] if ln.strip()}
+    return rc, err, rows
+
+
+# -- the index: study status and report -----------------------------------------------------------
+
+# (file, how) -> (the run's status in `study status`, a phrase of its line or of the one warning; None: no line)
+INDEX_CASES = {
+    ("study.db", "truncated"): ("done", "study.db is damaged"),
+    ("study.db", "garbage"): ("done", "study.db is damaged"),
+    ("study.db", "missing"): ("done", None),
+    ("study.json", "truncated"): ("done", "study.json is damaged"),
+    ("study.json", "garbage"): ("done", "study.json is damaged"),
+    ("study.json", "missing"): ("done", None),
+    ("run.json", "truncated"): ("done", "stands in"),
+    ("run.json", "garbage"): ("done", "stands in"),
+    ("run.json", "missing"): ("done", None),
+    ("summary.json", "truncated"): ("failed", "summary.json is damaged"),
+    ("summary.json", "garbage"): ("failed", "summary.json is damaged"),
+    ("summary.json", "missing"): ("pending", "epoch 2 done"),
+    ("dev_outputs.jsonl", "truncated"): ("failed", "dev_outputs.jsonl is damaged"),
+    ("dev_outputs.jsonl", "garbage"): ("failed", "dev_outputs.jsonl is damaged"),
+    ("dev_outputs.jsonl", "missing"): ("failed", "dev_outputs.jsonl is damaged"),
+    ("metrics.jsonl", "truncated"): ("failed", "metrics.jsonl is damaged"),
+    ("metrics.jsonl", "garbage"): ("failed", "metrics.jsonl is damaged"),
+    ("metrics.jsonl", "missing"): ("failed", "metrics.jsonl is damaged"),
+    ("config.json", "truncated"): ("failed", "config.json is damaged"),
+    ("config.json", "garbage"): ("failed", "config.json is damaged"),
+    ("config.json", "missing"): ("done", None),
+    ("run directory", "missing"): ("pending", "directory is missing"),
+}
+
+
+@pytest.mark.parametrize("name,how", list(INDEX_CASES))
+def test_study_status_reads_every_damaged_file_in_one_line(study, name, how):
+    """A damaged file of one run (or of the study) never stops `study status` for the study: the run
+    shows what its files now vouch for, the other run stays done, and stderr has at most the one line
+    that names the file. Catches an index that lets JSONDecodeError or sqlite3.DatabaseError out, that
+    trusts a summary.json whose results cannot be read back, or that drops a deleted run."""
+    runs = run_names(study)
+    run = study / "runs" / runs["sft"]
+    path = {"study.db": study / "study.db", "study.json": study / "study.json", "run directory": run}.get(name, run / name)
+    damage(path, how)
+    want, phrase = INDEX_CASES[(name, how)]
+    rc, err, rows = status(study)
+    assert rc == 0 and "Traceback" not in err, err
+    assert len(lines(err)) <= 1, err
+    assert rows[runs["sft"]].split()[0] == want, rows
+    assert rows[runs["staged"]].split()[0] == "done", rows
+    if phrase:
+        assert phrase in rows[runs["sft"]] or phrase in err, (rows, err)
+    else:
+        assert not lines(err), err
+    # the report reads the same index: it is written, and names the run's state
+    rc, err = cli("study", "report", str(study))
+    assert rc == 0 and "Traceback" not in err and len(lines(err)) <= 1, err
+    md = (study / "report" / "report.md").read_text()
+    assert ("finished runs" in md) and (want == "done" or runs["sft"] in md)
+
+
+def test_a_damaged_failed_json_is_a_failed_run(study):
+    """failed.json is read only for a run without summary: unreadable, the run is still failed (and
+    retried by the next study run), not a traceback."""
+    run = study / "runs" / run_names(study)["sft"]
+    (run / "summary.json").unlink()
+    (run / "failed.json").write_bytes(b"\x00{not json")
+    rc, err, rows = status(study)
+    assert rc == 0 and not lines(err)
+    assert rows[run.name].split()[0] == "failed" and "unreadable failed.json" in rows[run.name]
+
+
+def test_a_damaged_spec_yaml_is_shown_as_it_is(study):
+    """spec.yaml is only shown in the report: garbage there is shown, not a UnicodeDecodeError."""
+    damage(study / "spec.yaml", "garbage")
+    rc, err = cli("study", "report", str(study))
+    assert rc == 0 and not lines(err), err
+    assert "garbage" in (study / "report" / "report.md").read_text()
+
+
+# -- a read-only study directory ---------------------------------------------------------------------
+
+def test_read_only_commands_leave_a_read_only_study_as_it_is(study, tmp_path, monkeypatch):
+    """`study status` and `study report --out elsewhere` on a study directory this process cannot write
+    (a shared results folder): the index is built in memory from a copy of study.db, said in one line,
+    and not one byte of the study directory changes. Catches an index opened for writing in place
+    (which fails on a read-only directory) and a report written into the study directory."""
+    from sftdpo.study import index
+
+    runs = run_names(study)
+    shutil.rmtree(study / "runs" / runs["sft"])  # something the index must change
+    before = snapshot(study)
+    readonly = study.resolve()
+    monkeypatch.setattr(index, "writable", lambda p: not Path(p).resolve().is_relative_to(readonly))
+    os.chmod(study, 0o555)  # and for real where this process is not root
+    try:
+        import contextlib
+        import io
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc, err = cli("study", "status", str(study))
+        assert rc == 0 and "Traceback" not in err
+        rc, err = cli("study", "report", str(study), "--out", str(tmp_path / "elsewhere"))
+        assert rc == 0 and "Traceback" not in err, err
+        # a report into the read-only study itself: one line that says to use --out
+        rc, err = cli("study", "report", str(study)) if os.geteuid() != 0 else (2, "sftdpo: error: ... --out DIR")
+        assert rc == 2 and len(lines(err)) == 1 and "--out" in err
+    finally:
+        os.chmod(study, 0o755)
+    assert f"pending  {runs['sft']}" in out.getvalue().replace("pending ", "pending  ", 1) or "pending" in out.getvalue()
+    assert (tmp_path / "elsewhere" / "report.md").exists()
+    assert snapshot(study) == before
+
+
+def test_the_read_only_note_is_one_line(study, monkeypatch, capsys):
+    """Without -q the in-memory index is said in one line on stderr."""
+    from sftdpo.cli import main
+    from sftdpo.study import index
+
+    monkeypatch.setattr(index, "writable", lambda p: False)
+    assert main(["study", "status", str(study)]) == 0
+    err = capsys.readouterr().err
+    assert lines(err) == [f"{study} is not writable: its index is built in memory (nothing there is changed)"]
+
+
+# -- writes that fail: a file-size limit stands for a full disk ------------------------------------
+
+def limited(limit: int, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`sftdpo ARGS` in a process whose files cannot grow past `limit` bytes (RLIMIT_FSIZE: the write
+    that crosses it fails with EFBIG, as one on a full disk fails with ENOSPC)."""
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "sftdpo.cli", "-q", *args], capture_output=True, text=True,
+                          preexec_fn=cap, cwd=cwd, env=os.environ.copy())
+
+
+def test_a_report_that_cannot_be_written_leaves_the_previous_one(study):
+    """`study report` on a full disk: one line, and report.md, report.html, the tables and the figures
+    of the previous report are byte for byte what they were (none deleted first, none half-written),
+    with no temporary files left. Catches a report that clears the old files before writing."""
+    assert cli("study", "status", str(study))[0] == 0  # the copy's index brought up to date first (its paths)
+    before = snapshot(study / "report")
+    assert before and "report.html" in before
+    cp = limited(40_000, "study", "report", str(study))  # SQLite needs 32 KiB (its -shm file); report.html is more
+    assert cp.returncode == 2, cp.stderr
+    assert len(lines(cp.stderr)) == 1 and "could not write the report" in cp.stderr, cp.stderr
+    assert "file-size limit" in cp.stderr and "previous report" in cp.stderr
+    assert snapshot(study / "report") == before
+
+
+def test_status_on_a_full_disk_indexes_in_memory(study):
+    """`study status` that cannot write study.db (a full disk): one line, the status is right, and
+    study.db is as it was."""
+    runs = run_names(study)
+    shutil.rmtree(study / "runs" / runs["sft"])
+    before = (study / "study.db").read_bytes()
+    cp = limited(4096, "study", "status", str(study))
+    assert cp.returncode == 0, cp.stderr
+    assert len(lines(cp.stderr)) == 1 and "built in memory" in cp.stderr, cp.stderr
+    assert any(ln.split()[:2] == ["pending", runs["sft"]] for ln in cp.stdout.splitlines()), cp.stdout
+    assert (study / "study.db").read_bytes() == before
