@@ -98,8 +98,8 @@ def make_tiny_task(data: dict, task: str, model: str, tok, **kw):
     from sftdpo.config import RunConfig
     from sftdpo.tasks import make_task
 
-    cfg = RunConfig(task=task, model=model, batch_size=4, max_train_examples=12, max_dev_examples=4, device="cpu",
-                    precision="fp32", **{**data[task], **kw})
+    cfg = RunConfig(**{"task": task, "model": model, "batch_size": 4, "max_train_examples": 12, "max_dev_examples": 4,
+                       "device": "cpu", "precision": "fp32", **data[task], **kw})
     return cfg, make_task(cfg, tok)
 
 

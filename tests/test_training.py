@@ -163,18 +163,29 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(qqp, cache, tmp_path):
 
 # -- the science of the loop: schedule, shared trajectory, best checkpoint, resume, accumulation -------
 
-def test_lr_multiplier_warms_up_then_decays():
-    from sftdpo.train.step import lr_multiplier
+def test_schedule_warms_up_then_decays_as_transformers_defines_it():
+    """The learning rate at every step of make_scheduler, against the values transformers' schedules
+    define (TRL's trainers use them): warm-up from 0 over ceil(ratio x total) steps, then linear decay
+    to 0, cosine decay to 0, or constant. Catches a flat schedule, a warm-up of round() steps or one
+    that starts at the peak, decay that never reaches 0, and a cosine taken for a linear decay."""
+    from sftdpo.train.step import make_scheduler
 
-    total, warmup = 20, 0.1  # 2 warm-up steps
-    lin = [lr_multiplier(s, total, warmup, "linear") for s in range(total + 1)]
-    assert lin[:3] == [pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0]  # warm-up, then the peak
-    assert all(a > b for a, b in zip(lin[2:], lin[3:]))  # decays every step after the warm-up
-    assert lin[-1] == 0.0 and lin[11] == pytest.approx(1 - 9 / 18)
-    cos = [lr_multiplier(s, total, warmup, "cosine") for s in range(total + 1)]
-    assert cos[2] == 1.0 and cos[11] == pytest.approx(0.5) and cos[-1] == pytest.approx(0.0)
-    const = [lr_multiplier(s, total, warmup, "constant") for s in range(total + 1)]
-    assert const[0] < const[1] < const[2] == const[-1] == 1.0
+    def lrs(schedule: str, total: int = 20, ratio: float = 0.12) -> list[float]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = make_scheduler(opt, total, ratio, schedule)
+        out = []
+        for _ in range(total):
+            out.append(sched.get_last_lr()[0])  # the rate the next optimizer step uses
+            opt.step()
+            sched.step()
+        return out
+
+    # 20 x 0.12 = 2.4 -> 3 warm-up steps (transformers rounds up: TrainingArguments.get_warmup_steps)
+    assert lrs("linear") == pytest.approx([0, 1 / 3, 2 / 3] + [(20 - s) / 17 for s in range(3, 20)])
+    assert lrs("cosine") == pytest.approx([0, 1 / 3, 2 / 3] + [0.5 * (1 + math.cos(math.pi * (s - 3) / 17))
+                                                              for s in range(3, 20)])
+    assert lrs("constant") == pytest.approx([0, 1 / 3, 2 / 3] + [1.0] * 17)
+    assert lrs("linear", ratio=0.0)[0] == 1.0
 
 
 def _records(out, kind="train"):
@@ -182,12 +193,13 @@ def _records(out, kind="train"):
 
 
 def test_logged_learning_rate_follows_the_schedule_over_the_whole_budget(qqp, cache, tmp_path):
+    """The lr logged after every optimizer step of a 3-epoch run: one schedule over all 18 steps (not
+    one per epoch, not constant). Logged as TRL logs it, after the scheduler's step: the next step's rate."""
     cfg = cfg_for("paraphrase", qqp, epochs=3, batch_size=8, log_every=1, warmup_ratio=0.2, lr=1e-3, eval_init=False)
     train(cfg, tmp_path / "run")
     lrs = [r["lr"] for r in _records(tmp_path / "run")]
-    assert len(lrs) == 18  # 3 epochs x 48 / 8 steps; warm-up round(18 x 0.2) = 4 steps
-    # logged after optimizer step i (1-based): warm-up (i + 1) / 5 up to step 3, then linear decay to 0 at step 18
-    want = [(i + 1) / 5 if i < 4 else 1 - (i - 4) / 14 for i in range(1, 19)]
+    assert len(lrs) == 18  # 3 epochs x 48 / 8 steps; warm-up ceil(18 x 0.2) = 4 steps
+    want = [i / 4 if i < 4 else (18 - i) / 14 for i in range(1, 19)]
     assert lrs == [pytest.approx(1e-3 * w) for w in want] and lrs[-1] == 0.0
 
 

@@ -173,7 +173,7 @@ def sftdpo_steps(model, obj, *, device: torch.device, precision: str, lr: float,
     per step: seconds, tokens, rows, loss."""
     model.train(obj.train_mode)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, lr, 0.0)
+    opt = make_optimizer(model, lr, 0.0)
     sched = make_scheduler(opt, max(n_steps, 1), 0.1, "linear")
     out: list[dict] = []
     for i, window in enumerate(obj.steps(1)):

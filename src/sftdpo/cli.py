@@ -85,13 +85,16 @@ FLAG_GROUPS: dict[str, dict[str, str]] = {
     "training": {
         "regime": "sft | dpo (DPO from the pretrained model) | sft-dpo (SFT, then DPO from --handoff-epoch)",
         "epochs": "the whole run's epoch budget (SFT and DPO epochs together)",
+        "budget_steps": "instead of --epochs, train exactly this many optimizer steps (sft or dpo runs): passes over "
+                        "the data, a fresh order each, the last cut short; the schedule spans the budget",
         "handoff_epoch": "sft-dpo: SFT epochs before DPO takes over (1 .. epochs-1)",
         "lr": "SFT learning rate (AdamW)",
         "batch_size": "examples (or pairs) per micro-batch; an optimizer step trains on batch_size x grad_accum",
         "grad_accum": "micro-batches per optimizer step",
         "weight_decay": "AdamW weight decay",
         "warmup_ratio": "share of all optimizer steps spent warming up, in [0, 1]",
-        "schedule": "linear | cosine | constant after warm-up; spans the whole epoch budget",
+        "schedule": "linear | cosine | constant after a linear warm-up from 0 (transformers' schedules); spans the "
+                    "whole epoch budget",
         "max_grad_norm": "gradient clipping norm (0: none)",
         "seed": "seed for data order, initialisation and sampling",
         "device": "auto | cpu | cuda | cuda:N",

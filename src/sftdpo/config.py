@@ -50,13 +50,16 @@ OWN_DATA_FIELDS = ("dataset", "train_split", "dev_split", "id_column")
 CLASSIFY_FIELDS = ("template", "label_column", "labels")
 GENERATE_FIELDS = ("metric", "completion_only_loss", "prompt_lines")
 # settings of training only: the untrained model's dev metrics do not depend on them
-TRAINING_FIELDS = ("param", "regime", "handoff_epoch", "epochs", "lr", "batch_size", "grad_accum", "weight_decay",
+TRAINING_FIELDS = ("param", "regime", "handoff_epoch", "epochs", "budget_steps", "lr", "batch_size", "grad_accum", "weight_decay",
                    "warmup_ratio", "schedule", "max_train_examples", "data_fraction", "max_grad_norm",
                    *DPO_FIELDS, *LORA_FIELDS)
 # bookkeeping that never changes a run's result (`conventions` is recorded; the fields it sets carry its effect)
 # (`compile`: kernels fused differently, equal to eager up to float rounding, tests/test_compile.py)
 NON_RESULT_FIELDS = ("log_every", "eval_batch_size", "eval_init", "conventions", "report_to", "keep_checkpoints",
                      "compile")
+# fields added after runs were first hashed: left out of a run's identity while at their default, so
+# the runs (and studies, caches and prefixes) of earlier versions keep their hashes
+LATER_FIELDS = ("budget_steps",)
 KEEP_CHECKPOINTS = ("all", "best", "last", "none")
 TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 
@@ -137,6 +140,8 @@ def irrelevant_fields(cfg: "RunConfig") -> set[str]:
         out.update(DPO_FIELDS)
     if cfg.regime != "sft-dpo":
         out.add("handoff_epoch")
+    if cfg.budget_steps is not None:
+        out.add("epochs")  # the budget decides how many passes the run makes
     if cfg.regime == "dpo":
         out.add("lr")  # the SFT learning rate; a DPO-only run has no SFT stage
     if cfg.param == "fft":
@@ -187,6 +192,9 @@ class RunConfig:
     regime: str = "sft"
     epochs: int = 1
     handoff_epoch: int | None = None
+    # a budget in optimizer steps instead of epochs (single-stage runs): the run cycles over its data, a
+    # fresh order per pass, until it has taken this many steps; `epochs` then counts those passes
+    budget_steps: int | None = None
     # optimisation
     lr: float = 5e-5
     dpo_lr: float = 5e-6
@@ -301,6 +309,12 @@ class RunConfig:
                 bad(f"--handoff-epoch {self.handoff_epoch} must be between 1 and --epochs - 1 = {self.epochs - 1}")
         elif self.handoff_epoch is not None:
             bad(f"--handoff-epoch only applies to --regime sft-dpo (got regime {self.regime})")
+        if self.budget_steps is not None:
+            if self.budget_steps < 1:
+                bad(f"--budget-steps must be >= 1 (got {self.budget_steps})")
+            if self.regime == "sft-dpo":
+                bad("--budget-steps is for single-stage runs (--regime sft or dpo): a staged run hands off after "
+                    "--handoff-epoch epochs of an --epochs budget")
         if self.param == "lora" and self.lora_rank < 1:
             bad(f"--lora-rank must be >= 1 (got {self.lora_rank})")
         if self.lr < 0 or self.dpo_lr < 0:
@@ -371,6 +385,14 @@ class RunConfig:
     def dpo_epochs(self) -> int:
         return self.epochs - self.sft_epochs
 
+    def passes(self, steps_per_pass: int) -> int:
+        """Epochs (passes over the training rows) the run trains when a pass is `steps_per_pass`
+        optimizer steps: --epochs, or with --budget-steps as many passes as the budget needs, the last
+        one cut short at the budget."""
+        if self.budget_steps is None:
+            return self.epochs
+        return -(-self.budget_steps // max(steps_per_pass, 1))
+
     @property
     def loss_logp_reduction(self) -> str:
         """How the DPO loss reduces a response's token log-probs: TRL's IPO normalises the log-ratios by
@@ -418,6 +440,8 @@ class RunConfig:
         d = self.normalised().to_dict()
         if d["data_fingerprint"]:
             drop = (*drop, "train", "dev")
+        default = RunConfig()
+        drop = (*drop, *(f for f in LATER_FIELDS if d[f] == getattr(default, f)))
         return {k: v for k, v in d.items() if k not in NON_RESULT_FIELDS and k not in drop}
 
     def hash(self) -> str:

@@ -3,6 +3,8 @@ machine from measured rates (rates.py), a FLOP count where no rate could be meas
 
 from __future__ import annotations
 
+import math
+
 from ..config import RunConfig, SftdpoError
 from ..data import data_key, load_task_data, training_size
 from .rates import Rates, rate_key
@@ -44,6 +46,18 @@ def data_sizes(runs: list[RunConfig], rates: dict[str, Rates | None]) -> list[tu
     return out
 
 
+def trained_epochs(c: RunConfig, n_train: float) -> tuple[float, float, int]:
+    """(SFT epochs, DPO epochs, evaluations after training) of a run on `n_train` training rows: its
+    epochs, or with --budget-steps the passes its budget buys, the last one by the steps it takes."""
+    if c.budget_steps is None:
+        return c.sft_epochs, c.dpo_epochs, c.epochs
+    per_step = c.batch_size * c.grad_accum
+    per_pass = max(1, math.ceil(n_train / per_step))
+    passes = c.passes(per_pass)
+    epochs = passes - 1 + min(1.0, (c.budget_steps - (passes - 1) * per_pass) * per_step / max(n_train, 1))
+    return (epochs, 0.0, passes) if c.regime == "sft" else (0.0, epochs, passes)
+
+
 def estimate_flops(c: RunConfig, reused_sft_epochs: int = 0, sizes: tuple[int, int] | None = None) -> float:
     """Training and evaluation FLOPs of one run on `sizes` = (training, dev) examples (data_sizes;
     None: the CS224N split sizes); `reused_sft_epochs` of its SFT stage (trained and evaluated once for
@@ -54,10 +68,11 @@ def estimate_flops(c: RunConfig, reused_sft_epochs: int = 0, sizes: tuple[int, i
     dev = min(c.max_dev_examples or 10**9, n_dev)
     tok = _TOKENS.get(c.task, 170 if c.task == "generate" else 55)
     dpo_factor = 2 if c.task in ("sonnet", "generate") else 1  # chosen + rejected rows
-    evals = c.epochs + 1 - reused_sft_epochs
-    train_flops = 6 * n * tok * train * (c.sft_epochs - reused_sft_epochs + dpo_factor * c.dpo_epochs)
+    sft_epochs, dpo_epochs, evals = trained_epochs(c, train)
+    evals += 1 - reused_sft_epochs
+    train_flops = 6 * n * tok * train * (sft_epochs - reused_sft_epochs + dpo_factor * dpo_epochs)
     if c.task in ("sonnet", "generate"):  # generation: one token at a time, ~2N FLOPs each, plus rejection sampling
-        gen = 2 * n * c.max_new_tokens * (dev * c.num_samples * evals + (train * c.pairs_n if c.dpo_epochs else 0))
+        gen = 2 * n * c.max_new_tokens * (dev * c.num_samples * evals + (train * c.pairs_n if dpo_epochs else 0))
     else:
         gen = 2 * n * tok * dev * evals
     return train_flops + gen
@@ -69,10 +84,11 @@ def estimate_seconds(c: RunConfig, r: Rates, reused_sft_epochs: int = 0, init_ev
     study measures that once per backbone and dev set). `reused_sft_epochs` come from a shared prefix."""
     n_train = min(c.max_train_examples or 10**9, r.n_train) * c.data_fraction
     n_dev = min(c.max_dev_examples or 10**9, r.n_dev)
-    evals = c.epochs - reused_sft_epochs + (1 if c.eval_init and init_eval else 0)
-    seconds = r.load_s + n_train * (c.sft_epochs - reused_sft_epochs) * r.sft_s + evals * n_dev * r.eval_s
-    if c.dpo_epochs:  # on the training examples, or on every pair of a --pairs file
-        seconds += (n_train if r.n_pairs is None else r.n_pairs) * (r.dpo_prep_s + c.dpo_epochs * r.dpo_s)
+    sft_epochs, dpo_epochs, evals = trained_epochs(c, n_train)
+    evals += (1 if c.eval_init and init_eval else 0) - reused_sft_epochs
+    seconds = r.load_s + n_train * (sft_epochs - reused_sft_epochs) * r.sft_s + evals * n_dev * r.eval_s
+    if dpo_epochs:  # on the training examples, or on every pair of a --pairs file
+        seconds += (n_train if r.n_pairs is None else r.n_pairs) * (r.dpo_prep_s + dpo_epochs * r.dpo_s)
     return seconds
 
 

@@ -133,7 +133,7 @@ def _timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, float]:
 def _epoch_seconds(run: Run, obj, rows: int) -> tuple[float, float]:
     """(seconds per row of an epoch of `obj` over the probe's `rows` rows, one-off seconds)."""
     params = [p for p in run.model.parameters() if p.requires_grad]
-    opt = make_optimizer(params, run.cfg.lr, run.cfg.weight_decay)
+    opt = make_optimizer(run.model, run.cfg.lr, run.cfg.weight_decay)
     sched = make_scheduler(opt, 2 * obj.n_steps(), 0.0, "constant")
     run.model.train(obj.train_mode)
     epochs = iter((1, 2))

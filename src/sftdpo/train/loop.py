@@ -1,18 +1,13 @@
 """The training loop: stages (SFT, DPO) over one model, evaluation after every epoch, epoch
-checkpoints that resume exactly, and the run directory's files.
-
-Run directory:
-  config.json     resolved config, its hash, package versions, device, git commit
-  metrics.jsonl   one record per log step and per epoch (`stage`, `epoch`, `step`, losses, dev metrics)
-  summary.json    final and best dev metrics, wall-clock, throughput, memory, parameter counts
-                  (written last: its presence means the run is complete)
-  predictions.csv / generations.txt, dev_outputs.jsonl
-  checkpoints/last, checkpoints/best   trainable weights (full model for FFT, the adapter for LoRA)
-  .lock           held by the process training the run (one writer per run directory)
+checkpoints that resume exactly. `Run._train` reads top to bottom; what it writes is in rundir.py,
+one optimizer step in step.py, checkpoints in checkpoint.py, evaluation in evaluation.py.
 
 Schedules span a stage's epoch budget. The SFT stage of SFT@k->DPO follows the schedule of the
 whole TOTAL-epoch budget, so its first k epochs are exactly the first k epochs of the SFT-only
 run: the hand-off is a point on the SFT trajectory, and studies can share that prefix (prefix.py).
+With --budget-steps a (single-stage) run takes exactly that many optimizer steps instead, cycling
+over its rows with a fresh order per pass; each pass is an epoch for logging and evaluation, the last
+one cut short, and the schedule spans the budget.
 """
 
 from __future__ import annotations
@@ -20,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,22 +22,24 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import RunConfig, SftdpoError, cache_dir
+from ..config import RunConfig, SftdpoError
 from ..data import TaskData, data_fingerprint, load_task_data, resolve_data
-from ..distributed import barrier, broadcast_from_main, is_distributed, sum_over_ranks
-from ..files import DirectoryBusy, DirLock, ensure_dir, stable_hash, write_json_atomic, write_text_atomic
+from ..distributed import barrier, is_distributed, sum_over_ranks
+from ..files import write_json_atomic
 from ..models import (apply_lora, count_params, device_description, load_model, peak_memory_mb, resolve_device,
                       resolve_precision)
 from ..objectives import Objective, StageContext
-from ..ops.logprobs import compile_decoder
 from ..objectives.dpo import build_dpo_objective
 from ..objectives.sft import SFTObjective
+from ..ops.logprobs import compile_decoder
 from ..system import format_duration, git_commit, package_versions, progress
 from ..tasks import Evaluation, make_task
 from ..trackers import Trackers, check_trackers
-from .checkpoint import (STATE_FILE, WEIGHTS_FILE, MetricsLog, RunState, load_checkpoint, load_weights, missing_checkpoint,
+from .checkpoint import (WEIGHTS_FILE, MetricsLog, RunState, load_checkpoint, load_weights, missing_checkpoint,
                          prune_checkpoints, save_checkpoint, save_weights)
+from .evaluation import evaluate, untrained_metrics
 from .prefix import SFTPrefixes
+from .rundir import RunDir
 from .step import make_optimizer, make_scheduler, train_step
 
 log = logging.getLogger("sftdpo")
@@ -89,7 +85,8 @@ class Run:
         if not cfg.data_fingerprint:
             cfg = resolve_data(cfg) if data is None else dataclasses.replace(cfg, data_fingerprint=data_fingerprint(data))
         self.cfg = cfg
-        self.out = Path(out)
+        self.dir = RunDir(out)
+        self.out = self.dir.path
         self.prefixes = prefixes  # a study's shared SFT prefixes (prefix.py)
         self.on_checkpoint = on_checkpoint  # called with the epoch after each checkpoint is on disk
         # (name, seed=) -> (model, tokenizer): load_model, looked up now (tests patch it); the study's
@@ -105,12 +102,14 @@ class Run:
             self.device = torch.device("cuda", torch.cuda.current_device())  # set from LOCAL_RANK
         self.precision = resolve_precision(cfg.precision, self.device)
         self.effective_batch_size = cfg.batch_size * cfg.grad_accum * world_size
+        self.epochs = cfg.epochs  # with --budget-steps: the passes the budget needs (known once a stage is built)
         self.stage_info: dict[str, dict] = {}
         self.prefix_reused = 0
         self.prefix_reused_s = 0.0  # the training and evaluation time of those epochs, spent by another run
 
-    # setup
+    # -- set-up --------------------------------------------------------------------------------
     def build(self) -> None:
+        """The model (with its LoRA adapter), the data and the task, on the run's device."""
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.model, self.tok = self.loader(cfg.model, seed=cfg.seed)
@@ -128,42 +127,19 @@ class Run:
             compile_decoder(self.model)
         self.trainable, self.total = count_params(self.model)
 
-    def trained(self) -> bool:
-        """Whether the run directory holds a trained epoch (or a finished run)."""
-        return (self.out / "summary.json").exists() or (self.ckpt("last") / STATE_FILE).exists()
-
-    def check_config(self) -> None:
-        """Refuse a run directory that holds another trained run. A directory whose run failed before
-        its first epoch (a bad path, a bad file) holds no result: it is taken over."""
-        cfg_file = self.out / "config.json"
-        if not cfg_file.exists():
-            return
-        old = json.loads(cfg_file.read_text())
-        if old.get("hash") != self.cfg.hash() and self.trained():
-            raise SftdpoError(
-                f"{self.out} holds another run (config hash {old.get('hash')} != {self.cfg.hash()}): use a new --out")
-        if old.get("world_size", 1) != self.world_size and self.trained():
-            raise SftdpoError(
-                f"{self.out} was started on {old.get('world_size', 1)} process(es), this launch has {self.world_size}: "
-                "resume with the same number of processes (the effective batch depends on it), or use a new --out")
-
     def write_config(self) -> None:
-        """config.json of this run, unless the directory already holds its trained epochs."""
-        cfg_file = self.out / "config.json"
-        self.check_config()
-        if cfg_file.exists() and self.trained():
-            return
-        if self.is_main and cfg_file.exists():  # an attempt that never trained an epoch: start clean
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(self.out / "dpo", ignore_errors=True)
+        """config.json of this run (rank 0), unless the directory already holds its trained epochs."""
+        self.dir.check(self.cfg, self.world_size)
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(cfg_file, {
+            self.dir.write_config({
                 "config": self.cfg.to_dict(), "hash": self.cfg.hash(), "versions": package_versions(),
                 "git_commit": git_commit(), "device": device_description(self.device), "precision": self.precision,
                 "world_size": self.world_size, "effective_batch_size": self.effective_batch_size,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
             })
+
+    def ckpt(self, name: str) -> Path:
+        return self.dir.ckpt(name)
 
     def stages(self) -> list[tuple[str, int, int]]:
         """(stage, first global epoch, last global epoch)."""
@@ -186,174 +162,163 @@ class Run:
         barrier()
         return obj if self.is_main else build_dpo_objective(ctx)
 
-    # evaluation
-    def evaluate(self) -> tuple[dict, Evaluation | None, float]:
-        """Dev metrics (`dev/...`), the evaluation itself (rank 0) and the seconds it took. Data
-        parallel: rank 0 evaluates (every rank holds the same weights) and sends the metrics."""
-        t0 = time.perf_counter()
-        ev = self.task.evaluate(self.model, self.device, self.precision) if self.is_main else None
-        metrics = broadcast_from_main(ev.metrics if ev else None)
-        dt = time.perf_counter() - t0
-        if self.is_main:
-            log.info("evaluated %d dev examples in %s", len(self.task.dev), format_duration(dt))
-        return {f"dev/{k}": v for k, v in metrics.items()}, ev, dt
+    def stage_span(self, stage: str, obj: Objective, first: int, last: int) -> tuple[int, int]:
+        """(the stage's last epoch, the optimizer steps its schedule spans). SFT's schedule spans the
+        whole epoch budget (see the module docstring), DPO's its own epochs; a --budget-steps run's
+        (one stage) spans the budget, in as many passes as it needs."""
+        n = obj.n_steps()
+        if self.cfg.budget_steps is not None:
+            self.epochs = self.cfg.passes(n)
+            return self.epochs, self.cfg.budget_steps
+        return last, n * (self.cfg.epochs if stage == "sft" else last - first + 1)
 
-    def init_metrics(self) -> tuple[dict, float]:
-        """Dev metrics of the untrained model. Every run of a study with the same backbone, data and
-        decoding starts from the same function (a fresh LoRA adapter is the identity), so the
-        measurement is cached instead of repeated per run."""
-        key = stable_hash({"config": self.cfg.init_eval_key(), "source": self.task.source, "dev": len(self.task.dev),
-                           "device": self.device.type, "eval_batch_size": self.cfg.eval_batch_size})
-        path = cache_dir() / "init_eval" / f"{key}.json"
-        if broadcast_from_main(path.exists()):  # rank 0 decides: evaluate() is collective
-            return json.loads(path.read_text()), 0.0
-        metrics, _, dt = self.evaluate()
-        if self.is_main:
-            write_json_atomic(path, metrics)
-        return metrics, dt
+    def stage_done(self, state: RunState, last: int) -> bool:
+        return state.steps >= self.cfg.budget_steps if self.cfg.budget_steps is not None else state.epoch >= last
 
-    # checkpoints
-    def ckpt(self, name: str) -> Path:
-        return self.out / "checkpoints" / name
+    def resume(self) -> tuple[RunState, dict | None, bool]:
+        """(state, the checkpoint's optimizer/scheduler blob, resumed): from checkpoints/last, else from the
+        longest shared SFT prefix of the study, else a fresh start."""
+        resumed = load_checkpoint(self.dir.checkpoints, self.model)
+        if resumed is None and self.prefixes:
+            self.prefix_reused = self.prefixes.seed(self.out, self.cfg, self.world_size, self.is_main)
+            if self.prefix_reused:
+                resumed = load_checkpoint(self.dir.checkpoints, self.model)
+                self.prefix_reused_s = resumed[0].train_time_s + resumed[0].eval_time_s
+        if resumed is None:
+            return RunState(), None, False
+        log.info("resuming %s after epoch %d", self.out, resumed[0].epoch)
+        return *resumed, True
 
-    def save_checkpoint(self, state: RunState, opt, sched) -> None:
-        if self.is_main:
-            # nothing left to resume: no optimizer state (1 GB for FFT)
-            save_checkpoint(self.out / "checkpoints", self.model, state, opt, sched, final=state.epoch >= self.cfg.epochs)
-
-    # the loop
+    # -- the loop ------------------------------------------------------------------------------
     def train(self) -> dict:
         """Run (or resume, or just return) the experiment; returns the summary."""
         if not self.is_main:
             return self._train()
-        ensure_dir(self.out)
-        try:
-            with DirLock(self.out, f"sftdpo train {self.out}"):
-                return self._train()
-        except DirectoryBusy as e:
-            raise SftdpoError(f"{e.path} is being trained by {e.holder}: wait for it, or use another --out") from None
+        with self.dir.lock(f"sftdpo train {self.out}"):
+            return self._train()
 
     def _train(self) -> dict:
-        self.check_config()
-        check_trackers(self.cfg)
-        done = self.out / "summary.json"
-        if done.exists():
+        cfg = self.cfg
+        self.dir.check(cfg, self.world_size)
+        check_trackers(cfg)
+        done = self.dir.summary()
+        if done is not None:
             if self.is_main:  # a process stopped between the summary and the pruning
-                prune_checkpoints(self.out / "checkpoints", self.cfg.keep_checkpoints)
-            return json.loads(done.read_text())
+                prune_checkpoints(self.dir.checkpoints, cfg.keep_checkpoints)
+            return done
         self.build()  # a failure here (data, model, label words) leaves no config.json behind
         self.write_config()
-        resumed = load_checkpoint(self.out / "checkpoints", self.model)
-        if resumed is None and self.prefixes:
-            self.prefix_reused = self.prefixes.seed(self.out, self.cfg, self.world_size, self.is_main)
-            if self.prefix_reused:
-                resumed = load_checkpoint(self.out / "checkpoints", self.model)
-                self.prefix_reused_s = resumed[0].train_time_s + resumed[0].eval_time_s
-        trackers = Trackers(self.cfg, self.out) if self.is_main else None
-        mlog = MetricsLog(self.out / "metrics.jsonl", enabled=self.is_main, on_write=trackers.log if trackers else None)
-        state, blob = resumed if resumed else (RunState(), None)
-        mlog.truncate(state.metric_lines if resumed else 0)
+        state, blob, resumed = self.resume()
+        trackers = Trackers(cfg, self.out) if self.is_main else None
+        mlog = MetricsLog(self.dir.metrics_file, enabled=self.is_main, on_write=trackers.log if trackers else None)
+        mlog.truncate(state.metric_lines)
         if trackers and resumed:
             trackers.replay(mlog.path)
-        if resumed:
-            log.info("resuming %s after epoch %d", self.out, state.epoch)
         start = time.perf_counter() - state.train_time_s - state.eval_time_s
 
-        if not resumed and self.cfg.eval_init:
-            metrics, dt = self.init_metrics()
+        if not resumed and cfg.eval_init:
+            metrics, dt = untrained_metrics(cfg, self.task, self.model, self.device, self.precision, self.is_main)
             state.eval_time_s += dt
-            rec = {"kind": "epoch", "stage": "init", "epoch": 0, "global_step": 0, **metrics, "eval_s": dt}
-            state.history.append(rec)
-            mlog.write(rec)
+            self.log_epoch(state, mlog, {"stage": "init", "epoch": 0, "global_step": 0, **metrics, "eval_s": dt})
             log.info("epoch 0 (before training): %s", _fmt(metrics))
 
         evaluation: Evaluation | None = None
-        evaluated = False
         for stage, first, last in self.stages():
-            if state.epoch >= last:
+            if self.stage_done(state, last):
                 continue
             # the epochs done when the stage starts: resumed inside the stage, the model is no longer its start
             obj = self.objective(stage, resumed_epoch=state.epoch)
             self.stage_info[stage] = obj.describe()
-            lr = self.cfg.lr if stage == "sft" else self.cfg.dpo_lr
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            opt = make_optimizer(params, lr, self.cfg.weight_decay)
-            # SFT's schedule spans the whole budget (see the module docstring); DPO's its own epochs
-            budget = self.cfg.epochs if stage == "sft" else last - first + 1
-            sched = make_scheduler(opt, obj.n_steps() * budget, self.cfg.warmup_ratio, self.cfg.schedule)
-            if blob is not None and blob.get("optimizer") and state.epoch >= first:
+            last, total_steps = self.stage_span(stage, obj, first, last)
+            opt = make_optimizer(self.model, cfg.lr if stage == "sft" else cfg.dpo_lr, cfg.weight_decay)
+            sched = make_scheduler(opt, total_steps, cfg.warmup_ratio, cfg.schedule)
+            if blob is not None and blob.get("optimizer") and state.epoch >= first:  # resumed inside this stage
                 opt.load_state_dict(blob["optimizer"])
                 sched.load_state_dict(blob["scheduler"])
             for epoch in range(max(first, state.epoch + 1), last + 1):
-                trained = self.train_epoch(obj, stage, epoch, opt, sched, mlog, state.steps)
+                steps_left = cfg.budget_steps - state.steps if cfg.budget_steps is not None else None
+                trained = self.train_epoch(obj, stage, epoch, opt, sched, mlog, state.steps, steps_left)
                 state.steps += trained.steps
                 state.train_time_s += trained.seconds
                 state.train_tokens += trained.tokens
                 metrics, evaluation, dt = self.evaluate()
-                evaluated = True
                 state.eval_time_s += dt
-                rec = {"kind": "epoch", "stage": stage, "epoch": epoch, "global_step": state.steps, **trained.record(),
-                       **metrics, "eval_s": dt}
-                state.history.append(rec)
-                mlog.write(rec)
-                elapsed = time.perf_counter() - start
-                log.info("epoch %d/%d (%s): %s [%s elapsed, ETA %s]", epoch, self.cfg.epochs, stage, _fmt(metrics),
-                         format_duration(elapsed), format_duration((state.train_time_s + state.eval_time_s) / epoch
-                                                                    * (self.cfg.epochs - epoch)))
+                self.log_epoch(state, mlog, {"stage": stage, "epoch": epoch, "global_step": state.steps,
+                                             **trained.record(), **metrics, "eval_s": dt})
+                log.info("epoch %d/%d (%s): %s [%s elapsed, ETA %s]", epoch, self.epochs, stage, _fmt(metrics),
+                         format_duration(time.perf_counter() - start),
+                         format_duration((state.train_time_s + state.eval_time_s) / epoch * (self.epochs - epoch)))
                 if state.update_best(epoch, metrics[f"dev/{self.task.primary_metric}"]) and self.is_main:
                     save_weights(self.model, self.ckpt("best"))
-                state.epoch = epoch
-                state.metric_lines = mlog.lines
-                self.save_checkpoint(state, opt, sched)
-                if stage == "sft" and self.prefixes and self.is_main:
-                    self.prefixes.export(self.out, self.cfg, epoch, self.world_size)
-                if self.on_checkpoint:
-                    self.on_checkpoint(epoch)
+                self.checkpoint(state, stage, epoch, opt, sched)
             blob = None
-        if not evaluated:  # nothing trained in this process (all epochs were done before a crash at the end)
+
+        if evaluation is None:  # nothing trained in this process (all epochs were done before a crash at the end)
             _, evaluation, _ = self.evaluate()
         summary = self.summarise(state, time.perf_counter() - start)
         if self.is_main:
-            self.write_outputs(evaluation)
-            write_json_atomic(done, summary)
-            prune_checkpoints(self.out / "checkpoints", self.cfg.keep_checkpoints)
+            self.dir.finish(summary, self.task, evaluation, cfg.keep_checkpoints)
             trackers.finish(summary)
         return summary
 
     def train_epoch(self, obj: Objective, stage: str, epoch: int, opt, sched, mlog: MetricsLog,
-                    step0: int = 0) -> EpochTraining:
-        """One epoch of optimizer steps. Losses and metrics stay on the device and are read back (summed
-        over ranks) only every --log-every steps and at the epoch's end, so the host never waits for
-        the device in between."""
+                    step0: int = 0, steps_left: int | None = None) -> EpochTraining:
+        """One epoch of optimizer steps (at most `steps_left`: a --budget-steps run's last pass).
+        Losses and metrics stay on the device and are read back (summed over ranks) only every
+        --log-every steps and at the epoch's end, so the host never waits for the device in between."""
         cfg, model = self.cfg, self.model
         model.train(obj.train_mode)
-        n = obj.n_steps()
+        n = obj.n_steps() if steps_left is None else min(obj.n_steps(), steps_left)
         params = [p for p in model.parameters() if p.requires_grad]
         t0 = window_t = time.perf_counter()
-        loss_sum: torch.Tensor | None = None
-        logs_sum: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}
         tokens = window_tokens = 0
         bar = progress(n, f"{stage} epoch {epoch}", self.is_main)
-        for i, window in enumerate(obj.steps(epoch), 1):
+        for i, window in zip(range(1, n + 1), obj.steps(epoch)):
             st = train_step(model, obj, window, opt, sched, params, device=self.device, precision=self.precision,
                             max_grad_norm=cfg.max_grad_norm)
-            loss_sum = st.loss if loss_sum is None else loss_sum + st.loss
-            for k, v in st.logs.items():
-                logs_sum[k] = logs_sum[k] + v if k in logs_sum else v
+            step = {"loss": st.loss, "grad_norm": self.own(st.grad_norm), **st.logs}
+            for k, v in step.items():
+                sums[k] = sums[k] + v if k in sums else v
             tokens += st.tokens
             window_tokens += st.tokens
             bar.update(1)
             if i % cfg.log_every == 0 or i == n:
-                loss, logs, window_total = _read(st.loss, st.logs, window_tokens)
+                logs, window_total = _read(step, window_tokens)
                 now = time.perf_counter()
-                mlog.write({"kind": "train", "stage": stage, "epoch": epoch, "step": i, "global_step": step0 + i, "loss": loss,
+                mlog.write({"kind": "train", "stage": stage, "epoch": epoch, "step": i, "global_step": step0 + i,
                             "lr": sched.get_last_lr()[0], "tokens_per_s": window_total / max(now - window_t, 1e-9),
                             **logs})
-                bar.set_postfix(loss=f"{loss:.4f}")
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
                 window_t, window_tokens = now, 0
         bar.close()
-        loss, logs, total = _read(loss_sum, logs_sum, tokens)
+        logs, total = _read(sums, tokens)
+        loss = logs.pop("loss", 0.0)
         return EpochTraining(loss / max(n, 1), time.perf_counter() - t0, total, {k: v / max(n, 1) for k, v in logs.items()}, n)
+
+    def own(self, value: torch.Tensor) -> torch.Tensor:
+        """A value every rank holds (the global gradient norm) as rank 0's share of a sum over ranks."""
+        return value if self.is_main else torch.zeros_like(value)
+
+    def log_epoch(self, state: RunState, mlog: MetricsLog, record: dict) -> None:
+        rec = {"kind": "epoch", **record}
+        state.history.append(rec)
+        mlog.write(rec)
+        state.metric_lines = mlog.lines
+
+    def checkpoint(self, state: RunState, stage: str, epoch: int, opt, sched) -> None:
+        """After an epoch: checkpoints/last (with the optimizer state unless nothing is left to train:
+        1 GB for FFT), the shared SFT prefix where a study asks for it, then the callback."""
+        state.epoch = epoch
+        if self.is_main:
+            save_checkpoint(self.dir.checkpoints, self.model, state, opt, sched, final=epoch >= self.epochs)
+            if stage == "sft" and self.prefixes:
+                self.prefixes.export(self.out, self.cfg, epoch, self.world_size)
+        if self.on_checkpoint:
+            self.on_checkpoint(epoch)
+
+    def evaluate(self) -> tuple[dict, Evaluation | None, float]:
+        return evaluate(self.task, self.model, self.device, self.precision, self.is_main)
 
     def summarise(self, state: RunState, wall: float) -> dict:
         epochs = [h for h in state.history if h["stage"] != "init"]
@@ -363,7 +328,7 @@ class Run:
         init = next((h for h in state.history if h["stage"] == "init"), None)
         summary = {
             "run_hash": self.cfg.hash(), "task": self.cfg.task, "model": self.cfg.model, "param": self.cfg.param,
-            "regime": self.cfg.regime, "epochs": self.cfg.epochs,
+            "regime": self.cfg.regime, "epochs": self.epochs, "optimizer_steps": state.steps,
             **{k: final[k] for k in dev_keys},
             **{f"best/{k}": best[k] for k in dev_keys}, "best_epoch": state.best_epoch,
             **({f"init/{k}": init[k] for k in dev_keys} if init else {}),
@@ -387,20 +352,15 @@ class Run:
         summary["task_name"] = self.cfg.task_name or self.cfg.task
         return summary
 
-    def write_outputs(self, ev: Evaluation) -> None:
-        write_text_atomic(self.out / "dev_outputs.jsonl", "".join(
-            json.dumps({"id": ex_id, "prediction": pred, "reference": ref}) + "\n" for ex_id, pred, ref in ev.outputs))
-        self.task.write_outputs(self.out, ev)
 
-
-def _read(loss: torch.Tensor | None, logs: dict[str, torch.Tensor], tokens: int) -> tuple[float, dict[str, float], int]:
-    """Loss, metrics and token count summed over ranks, read back to the host (one transfer)."""
-    keys = sorted(logs)
-    values = [loss if loss is not None else torch.zeros(()), *(logs[k] for k in keys)]
-    device = values[0].device
-    vec = torch.stack([v.to(device=device, dtype=torch.float64) for v in values] + [torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+def _read(values: dict[str, torch.Tensor], tokens: int) -> tuple[dict[str, float], int]:
+    """Logged values and the token count summed over ranks, read back to the host (one transfer)."""
+    keys = sorted(values)
+    device = values[keys[0]].device if keys else torch.device("cpu")
+    vec = torch.stack([values[k].to(device=device, dtype=torch.float64) for k in keys]
+                      + [torch.tensor(float(tokens), dtype=torch.float64, device=device)])
     vals = sum_over_ranks(vec).tolist()
-    return vals[0], dict(zip(keys, vals[1:-1])), int(round(vals[-1]))
+    return dict(zip(keys, vals[:-1])), int(round(vals[-1]))
 
 
 def _fmt(metrics: dict) -> str:
@@ -414,17 +374,16 @@ def train(cfg: RunConfig, out: str | Path, **kw: Any) -> dict:
 
 def load_run(run_dir: str | Path, checkpoint: str = "best") -> Run:
     """A finished (or interrupted) run's model rebuilt from its config and a checkpoint (best | last)."""
-    run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.json"
-    if not cfg_file.exists():
+    rd = RunDir(Path(run_dir))
+    if not rd.config_file.exists():
         raise SftdpoError(f"{run_dir} is not a run directory (no config.json)")
     if checkpoint not in ("best", "last"):
         raise SftdpoError(f"--checkpoint must be best or last (got {checkpoint!r})")
-    cfg = RunConfig.from_dict(json.loads(cfg_file.read_text())["config"])
-    run = Run(cfg, run_dir)
+    cfg = RunConfig.from_dict(json.loads(rd.config_file.read_text())["config"])
+    run = Run(cfg, rd.path)
     ck = run.ckpt(checkpoint)
     if not (ck / WEIGHTS_FILE).exists():
-        raise missing_checkpoint(run_dir, checkpoint, cfg.keep_checkpoints)
+        raise missing_checkpoint(rd.path, checkpoint, cfg.keep_checkpoints)
     run.build()
     load_weights(run.model, ck)
     return run

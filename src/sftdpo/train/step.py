@@ -8,48 +8,58 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from transformers import get_scheduler
+from transformers.trainer_pt_utils import get_parameter_names
 
 from ..distributed import all_reduce_grads
 from ..models import autocast
 from ..objectives import Objective
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_ratio: float, schedule: str) -> float:
-    """The learning rate at optimizer step `step` (0-based) as a fraction of the peak: a linear
-    warm-up over round(total_steps x warmup_ratio) steps, then `linear` decay to 0 at total_steps,
-    `cosine` decay to 0, or `constant`."""
-    warmup = int(round(total_steps * warmup_ratio))
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    return 1.0 - progress
+# transformers' names for the schedules after warm-up (`--schedule`)
+SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+# parameters without weight decay: biases and normalisation weights, transformers' Trainer rule
+# (Trainer.get_decay_parameter_names; tests/test_training.py holds ours equal to it)
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
 
-def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW, fused on every device: on CPU the fused kernel is several times faster than the
-    multi-tensor (foreach) one and gives the same updates up to float rounding."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """Warm-up steps of a schedule over `total_steps`: transformers' TrainingArguments.get_warmup_steps."""
+    return math.ceil(total_steps * warmup_ratio)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_ratio: float,
                    schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(step, total_steps, warmup_ratio, schedule))
+    """transformers' schedule, as TRL's trainers build it: a linear warm-up from 0 over
+    warmup_steps(), then `linear` decay to 0 at total_steps, `cosine` decay to 0, or `constant`."""
+    return get_scheduler(SCHEDULES[schedule], opt, num_warmup_steps=warmup_steps(total_steps, warmup_ratio),
+                         num_training_steps=total_steps)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW over the model's trainable parameters (betas 0.9/0.999, eps 1e-8, transformers' defaults),
+    weight decay on all but biases and normalisation weights, as transformers' Trainer does. Fused on
+    every device: on CPU the fused kernel is several times faster than the multi-tensor (foreach) one and
+    gives the same updates up to float rounding."""
+    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_PATTERNS))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=True)
 
 
 @dataclass
 class StepStats:
     """What one optimizer step measured on this rank, kept on the device (reading a value back would
     make the host wait for the device at every step): the step's loss and logged metrics, each the
-    share-weighted sum over its micro-batches (summed over ranks, the global step's), and the
-    non-padding tokens this rank trained on."""
+    share-weighted sum over its micro-batches (summed over ranks, the global step's), the
+    non-padding tokens this rank trained on, and the global gradient's norm before clipping
+    (TRL's `grad_norm`)."""
 
     loss: torch.Tensor
     logs: dict[str, torch.Tensor]
     tokens: int
+    grad_norm: torch.Tensor
 
 
 def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.Optimizer,
@@ -57,8 +67,8 @@ def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.O
                device: torch.device, precision: str, max_grad_norm: float) -> StepStats:
     """One optimizer step over the micro-batches of `window`: forward under autocast, backward of each
     micro-batch's loss times its share of the step (its loss units over the step's: examples, pairs
-    or target tokens; see Task.train_steps), gradients summed over ranks, clipped, AdamW, the schedule,
-    gradients cleared. The gradient is that of the step's loss over all its examples, however it is
+    or target tokens; see Task.train_steps), gradients summed over ranks, clipped (--max-grad-norm 0:
+    not clipped), AdamW, the schedule, gradients cleared. The gradient is that of the step's loss over all its examples, however it is
     split into micro-batches and ranks."""
     loss_sum: torch.Tensor | None = None
     logs_sum: dict[str, torch.Tensor] = {}
@@ -75,9 +85,9 @@ def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.O
             logs_sum[k] = logs_sum[k] + v if k in logs_sum else v
         tokens += objective.n_tokens(batch) if batch.share else 0  # a stand-in row (share 0) trains on nothing
     all_reduce_grads(params)
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    # the norm before clipping, whether or not we clip (inf: measured, never scaled)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
-    return StepStats(loss_sum, logs_sum, tokens)
+    return StepStats(loss_sum, logs_sum, tokens, grad_norm.detach().double())

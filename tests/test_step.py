@@ -1,0 +1,62 @@
+"""One optimizer step (train/step.py): the optimizer's weight-decay groups and the logged gradient norm."""
+
+import copy
+
+import pytest
+import torch
+
+from sftdpo.config import RunConfig
+from sftdpo.models import apply_lora
+from sftdpo.objectives.sft import SFTObjective
+from sftdpo.train.step import make_optimizer, make_scheduler, train_step
+
+from conftest import make_tiny_task
+
+
+@pytest.mark.parametrize("param", ["fft", "lora"])
+def test_weight_decay_groups_are_transformers_trainers(tiny, param):
+    """Weight decay on the parameters transformers' Trainer decays (Trainer.get_decay_parameter_names: not
+    biases, not LayerNorm/RMSNorm weights), none on the rest, for both backbones, plain and with LoRA.
+    Catches decay on every parameter (torch's AdamW default), or on none."""
+    from transformers import Trainer
+
+    name, model, _ = tiny
+    if param == "lora":
+        model = apply_lora(model, RunConfig(model=name, param="lora", lora_targets="all-linear"))
+    opt = make_optimizer(model, 1e-3, 0.1)
+    ids = {id(p): n for n, p in model.named_parameters()}
+    decayed = {ids[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    plain = {ids[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    want = set(Trainer.get_decay_parameter_names(None, model)) & trainable  # the method does not use self
+    assert decayed == want and plain == trainable - want and decayed
+    assert plain if param == "fft" else not plain  # LoRA trains only adapter matrices, all decayed
+    assert all(g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 for g in opt.param_groups)
+
+
+def test_grad_norm_is_the_norm_before_clipping(tiny, tiny_data):
+    """`grad_norm` (TRL's name) is the norm of the whole step's gradient before clipping, and the
+    update is the clipped gradient: with SGD at lr 1 the weights move by exactly -clip/norm x gradient.
+    Catches the norm read after clipping (it would equal the clip value), clipping skipped, and a norm
+    over one micro-batch only."""
+    name, model, tok = tiny
+    cfg, task = make_tiny_task(tiny_data, "paraphrase", name, tok, grad_accum=2, batch_size=2, max_train_examples=4)
+    obj = SFTObjective(task)
+    window = next(iter(obj.steps(1)))
+    assert len(window) == 2
+    ref = copy.deepcopy(model)
+    loss = sum(obj.loss(ref, b.to(torch.device("cpu")))[0] * b.share for b in window)
+    grads = torch.autograd.grad(loss, [p for p in ref.parameters()], allow_unused=True)
+    norm = torch.cat([g.flatten() for g in grads if g is not None]).norm()
+    for clip in (0.0, float(norm) / 10):
+        m = copy.deepcopy(model)
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=1.0)
+        st = train_step(m, obj, window, opt, make_scheduler(opt, 4, 0.0, "constant"), params, device=torch.device("cpu"),
+                        precision="fp32", max_grad_norm=clip)
+        assert float(st.grad_norm) == pytest.approx(float(norm), rel=1e-5)
+        scale = 1.0 if clip == 0 else clip / float(norm)
+        moved = torch.cat([(q.detach() - p.detach()).flatten() for p, q in zip(model.parameters(), m.parameters())])
+        want = -scale * torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                                   for g, p in zip(grads, model.parameters())])
+        assert (moved - want).norm() <= 1e-5 * want.norm()
