@@ -161,7 +161,7 @@ class DamagedFile(SftdpoError):
 
     def __init__(self, path: str | Path, why: str, fix: str) -> None:
         super().__init__(f"{path} is damaged ({why}): {fix}")
-        self.path, self.why = Path(path), why
+        self.path, self.why, self.fix = Path(path), why, fix
 
 
 # what happens to a run whose own files (checkpoint, metrics, DPO stage inputs) are damaged: the training

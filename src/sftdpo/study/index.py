@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..config import RunConfig
-from ..files import DamagedFile, lock_holder, read_json, read_jsonl, writable, write_json_atomic
+from ..files import DamagedFile, lock_holder, read_json, writable, write_json_atomic
 from ..store import MEMORY, Store
+from ..train.rundir import Results, RunDir
 
 log = logging.getLogger("sftdpo")
 _said: set[str] = set()
@@ -41,8 +42,6 @@ RUN_FILE = "run.json"
 FAILED_FILE = "failed.json"
 INDEX_FILE = "study.db"
 MANIFEST_FILE = "study.json"
-# what to do about a damaged file of a run: the next `study run` redoes what it vouched for
-REDO = "run the study again to redo the run (from its last checkpoint where one is kept)"
 
 
 def write_run_file(run_dir: Path, name: str, order: int, cfg: RunConfig,
@@ -150,45 +149,14 @@ def clear_failure(run_dir: Path) -> None:
 
 
 def epoch_records(run_dir: Path) -> list[dict]:
-    """The per-epoch records of a run's metrics.jsonl (a torn last line dropped); DamagedFile if
-    another line is unreadable."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    recs = [r for r in read_jsonl(path, REDO) if r.get("kind") == "epoch"]
-    for r in recs:
-        if not isinstance(r.get("stage"), str) or not isinstance(r.get("epoch"), int):
-            raise DamagedFile(path, "an epoch record without its stage and epoch", REDO)
-    return recs
+    """The per-epoch records of a run's metrics.jsonl (RunDir.epoch_records)."""
+    return RunDir(run_dir).epoch_records()
 
 
-def run_results(run_dir: Path) -> tuple[dict, dict, list[tuple[str, int, dict, float | None]], list[tuple[str, str, str]]]:
-    """(summary, environment, epochs, dev outputs) of a finished run; DamagedFile if one of the files
-    they come from is unreadable."""
-    summary = read_json(run_dir / "summary.json", REDO)
-    if not isinstance(summary, dict):
-        raise DamagedFile(run_dir / "summary.json", "not a JSON object", REDO)
-    conf = read_json(run_dir / "config.json", REDO) if (run_dir / "config.json").exists() else {}
-    if not isinstance(conf, dict):
-        raise DamagedFile(run_dir / "config.json", "not a JSON object", REDO)
-    env = {"versions": conf.get("versions", {}), "device": summary.get("device"), "precision": summary.get("precision"),
-           "git_commit": conf.get("git_commit")}
-    records = epoch_records(run_dir)
-    if summary.get("epochs") and not any(r["epoch"] == summary["epochs"] for r in records):
-        # written before summary.json: a finished run's last epoch is there unless the file was damaged since
-        raise DamagedFile(run_dir / "metrics.jsonl", f"no record of the last epoch, {summary['epochs']}", REDO)
-    epochs = [(r["stage"], r["epoch"], {k: v for k, v in r.items() if k not in ("kind", "stage", "epoch")},
-               r.get("train_s")) for r in records]
-    path = run_dir / "dev_outputs.jsonl"
-    if not path.exists():
-        raise DamagedFile(path, "missing", REDO)
-    try:  # written whole, before summary.json: no line may be missing
-        outputs = [(o["id"], o["prediction"], o["reference"]) for o in read_jsonl(path, REDO, torn_ok=False)]
-    except KeyError as e:
-        raise DamagedFile(path, f"a record without {e}", REDO) from None
-    if isinstance(summary.get("dev_examples"), int) and len(outputs) != summary["dev_examples"]:
-        raise DamagedFile(path, f"{len(outputs)} outputs for {summary['dev_examples']} dev examples", REDO)
-    return summary, env, epochs, outputs
+def run_results(run_dir: Path) -> Results:
+    """(summary, environment, epochs, dev outputs) of a finished run (RunDir.results); DamagedFile if a
+    file they come from is damaged."""
+    return RunDir(run_dir).results()
 
 
 def _now() -> str:

@@ -38,7 +38,7 @@ class SFTPrefixes:
         the number of epochs reused (0: none). Rank 0 decides and copies; then all ranks load."""
         for k in range(cfg.sft_epochs, 0, -1):
             src = self.root / self.key(cfg, k, world_size)
-            if broadcast_from_main((src / "last" / STATE_FILE).exists()):
+            if broadcast_from_main((src / "last" / STATE_FILE).exists() and (src / "metrics.jsonl").exists()):
                 if is_main:
                     # the metrics first, in one step: a process killed half-way leaves no `last`
                     # checkpoint without the metrics it counted, so the next attempt seeds again
@@ -53,6 +53,12 @@ class SFTPrefixes:
                 log.info("reusing the SFT prefix of %d epoch(s) from %s", k, src)
                 return k
         return 0
+
+    def drop(self, cfg: RunConfig, world_size: int) -> None:
+        """Remove the stored prefixes of this run's SFT trajectory (a damaged one: the run that finds it
+        trains those epochs again and exports them anew)."""
+        for k in sorted(self.epochs):
+            shutil.rmtree(self.root / self.key(cfg, k, world_size), ignore_errors=True)
 
     def export(self, run_dir: Path, cfg: RunConfig, epoch: int, world_size: int) -> None:
         """Store this run's state after SFT epoch `epoch` (if it is a shared epoch and not stored yet)."""
