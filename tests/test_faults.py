@@ -67,10 +67,11 @@ def lines(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, shared_cache):
-    """A finished two-run study (SFT, and SFT@1->DPO sharing its first epoch), tiny-llama, all checkpoints kept."""
+    """A finished two-run study (SFT, and SFT@1->DPO sharing its first epoch; 3 epochs), tiny-llama, all
+    checkpoints kept; its spec is spec.yaml beside it."""
     root = tmp_path_factory.mktemp("faults")
     spec = {"name": "faults",
-            "defaults": {"task": "paraphrase", "model": "tiny-llama", "epochs": 2, "batch_size": 8, "lr": 3e-3,
+            "defaults": {"task": "paraphrase", "model": "tiny-llama", "epochs": 3, "batch_size": 8, "lr": 3e-3,
                          "dpo_lr": 1e-3, "precision": "fp32", "device": "cpu", **qqp_files(root, 16, 8)},
             "grid": {"regime": [{"regime": "sft"}, {"regime": "sft-dpo", "handoff_epoch": 1}]}}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec))
@@ -78,6 +79,22 @@ def finished(tmp_path_factory, shared_cache):
         mp.setenv("SFTDPO_CACHE_DIR", str(shared_cache))
         run_study(str(root / "spec.yaml"), root / "study", report=True)
     return root / "study"
+
+
+@pytest.fixture(scope="module")
+def interrupted(finished, tmp_path_factory, shared_cache):
+    """The finished study again, its staged run killed (SIGKILL) after epoch 2, inside the DPO stage:
+    its checkpoint of epoch 2 and its dpo/ inputs on disk."""
+    study = Path(shutil.copytree(finished, tmp_path_factory.mktemp("interrupted") / "study"))
+    shutil.rmtree(study / "runs" / run_names(study)["staged"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SFTDPO_CACHE_DIR", str(shared_cache))
+        mp.setenv("SFTDPO_TEST_DIE_AFTER_EPOCH", "2")
+        mp.setenv("SFTDPO_TEST_DIE_RUN", "sft1-dpo")
+        run_study(str(finished.parent / "spec.yaml"), study, report=False)
+    staged = study / "runs" / run_names(study)["staged"]
+    assert not (staged / "summary.json").exists() and (staged / "dpo" / "state.json").exists()
+    return study
 
 
 @pytest.fixture
@@ -117,7 +134,7 @@ INDEX_CASES = {
     ("run.json", "missing"): ("done", None),
     ("summary.json", "truncated"): ("failed", "summary.json is damaged"),
     ("summary.json", "garbage"): ("failed", "summary.json is damaged"),
-    ("summary.json", "missing"): ("pending", "epoch 2 done"),
+    ("summary.json", "missing"): ("pending", "epoch 3 done"),
     ("dev_outputs.jsonl", "truncated"): ("failed", "dev_outputs.jsonl is damaged"),
     ("dev_outputs.jsonl", "garbage"): ("failed", "dev_outputs.jsonl is damaged"),
     ("dev_outputs.jsonl", "missing"): ("failed", "dev_outputs.jsonl is damaged"),
@@ -260,3 +277,186 @@ def test_status_on_a_full_disk_indexes_in_memory(study):
     assert len(lines(cp.stderr)) == 1 and "built in memory" in cp.stderr, cp.stderr
     assert any(ln.split()[:2] == ["pending", runs["sft"]] for ln in cp.stdout.splitlines()), cp.stdout
     assert (study / "study.db").read_bytes() == before
+
+
+# -- a run resumed or redone: the documented recovery, and the result of an uninterrupted run ------
+
+def same_results(run: Path, want: Path) -> None:
+    """The run's dev metrics, per-epoch records (timings aside), dev outputs and final weights are the
+    uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from sftdpo.train.rundir import RunDir
+
+    got, ref = RunDir(run).results(), RunDir(want).results()
+    keys = lambda s: {k: v for k, v in s.items() if k.startswith(("dev/", "best/", "init/")) or k == "best_epoch"}  # noqa: E731
+    assert keys(got[0]) == keys(ref[0])
+    untimed = lambda epochs: [(st, e, {k: v for k, v in m.items() if not k.endswith("_s")}) for st, e, m, _ in epochs]  # noqa: E731
+    assert untimed(got[2]) == untimed(ref[2])
+    assert got[3] == ref[3]
+    a, b = (load_file(str(r / "checkpoints" / "last" / "weights.safetensors")) for r in (run, want))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def resume(study: Path, spec: Path) -> str:
+    """`study run` again (in this process; its runs in their own processes); the staged run's train.log
+    lines written by this invocation."""
+    log = study / "runs" / run_names(study)["staged"] / "train.log"
+    seen = log.stat().st_size if log.exists() else 0
+    run_study(str(spec), study, report=False)
+    return log.read_bytes()[seen:].decode(errors="replace")
+
+
+def damaged_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if "is damaged" in ln]
+
+
+# (file of the staged run, killed inside DPO, how) -> whether the run starts again
+RESUME_CASES = {
+    ("checkpoints/last/training_state.pt", "truncated"): True,
+    ("checkpoints/last/training_state.pt", "garbage"): True,
+    ("checkpoints/last/weights.safetensors", "truncated"): True,
+    ("checkpoints/last/weights.safetensors", "garbage"): True,
+    ("checkpoints/last/weights.safetensors", "missing"): True,
+    ("metrics.jsonl", "garbage"): True,
+    ("metrics.jsonl", "torn"): False,
+    ("dpo/state.json", "garbage"): True,
+    ("dpo/state.json", "missing"): True,
+    ("dpo/pairs.jsonl", "truncated"): True,
+    ("dpo/reference.safetensors", "garbage"): True,
+    ("config.json", "garbage"): False,
+}
+
+
+@pytest.mark.parametrize("name,how", list(RESUME_CASES))
+def test_a_resumed_run_with_a_damaged_file_ends_as_an_uninterrupted_one(interrupted, finished, tmp_path, cache, name,
+                                                                         how):
+    """A run killed inside its DPO stage, one of its files then damaged, resumed by `study run`: a
+    damaged checkpoint, metrics log or DPO input makes the run start again, said in one line (its
+    reference, the model at the hand-off, cannot be rebuilt from weights that trained on); a torn last
+    metrics line is dropped; a damaged config.json is rewritten. Either way it ends with the
+    uninterrupted run's metrics, outputs and weights. Catches a resume that trusts a truncated
+    checkpoint (SafetensorError, PytorchStreamReader), that keeps a torn line, or that stops at a damaged
+    dpo/state.json with a JSONDecodeError."""
+    study = Path(shutil.copytree(interrupted, tmp_path / "study"))
+    run = study / "runs" / run_names(study)["staged"]
+    path = run / name
+    if how == "torn":  # a line cut short by a crash: the epoch-2 checkpoint counted every line before it
+        with path.open("a") as f:
+            f.write('{"kind": "train", "stage": "dp')
+    elif name == "metrics.jsonl":  # garbage in a line the checkpoint counted
+        data = path.read_bytes().splitlines(keepends=True)
+        path.write_bytes(b"".join(data[:2] + [b"\x00 garbage\n"] + data[3:]))
+    else:
+        damage(path, how)
+    log = resume(study, finished.parent / "spec.yaml")
+    if RESUME_CASES[(name, how)]:
+        assert len(damaged_lines(log)) == 1 and "the run starts again from its beginning" in log, log
+    elif name == "config.json":
+        assert len(damaged_lines(log)) == 1 and "rewritten" in log, log
+    else:
+        assert not damaged_lines(log), log
+    assert "Traceback" not in log
+    same_results(run, finished / "runs" / run.name)
+
+
+@pytest.mark.parametrize("damages", [
+    {"sft": ("summary.json", "garbage"), "staged": ("config.json", "truncated")},
+    {"sft": ("dev_outputs.jsonl", "truncated"), "staged": ("metrics.jsonl", "truncated")},
+])
+def test_a_finished_run_with_a_damaged_result_is_redone(study, finished, damages):
+    """A finished run whose summary, dev outputs, config or metrics cannot be read back is not finished:
+    `study status` says so (tested above) and the next `study run` redoes it, from its final checkpoint
+    (or from the beginning when the metrics it would resume are damaged), to the same results; the
+    index then shows it done again. Catches a study run that skips a run because summary.json exists."""
+    runs = run_names(study)
+    for which, (name, how) in damages.items():
+        damage(study / "runs" / runs[which] / name, how)
+    run_study(str(finished.parent / "spec.yaml"), study, report=False)
+    rc, err, rows = status(study)
+    assert rc == 0 and not lines(err) and all(rows[n].split()[0] == "done" for n in runs.values()), (rows, err)
+    for name in runs.values():
+        same_results(study / "runs" / name, finished / "runs" / name)
+
+
+@pytest.mark.parametrize("name,how,needle", [
+    ("checkpoints/best/weights.safetensors", "truncated", "is damaged"),
+    ("checkpoints/best/weights.safetensors", "garbage", "is damaged"),
+    ("checkpoints/best/weights.safetensors", "missing", "no best checkpoint"),
+    ("config.json", "garbage", "config.json is damaged"),
+])
+def test_eval_of_a_damaged_checkpoint_is_one_line(study, name, how, needle):
+    """`eval` reads a checkpoint and repairs nothing: one line that names the file and the way out
+    (the other checkpoint, or training again)."""
+    run = study / "runs" / run_names(study)["sft"]
+    damage(run / name, how)
+    rc, err = cli("eval", "--run", str(run))
+    assert rc == 2 and len(lines(err)) == 1 and needle in err and "Traceback" not in err, err
+    if "weights" in name and how != "missing":
+        assert "--checkpoint best|last" in err
+
+
+def test_eval_of_a_read_only_run_writes_nothing(study, monkeypatch):
+    """`eval` on a run this process cannot write evaluates it and changes nothing there."""
+    from sftdpo.train import loop
+
+    run = study / "runs" / run_names(study)["sft"]
+    before = snapshot(run)
+    monkeypatch.setattr(loop, "writable", lambda p: False)
+    rc, err = cli("eval", "--run", str(run), "--checkpoint", "last")
+    assert rc == 0 and not lines(err), err
+    assert snapshot(run) == before
+
+
+# -- caches: a damaged entry is computed again ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sonnet_dpo(tmp_path_factory):
+    """A DPO-only sonnet run with its own cache: the untrained evaluation, the sampled pairs and the
+    reference log-probs are cache entries (and the tiny-llama tokenizer, converted once)."""
+    from conftest import SONNET_FILES
+
+    root = tmp_path_factory.mktemp("caches")
+    args = ["train", "--task", "sonnet", "--model", "tiny-llama", "--regime", "dpo", "--epochs", "1",
+            "--max-train-examples", "4", "--max-dev-examples", "2", "--max-new-tokens", "8", "--batch-size", "4",
+            "--eval-batch-size", "4", "--device", "cpu", "--precision", "fp32", *sum((["--" + k, v] for k, v in SONNET_FILES.items()), [])]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SFTDPO_CACHE_DIR", str(root / "cache"))
+        rc, err = cli(*args, "--out", str(root / "first"))
+    assert rc == 0, err
+    return root, args
+
+
+@pytest.mark.parametrize("entry,how", [(e, h) for e in ("init_eval", "pairs", "reflogps") for h in ("truncated", "garbage")]
+                         + [("tokenizers", "garbage")])  # converted again from the GGUF: the slow one, once
+def test_a_damaged_cache_entry_is_computed_again(sonnet_dpo, tmp_path, monkeypatch, entry, how):
+    """Each cache entry, damaged, is said in one line and computed again, and the run that meets it
+    ends as the run that filled the cache did. Catches a cache read that trusts a half-written file (a
+    pairs file cut at a line's end reads as fewer pairs) or lets its parse error out."""
+    root, args = sonnet_dpo
+    cache = Path(shutil.copytree(root / "cache", tmp_path / "cache"))
+    monkeypatch.setenv("SFTDPO_CACHE_DIR", str(cache))
+    files = sorted(p for p in (cache / entry).rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".safetensors"))
+    assert files, list((cache / entry).rglob("*"))
+    for f in files:
+        damage(f, how)
+    rc, err = cli(*args, "--out", str(tmp_path / "again"))
+    assert rc == 0 and "Traceback" not in err, err
+    assert 1 <= len(lines(err)) <= len(files) and all("damaged" in ln for ln in lines(err)), err
+    from sftdpo.train.rundir import RunDir
+
+    got, ref = RunDir(tmp_path / "again").results(), RunDir(root / "first").results()
+    assert {k: v for k, v in got[0].items() if k.startswith("dev/")} == {k: v for k, v in ref[0].items() if k.startswith("dev/")}
+    assert got[3] == ref[3]
+
+
+def test_damaged_cached_rates_are_measured_again(tmp_path, monkeypatch):
+    """A damaged rates entry reads as none (the study's estimate measures or counts again)."""
+    from sftdpo.study import rates
+
+    monkeypatch.setenv("SFTDPO_CACHE_DIR", str(tmp_path))
+    path = rates._rates_file("k")
+    path.parent.mkdir(parents=True)
+    for data in (b"\x00\xff", b'{"sft_s": 1.0', b"[]", b"{}"):
+        path.write_bytes(data)
+        assert rates.cached_rates("k") is None

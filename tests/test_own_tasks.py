@@ -195,7 +195,8 @@ def test_conversational_rows_use_the_chat_template(cache, tmp_path):
     chats = [{"messages": [{"role": "user", "content": f"Say {w} twice."}, {"role": "assistant", "content": f"{w} {w}"}]}
              for w in ("red", "blue", "green", "gold", "pink", "gray")]
     write_jsonl(tmp_path / "train.jsonl", chats)
-    write_jsonl(tmp_path / "dev.jsonl", chats[:2])
+    teal = {"messages": [{"role": "user", "content": "Say teal twice."}, {"role": "assistant", "content": "teal teal"}]}
+    write_jsonl(tmp_path / "dev.jsonl", chats[:1] + [teal])  # not all of dev in train: that is refused
     cfg = RunConfig(task="generate", train=str(tmp_path / "train.jsonl"), dev=str(tmp_path / "dev.jsonl"), epochs=1,
                     batch_size=3, max_new_tokens=6, **TINY)
     model, tok = load_model("tiny-llama")

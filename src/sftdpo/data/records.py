@@ -75,12 +75,12 @@ def _delimited(p: Path, fmt: str) -> list[Row]:
                     raise SftdpoError(f"{p}:{reader.line_num}: {have} field(s) where the header has {len(rec)} "
                                       f"({', '.join(rec)}); complete or remove that line")
                 rows.append(Row(f"{p}:{reader.line_num}", dict(rec)))
-        except csv.Error as e:
+        except csv.Error as e:  # line_num counts the lines before the row being read
             if "field larger than field limit" in str(e):
-                raise SftdpoError(f"{p}:{reader.line_num}: a field longer than {csv.field_size_limit():,} characters "
-                                  "(an unclosed quote takes in the lines after it); close the quote, or shorten the "
-                                  "field") from None
-            raise SftdpoError(f"{p}:{reader.line_num}: unreadable as {fmt.upper()} ({e})") from None
+                raise SftdpoError(f"{p}:{reader.line_num + 1}: a field longer than {csv.field_size_limit():,} "
+                                  "characters (an unclosed quote takes in the lines after it); close the quote, or "
+                                  "shorten the field") from None
+            raise SftdpoError(f"{p}:{reader.line_num + 1}: unreadable as {fmt.upper()} ({e})") from None
         return rows
 
 
