@@ -460,3 +460,120 @@ def test_damaged_cached_rates_are_measured_again(tmp_path, monkeypatch):
     for data in (b"\x00\xff", b'{"sft_s": 1.0', b"[]", b"{}"):
         path.write_bytes(data)
         assert rates.cached_rates("k") is None
+
+
+def test_a_pending_runs_torn_metrics_line_is_dropped(interrupted, tmp_path):
+    """A run stopped mid-write (a crash, a full disk) leaves its last metrics line cut short: `study
+    status` drops it, as `train` does on resume, and shows the epochs before it. Catches an index that
+    stops the whole study at that line."""
+    study = Path(shutil.copytree(interrupted, tmp_path / "study"))
+    run = study / "runs" / run_names(study)["staged"]
+    (run / "failed.json").unlink()  # as a driver killed with its run leaves it: pending
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "epoch", "stage": "dpo", "ep')
+    rc, err, rows = status(study)
+    assert rc == 0 and not lines(err), err
+    assert rows[run.name].split()[0] == "pending" and "epoch 2 done" in rows[run.name], rows
+
+
+# -- signals: SIGTERM is Ctrl-C, and no run outlives its study ---------------------------------------
+
+def descendants(pid: int) -> set[int]:
+    """The processes below `pid` now (from /proc)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parent.items() if pp == p}
+        out |= kids
+        todo += kids
+    return out
+
+
+def alive(pids: set[int]) -> set[int]:
+    def running(p: int) -> bool:
+        try:
+            return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    return {p for p in pids if running(p)}
+
+
+def wait_for(path_glob: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not list(path_glob.glob(pattern)):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {pattern} under {path_glob}"
+        time.sleep(0.1)
+
+
+def sftdpo(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sftdpo.cli", "-q", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc")
+def test_sigterm_stops_train_as_ctrl_c_does(tmp_path, cache):
+    """SIGTERM (kill, timeout, Slurm, Kubernetes) to `train`: one line that says how to resume, exit
+    status 143, and the run resumes to its end. Catches the default action (killed with no line)."""
+    import signal
+
+    files = qqp_files(tmp_path, 64, 8)
+    args = ["train", "--task", "paraphrase", *sum((["--" + k, v] for k, v in files.items()), []), "--model", "tiny-llama",
+            "--device", "cpu", "--precision", "fp32", "--epochs", "3", "--batch-size", "4", "--out", str(tmp_path / "run")]
+    proc = sftdpo(*args)
+    wait_for(tmp_path / "run", "checkpoints/last/training_state.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert lines(err) == ["sftdpo: terminated (SIGTERM) (completed epochs are checkpointed; run the same command "
+                          "again to resume)"]
+    again = sftdpo(*args)
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    epochs = [r["epoch"] for r in map(yaml.safe_load, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "epoch"]
+    assert epochs == [0, 1, 2, 3]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, PR_SET_PDEATHSIG, pidfd")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_no_run_outlives_its_study(finished, tmp_path, cache, sig):
+    """`study run` stopped while a run trains: with SIGTERM it stops its runs, says so in one line and
+    exits 143, the run marked interrupted; killed with SIGKILL it takes its runs along (each asks the
+    kernel to follow its parent, and the fork server's children watch the driver). Either way no
+    process of the study is left, and the next `study run` ends with the results of an uninterrupted
+    study. Catches a run process left training with no parent (the next study run would then find its
+    directory busy)."""
+    import signal
+    import time
+
+    out = tmp_path / "study"
+    proc = sftdpo("study", "run", str(finished.parent / "spec.yaml"), "--out", str(out), "--no-report")
+    wait_for(out, "runs/*/checkpoints/last/training_state.pt", proc)
+    tree = descendants(proc.pid)
+    assert tree, "the run's process"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    deadline = time.monotonic() + 20
+    while alive(tree) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(tree), [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in alive(tree)]
+    if sig == "SIGTERM":
+        assert proc.returncode == 143 and len(lines(err)) == 1 and "terminated (SIGTERM)" in err, err
+        failed = [yaml.safe_load(p.read_text())["error"] for p in out.glob("runs/*/failed.json")]
+        assert failed and all(e.startswith("interrupted") for e in failed), failed
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    run_study(str(finished.parent / "spec.yaml"), out, report=False)
+    for run in (finished / "runs").iterdir():
+        same_results(out / "runs" / run.name, run)
