@@ -577,3 +577,45 @@ def test_no_run_outlives_its_study(finished, tmp_path, cache, sig):
     run_study(str(finished.parent / "spec.yaml"), out, report=False)
     for run in (finished / "runs").iterdir():
         same_results(out / "runs" / run.name, run)
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_one_before(interrupted, finished, tmp_path, cache):
+    """`train`, and a study's run process, that cannot write the next checkpoint (a full disk): one line
+    that says so (for the study: the run fails with that line), and checkpoints/ as they were; with room
+    again the run ends as the uninterrupted one. Catches a traceback from safetensors/torch.save and a
+    checkpoint directory removed before its replacement is complete."""
+    study = Path(shutil.copytree(interrupted, tmp_path / "study"))
+    run = study / "runs" / run_names(study)["staged"]
+    (run / "failed.json").unlink()
+    before = snapshot(run / "checkpoints")
+    cp = limited(5_000_000, "train", "--config", str(run / "config.json"), "--out", str(run))  # weights: ~13 MB
+    assert cp.returncode == 2 and len(lines(cp.stderr)) == 1, cp.stderr
+    assert "could not write the checkpoint" in cp.stderr and "file-size limit" in cp.stderr
+    assert snapshot(run / "checkpoints") == before
+    cp = limited(5_000_000, "study", "run", str(finished.parent / "spec.yaml"), "--out", str(study), "--no-report")
+    assert cp.returncode == 3 and not lines(cp.stderr), cp.stderr  # one run done, one failed
+    error = yaml.safe_load((run / "failed.json").read_text())["error"]
+    assert "could not write the checkpoint" in error and "file-size limit" in error
+    assert snapshot(run / "checkpoints") == before
+    resume(study, finished.parent / "spec.yaml")
+    same_results(run, finished / "runs" / run.name)
+
+
+@pytest.mark.parametrize("command,written", [(["eval", "--run", "{run}"], "{run}/eval_best.json"),
+                                             (["study", "best", "{study}"], "{study}/best")])
+def test_small_writes_that_fail_leave_the_previous_output(study, command, written):
+    """`eval` (eval_best.json) and `study best` (config files) on a full disk: one line naming the file,
+    and the previous output as it was."""
+    run = study / "runs" / run_names(study)["sft"]
+    args = [a.format(run=run, study=study) for a in command]
+    assert cli(*args)[0] == 0
+    target = Path(written.format(run=run, study=study))
+    before = snapshot(target) if target.is_dir() else target.read_bytes()
+    if target.is_dir():  # each file rewritten: make the new ones differ in size
+        for f in target.iterdir():
+            f.write_bytes(f.read_bytes() + b"\n# an older version\n")
+        before = snapshot(target)
+    cp = limited(64, *args)
+    assert cp.returncode == 2 and len(lines(cp.stderr)) == 1, cp.stderr
+    assert "file-size limit" in cp.stderr and str(target) in cp.stderr
+    assert (snapshot(target) if target.is_dir() else target.read_bytes()) == before
