@@ -24,7 +24,7 @@ import yaml
 
 from . import __version__
 from .config import DPO_FIELDS, RunConfig, SftdpoError, task_definition
-from .files import is_write_failure, write_failure, writable
+from .files import DamagedFile, is_write_failure, write_failure, writable
 from .system import VERBOSE_ENV, Terminated, format_duration, setup_logging, sigterm_as_interrupt
 
 log = logging.getLogger("sftdpo")
@@ -312,7 +312,6 @@ def cmd_study_run(ns: argparse.Namespace) -> int:
 
 
 def cmd_study_status(ns: argparse.Namespace) -> int:
-    from .files import DamagedFile
     from .study.index import epoch_records, study_index, study_runs
     from .study.local import metrics_line
     from .study.schedule import calibrated_eta

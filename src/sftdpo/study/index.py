@@ -29,6 +29,11 @@ from ..store import MEMORY, Store
 from ..train.rundir import Results, RunDir
 
 log = logging.getLogger("sftdpo")
+RUN_FILE = "run.json"
+FAILED_FILE = "failed.json"
+INDEX_FILE = "study.db"
+MANIFEST_FILE = "study.json"
+
 _said: set[str] = set()
 
 
@@ -37,11 +42,6 @@ def _warn(message: object) -> None:
     if str(message) not in _said:
         _said.add(str(message))
         log.warning("%s", message)
-
-RUN_FILE = "run.json"
-FAILED_FILE = "failed.json"
-INDEX_FILE = "study.db"
-MANIFEST_FILE = "study.json"
 
 
 def write_run_file(run_dir: Path, name: str, order: int, cfg: RunConfig,

@@ -9,8 +9,8 @@ minute of the quick study); the Ray executor starts it as a subprocess on the wo
 No run process outlives the study that started it: stopped (Ctrl-C, SIGTERM) the driver asks its runs
 to stop (`stop_runs`: SIGTERM, which a run takes as Ctrl-C, then SIGKILL after a grace period), and
 killed outright (kill -9) it takes them along: each run process asks the kernel for SIGKILL when its
-parent dies (train/worker.py die_with_parent), and its parent, the fork server, exits when the
-driver is gone (or, started as a subprocess, is the driver itself).
+parent dies, and a forked one (whose parent, the fork server, lives on while it has children) also
+watches the driver itself (train/worker.py die_with_parent).
 """
 
 from __future__ import annotations
