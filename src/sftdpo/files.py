@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
 from array import array
@@ -142,6 +143,13 @@ def writable(path: str | Path) -> bool:
 _WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
                  errno.EFBIG: "the file exceeds the file-size limit", errno.EROFS: "the file system is read-only",
                  errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def as_os_error(e: Exception, path: str | Path) -> Exception:
+    """The OSError that a library's own error wraps (safetensors: "... I/O error: File too large (os
+    error 27)"), for `path`; else `e` itself. So a full disk under safetensors reads as one too."""
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(path)) if m else e
 
 
 def is_write_failure(e: BaseException) -> bool:

@@ -19,12 +19,13 @@ from typing import Any, Callable
 
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
 from torch import nn
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
 
 from .config import LORA_FUNCTION_FIELDS, RunConfig, SftdpoError, cache_dir, find_in_data_dirs, hub_reachable
-from .files import atomic_dir, hash_tensors, stable_hash
+from .files import as_os_error, atomic_dir, hash_tensors, stable_hash
 from .system import VERBOSE_ENV, cpu_bf16, cpu_model, quiet_transformers, rss_mb
 
 quiet_transformers()  # the CLI set logging up before this import
@@ -73,6 +74,14 @@ def smollm2_dir() -> Path:
         tok.save_pretrained(tmp)
 
     return atomic_dir(final, build)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # noqa: BLE001 - SafetensorError wraps the OS error in its message
+        raise as_os_error(e, path) from None
 
 
 def _from_cache(directory: Callable[[], Path], load: Callable[[Path], Any]) -> Any:

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import SftdpoError
 from ..files import RUN_RESTARTS, DamagedFile, atomic_path, is_write_failure, link_file, replace_dir, write_failure
+from ..models import save_tensors
 
 STATE_FILE = "training_state.pt"
 WEIGHTS_FILE = "weights.safetensors"
@@ -61,7 +62,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 def save_weights(model, path: Path) -> None:
     """The trainable weights (the full model for FFT, the adapter for LoRA) as `path/weights.safetensors`."""
     try:
-        replace_dir(path, lambda tmp: save_file(trainable_state(model), str(tmp / WEIGHTS_FILE)))
+        replace_dir(path, lambda tmp: save_tensors(trainable_state(model), tmp / WEIGHTS_FILE))
     except OSError as e:
         if not is_write_failure(e):
             raise
@@ -104,8 +105,8 @@ def save_checkpoint(ckpt_dir: Path, model, state: RunState, opt, sched, *, final
         if state.best_epoch == state.epoch and best.exists():
             link_file(best, tmp / WEIGHTS_FILE)
         else:
-            save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
-        torch.save({
+            save_tensors(trainable_state(model), tmp / WEIGHTS_FILE)
+        save_state({
             "state": state.__dict__, "optimizer": opt.state_dict() if opt and not final else None,
             "scheduler": sched.state_dict() if sched else None, "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -118,6 +119,36 @@ def save_checkpoint(ckpt_dir: Path, model, state: RunState, opt, sched, *, final
             raise
         raise write_failure(e, f"the checkpoint of epoch {state.epoch} ({ckpt_dir / 'last'})",
                             "the checkpoint before it is intact; the same command resumes from there") from None
+
+
+class _Writes:
+    """A file whose write errors are kept: torch.save reports a failed write (a full disk) as a
+    RuntimeError without its errno."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_state(obj: dict, path: Path) -> None:
+    """torch.save(obj, path), a failed write raised as the OSError it is."""
+    with open(path, "wb") as f:
+        out = _Writes(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise OSError(out.error.errno, out.error.strerror, str(path)) from None
+            raise
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: str) -> None:

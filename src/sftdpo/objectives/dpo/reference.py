@@ -18,11 +18,11 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ...config import RunConfig, cache_dir
 from ...files import DamagedFile, atomic_path, hash_id_lists, stable_hash
-from ...models import autocast
+from ...models import autocast, save_tensors
 from ...ops.batching import bucketed_batches
 from ...ops.logprobs import last_token_logits, sequence_logps
 from ...tasks import Task
@@ -102,8 +102,8 @@ def compute_reference_logps(model, task: Task, ps: PairSet, cfg: RunConfig, devi
 
 def save_logps(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, meta: dict) -> None:
     with atomic_path(path) as tmp:
-        save_file({"chosen": chosen.float().contiguous().cpu(), "rejected": rejected.float().contiguous().cpu()}, str(tmp),
-                  metadata={"key": json.dumps(meta, sort_keys=True, default=str)})
+        save_tensors({"chosen": chosen.float().contiguous().cpu(), "rejected": rejected.float().contiguous().cpu()}, tmp,
+                     metadata={"key": json.dumps(meta, sort_keys=True, default=str)})
 
 
 def load_logps(path: Path, fix: str) -> tuple[torch.Tensor, torch.Tensor]:
