@@ -51,13 +51,13 @@ def load_model_without_dropout(name, seed=0):
 training.load_model = load_model_without_dropout
 
 stop = int(os.environ.get("STOP_AFTER_EPOCH", "0"))
-save_checkpoint = training.Run.save_checkpoint
-def save_then_stop(self, state, opt, sched):
-    save_checkpoint(self, state, opt, sched)
+checkpoint = training.Run.checkpoint
+def checkpoint_then_stop(self, state, stage, epoch, opt, sched):
+    checkpoint(self, state, stage, epoch, opt, sched)
     if state.epoch == stop:
         barrier()
         raise SystemExit(3)
-training.Run.save_checkpoint = save_then_stop
+training.Run.checkpoint = checkpoint_then_stop
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -309,17 +309,13 @@ def test_handoff_and_resume_mid_dpo(tmp_path, monkeypatch):
 
     # interrupt right after epoch 2 (the first DPO epoch) is checkpointed, then resume
     part = tmp_path / "part"
-    real_save = Run.save_checkpoint
 
-    def save_then_die(self, state, opt, sched):
-        real_save(self, state, opt, sched)
-        if state.epoch == 2:
+    def die(epoch):
+        if epoch == 2:
             raise _Interrupt
 
-    monkeypatch.setattr(Run, "save_checkpoint", save_then_die)
     with pytest.raises(_Interrupt):
-        Run(cfg, part).train()
-    monkeypatch.setattr(Run, "save_checkpoint", real_save)
+        Run(cfg, part, on_checkpoint=die).train()
     assert not (part / "summary.json").exists()
     broken = tmp_path / "broken"  # the same interrupted run, but its saved DPO state lost
     shutil.copytree(part, broken)

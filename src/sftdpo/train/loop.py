@@ -237,7 +237,8 @@ class Run:
             self.log_epoch(state, mlog, {"stage": "init", "epoch": 0, "global_step": 0, **metrics, "eval_s": dt})
             log.info("epoch 0 (before training): %s", _fmt(metrics))
 
-        evaluation: Evaluation | None = None
+        evaluation: Evaluation | None = None  # rank 0's; the other ranks evaluate nothing
+        evaluated = False
         for stage, first, last in self.stages():
             if self.stage_done(state, last):
                 continue
@@ -257,6 +258,7 @@ class Run:
                 state.train_time_s += trained.seconds
                 state.train_tokens += trained.tokens
                 metrics, evaluation, dt = self.evaluate()
+                evaluated = True
                 state.eval_time_s += dt
                 self.log_epoch(state, mlog, {"stage": stage, "epoch": epoch, "global_step": state.steps,
                                              **trained.record(), **metrics, "eval_s": dt})
@@ -268,7 +270,7 @@ class Run:
                 self.checkpoint(state, stage, epoch, opt, sched)
             blob = None
 
-        if evaluation is None:  # nothing trained in this process (all epochs were done before a crash at the end)
+        if not evaluated:  # nothing trained in this process (all epochs were done before a crash at the end)
             _, evaluation, _ = self.evaluate()
         summary = self.summarise(state, time.perf_counter() - start)
         if self.is_main:
