@@ -140,6 +140,32 @@ def compare(out: Path, ref: Path) -> list[str]:
     return diffs
 
 
+# what a run process last logged -> the phase a kill then interrupts
+PHASES = (("DPO pairs: generated", "DPO reference log-probs"), ("DPO pairs: reusing", "DPO reference log-probs"),
+          ("DPO reference log-probs", "DPO training"), ("reusing the SFT prefix", "resume from a shared prefix"),
+          ("resuming", "training after a resume"), ("evaluated", "an epoch's end: records, checkpoint"),
+          ("epoch 0 (before training)", "training"), ("epoch ", "checkpoint, next epoch, or the run's end"),
+          ("read ", "a run's set-up (data, model)"), ("sonnets from", "a run's set-up (data, model)"))
+
+
+def phase(out: Path, driver_log: str) -> str:
+    """Roughly what the study was doing when it was killed: from the driver's output of this start and
+    the last line of the run process's log written last."""
+    lines = driver_log.strip().splitlines()
+    if "-> " not in driver_log:
+        return "the driver's start-up (imports, data, estimates, index)"
+    if "study status:" in driver_log:
+        return "the end: index and report"
+    if not lines[-1].endswith("..."):
+        return "between runs (the index, the next run's start)"
+    logs = sorted(out.glob("runs/*/train.log"), key=lambda p: p.stat().st_mtime)
+    text = logs[-1].read_text(errors="replace").strip().splitlines() if logs else []
+    last = text[-1] if text else ""
+    if not last or last.startswith(("sftdpo:", "Traceback")) or "done in" in last:
+        return "a run process starting (fork, imports, data, model)"
+    return next((name for key, name in PHASES if last.startswith(key)), f"other ({last[:40]})")
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -172,30 +198,37 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"chaos: the reference study failed (exit {ref.returncode}); see {work / 'reference.log'}")
     print(f"chaos: reference done in {ref_wall:.0f} s; kills drawn uniformly in [0, {ref_wall:.0f}] s", flush=True)
 
-    env = environment(work / "cache-chaos")  # its own cache: pair sampling and reference log-probs are killed too
     kills = {"SIGKILL": 0, "SIGTERM": 0}
+    phases: dict[str, int] = {}
     resumes = rounds = 0
     left_behind = 0
     differences: list[str] = []
     while sum(kills.values()) < ns.kills:
         rounds += 1
         out = work / f"round-{rounds}"
+        # each round its own cache: tokenizer conversion, pair sampling and reference log-probs are killed too
+        env = environment(work / f"cache-round-{rounds}")
         attempt = 0
-        with (work / f"round-{rounds}.log").open("w") as log:
+        log_path = work / f"round-{rounds}.log"
+        with log_path.open("w") as log:
             while True:
                 attempt += 1
                 resumes += attempt > 1
                 final = sum(kills.values()) >= ns.kills  # no more kills: run this one to the end
                 when = rng.uniform(0, ref_wall)
                 sig = rng.choice(["SIGKILL", "SIGTERM"])
+                log.flush()
+                offset = log_path.stat().st_size
                 proc = start(spec, out, env, log)
                 try:
                     proc.wait(timeout=None if final else when)
                 except subprocess.TimeoutExpired:
                     tree = descendants(proc.pid)
+                    doing = phase(out, log_path.read_text(errors="replace")[offset:])
                     proc.send_signal(getattr(signal, sig))
                     proc.wait()
                     kills[sig] += 1
+                    phases[doing] = phases.get(doing, 0) + 1
                     deadline = time.monotonic() + 30
                     while alive(tree) and time.monotonic() < deadline:
                         time.sleep(0.2)
@@ -204,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                     for pid in left:  # reported above; not left running
                         os.kill(pid, signal.SIGKILL)
                     print(f"  kill {sum(kills.values()):2d}/{ns.kills}: {sig} at {when:5.1f} s (round {rounds}, start "
-                          f"{attempt}; exit {proc.returncode}{f'; {len(left)} processes left behind' if left else ''})",
-                          flush=True)
+                          f"{attempt}; exit {proc.returncode}{f'; {len(left)} processes left behind' if left else ''}): "
+                          f"{doing}", flush=True)
                     continue
                 if proc.returncode not in (0, 3):
                     print(f"  round {rounds}: study run exited {proc.returncode} without a kill", flush=True)
@@ -217,10 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t_start
     summary = {"kills": sum(kills.values()), **{f"kills_{k}": v for k, v in kills.items()}, "resumes": resumes,
                "rounds": rounds, "differences": len(differences), "processes_left_behind": left_behind,
-               "reference_wall_s": round(ref_wall, 1), "wall_s": round(wall, 1), "cpu": cpu_model(), "seed": ns.seed}
+               "reference_wall_s": round(ref_wall, 1), "wall_s": round(wall, 1), "cpu": cpu_model(), "seed": ns.seed,
+               "phases": phases}
     (work / "chaos.json").write_text(json.dumps({**summary, "difference_list": differences}, indent=2))
     for d in differences:
         print(f"  DIFFERENCE {d}")
+    for name, n in sorted(phases.items(), key=lambda kv: -kv[1]):
+        print(f"  {n:3d} kill(s) during {name}")
     print(f"chaos: {summary['kills']} kills ({kills['SIGKILL']} SIGKILL, {kills['SIGTERM']} SIGTERM), {resumes} resumes, "
           f"{rounds} rounds, {len(differences)} differences, {left_behind} processes left behind; wall "
           f"{wall / 60:.1f} min (reference study {ref_wall:.0f} s) on {summary['cpu']}", flush=True)

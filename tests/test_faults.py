@@ -578,6 +578,7 @@ def test_no_run_outlives_its_study(finished, tmp_path, cache, sig):
     out = tmp_path / "study"
     proc = sftdpo("study", "run", str(finished.parent / "spec.yaml"), "--out", str(out), "--no-report")
     wait_for(out, "runs/*/checkpoints/last/training_state.pt", proc)
+    (training,) = [p.parents[2] for p in out.glob("runs/*/checkpoints/last/training_state.pt")]
     tree = descendants(proc.pid)
     assert tree, "the run's process"
     proc.send_signal(getattr(signal, sig))
@@ -589,6 +590,8 @@ def test_no_run_outlives_its_study(finished, tmp_path, cache, sig):
     for pid in left:  # not left running past the test
         os.kill(pid, signal.SIGKILL)
     assert not left, "processes of the study left behind"
+    # stopped, not finished: a run process left training would have ended its run by now
+    assert not (training / "summary.json").exists()
     if sig == "SIGTERM":
         assert proc.returncode == 143 and len(lines(err)) == 1 and "terminated (SIGTERM)" in err, err
         failed = [yaml.safe_load(p.read_text())["error"] for p in out.glob("runs/*/failed.json")]
