@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import glob
 import hashlib
 import itertools
 import json
@@ -116,7 +117,8 @@ def replace_files(out_dir: str | Path, build: Callable[[Path], None], stale: Cal
     fails (a full disk) leaves `out_dir` as it was. Returns the new files' paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".new-", dir=out_dir))
+    _remove_orphans(out_dir, ".new")
+    tmp = Path(tempfile.mkdtemp(prefix=f".new{os.getpid()}-", dir=out_dir))
     try:
         build(tmp)
         names = sorted(p.name for p in tmp.iterdir() if p.is_file())
@@ -128,6 +130,26 @@ def replace_files(out_dir: str | Path, build: Callable[[Path], None], stale: Cal
         return [out_dir / n for n in names]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_orphans(parent: Path, prefix: str) -> None:
+    """Remove the temporary directories `<prefix><pid>-*` in `parent` whose process is gone (killed
+    while it wrote: a converted model or a checkpoint would otherwise stay on disk for good)."""
+    for old in parent.glob(f"{glob.escape(prefix)}*-*"):
+        pid = old.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a zombie, ended but not yet reaped, counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def writable(path: str | Path) -> bool:
@@ -221,7 +243,8 @@ def atomic_dir(final: Path, build: Callable[[Path], None]) -> Path:
     if final.exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp", dir=final.parent))
+    _remove_orphans(final.parent, final.name + ".tmp")
+    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp{os.getpid()}-", dir=final.parent))
     try:
         build(tmp)
         with contextlib.suppress(OSError):  # another process won the race: keep its copy

@@ -21,7 +21,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..config import RunConfig
 from ..files import DamagedFile, lock_holder, read_json, writable, write_json_atomic
@@ -226,16 +226,29 @@ def index_study(store: Store, study_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def study_index(study_dir: Path) -> Iterator[Store]:
-    """The study's index (study.db) brought up to date with its run directories. A damaged study.db
-    is rebuilt from them, said in one line. Where it cannot be written (a study directory this process
-    cannot write, a shared results folder; a full disk) it is indexed in memory, from a copy of
-    study.db, also said in one line, and nothing in the study directory changes."""
+def study_index(study_dir: Path, run: str | None = None) -> Iterator[Store]:
+    """The study's index (study.db) brought up to date with its run directories (`run`: that run's
+    only, when the others are known to be indexed). A damaged study.db is rebuilt from them, said in
+    one line. Where it cannot be written (a study directory this process cannot write, a shared
+    results folder; a full disk) it is indexed in memory, from a copy of study.db, also said in one
+    line, and nothing in the study directory changes."""
     study_dir = Path(study_dir)
     db = study_dir / INDEX_FILE
+
+    def update(store: Store) -> None:
+        if run is None:
+            index_study(store, study_dir)
+        else:
+            run_dir = study_dir / "runs" / run
+            try:
+                info = read_run_file(run_dir)
+            except (OSError, DamagedFile):
+                info = read_manifest(study_dir)[run]
+            index_run(store, run_dir, info)
+
     if writable(study_dir) and (not db.exists() or os.access(db, os.W_OK)):
         try:
-            store = _open_indexed(db, study_dir)
+            store = _open_indexed(db, study_dir, update)
         except sqlite3.OperationalError as e:  # the disk is full, a file-size limit
             log.warning("could not update %s (%s): the index is built in memory for this command", db, e)
             store = _in_memory(db, study_dir)
@@ -248,33 +261,35 @@ def study_index(study_dir: Path) -> Iterator[Store]:
         store.close()
 
 
-def _open_indexed(db: Path, study_dir: Path) -> Store:
-    """Store(db) indexed; a database SQLite cannot read is removed and built again from the run directories."""
+def _open_indexed(db: Path, study_dir: Path, update: Callable[[Store], None]) -> Store:
+    """Store(db) brought up to date by `update`; a database SQLite cannot read is removed and built
+    again from the run directories."""
     try:
-        return _indexed(Store(db), study_dir)
+        return _indexed(Store(db), update)
     except sqlite3.DatabaseError as e:
         if isinstance(e, sqlite3.OperationalError):  # locked, disk full: not damage
             raise
         log.warning("%s is damaged (%s): rebuilt from the run directories", db, e)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
-    return _indexed(Store(db), study_dir)
+    return _indexed(Store(db), lambda store: index_study(store, study_dir))
 
 
 def _in_memory(db: Path, study_dir: Path) -> Store:
     """The index in memory: a copy of study.db (if it can be read) brought up to date."""
+    update = lambda store: index_study(store, study_dir)  # noqa: E731
     try:
-        return _indexed(Store(MEMORY, copy_of=db if db.is_file() and os.access(db, os.R_OK) else None), study_dir)
+        return _indexed(Store(MEMORY, copy_of=db if db.is_file() and os.access(db, os.R_OK) else None), update)
     except sqlite3.DatabaseError as e:
         if isinstance(e, sqlite3.OperationalError):
             raise
         log.warning("%s is damaged (%s): the index is built from the run directories alone", db, e)
-    return _indexed(Store(MEMORY), study_dir)
+    return _indexed(Store(MEMORY), update)
 
 
-def _indexed(store: Store, study_dir: Path) -> Store:
+def _indexed(store: Store, update: Callable[[Store], None]) -> Store:
     try:
-        index_study(store, study_dir)
+        update(store)
     except BaseException:
         store.close()
         raise

@@ -110,7 +110,7 @@ class StudyDir:
                 ok, err = False, f"results unreadable: {e}"
         if not ok:
             record_failure(run_dir, err)
-        with study_index(self.out):
+        with study_index(self.out, run=name):
             pass
         return ok, err
 

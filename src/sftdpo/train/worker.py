@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import RunConfig, SftdpoError
-from ..files import lock_holder, read_json
+from ..files import lock_holder, process_alive, read_json
 from ..system import VERBOSE_ENV, WORKER_PARENT_PID_ENV, Terminated, setup_logging
 from .loop import train
 from .prefix import SFTPrefixes
@@ -52,7 +52,7 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent or not _alive(watched_pid):  # gone before the signal was armed
+    if os.getppid() != parent or not process_alive(watched_pid):  # gone before the signal was armed
         os._exit(1)
     if watched_pid != parent:
         threading.Thread(target=_die_with, args=(watched_pid,), daemon=True, name="sftdpo-die-with-driver").start()
@@ -64,19 +64,9 @@ def _die_with(pid: int) -> None:
         fd = os.pidfd_open(pid)  # readable when the process ends (Linux 5.3)
         select.select([fd], [], [])
     except (OSError, AttributeError):
-        while _alive(pid):
+        while process_alive(pid):
             time.sleep(1.0)
     os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _stop(signum: int, frame: object) -> None:
