@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sftdpo-installed
 
-.PHONY: demo test mutants mutate bench install
+.PHONY: demo test mutants mutate bench install chaos
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,9 @@ mutate: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(VENV)/bin/sftdpo bench
+
+# the chaos check (not in CI): a small study killed N times (SIGKILL or SIGTERM, seeded random moments) and
+# resumed each time must end with exactly the results of an uninterrupted one (scripts/chaos.py)
+N ?= 20
+chaos: $(STAMP)
+	$(PY) scripts/chaos.py --kills $(N)

@@ -315,3 +315,142 @@ def test_reference_cache_key_covers_device_and_precision():
     keys = {json.dumps(reference_key(RunConfig(), T(), "w", ps, torch.device(d), p), sort_keys=True)
             for d in ("cpu", "cuda") for p in ("fp32", "bf16")}
     assert len(keys) == 4
+
+
+# -- encodings and formats (issue 24) -------------------------------------------------------------
+
+FIX = Path(__file__).parent / "fixtures" / "data"
+
+
+def with_bom(src: Path, dst: Path) -> Path:
+    """`src` as Excel's "CSV UTF-8" writes it: a UTF-8 byte-order mark first."""
+    dst.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize("name", ["quora-train.csv", "formats/minbert.csv", "formats/label-q1-q2-id.tsv",
+                                  "formats/glue-train.tsv", "formats/glue-test.tsv", "formats/kaggle-train.csv"])
+def test_a_byte_order_mark_is_not_part_of_a_qqp_file(name, tmp_path):
+    """Every QQP layout reads the same examples with a byte-order mark as without. Catches a reader that
+    strips the mark for format detection only (the CS224N layout then names its first column '\\ufeffid'
+    and skips every row as broken)."""
+    from sftdpo.data import read_qqp
+
+    src = FIX / "qqp" / name
+    assert read_qqp(with_bom(src, tmp_path / src.name)) == read_qqp(src)
+
+
+@pytest.mark.parametrize("ext", ["csv", "tsv", "jsonl", "json"])
+def test_a_byte_order_mark_is_not_part_of_an_own_data_file(ext, tmp_path):
+    """CSV, TSV, JSON Lines and JSON rows read the same with a byte-order mark: the first column is
+    `text`, not an invisible '\\ufefftext'."""
+    from sftdpo.data.records import read_rows
+
+    rows = [{"text": "a cat", "label": "0"}, {"text": "a coin", "label": "1"}]
+    src = tmp_path / f"rows.{ext}"
+    if ext in ("csv", "tsv"):
+        sep = "," if ext == "csv" else "\t"
+        src.write_text("text" + sep + "label\n" + "".join(f"{r['text']}{sep}{r['label']}\n" for r in rows))
+    elif ext == "jsonl":
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        src.write_text(json.dumps(rows))
+    got = read_rows(with_bom(src, tmp_path / f"bom.{ext}"))
+    assert [r.fields for r in got] == rows == [r.fields for r in read_rows(src)]
+
+
+def test_a_byte_order_mark_is_not_part_of_a_sonnet_file(tmp_path):
+    """The first sonnet of a sonnets file with a byte-order mark is still sonnet 1 (the course's
+    'number on its own line' split does not see a mark as part of a number)."""
+    from sftdpo.data import read_cs224n_sonnets
+
+    src = Path(SONNET_FILES["train"])
+    headerless = tmp_path / "plain.txt"
+    text = src.read_text()
+    first = next(i for i, ln in enumerate(text.splitlines()) if ln.strip().isdigit())
+    headerless.write_text("\n".join(text.splitlines()[first:]) + "\n")  # starts with the first sonnet's number
+    assert read_cs224n_sonnets(with_bom(headerless, tmp_path / "bom.txt")) == read_cs224n_sonnets(headerless)
+
+
+def classify_args(train: Path, dev: Path, out: Path) -> list[str]:
+    return ["train", "--task", "classify", "--train", str(train), "--dev", str(dev), "--template", "{text}",
+            "--labels", "0=no,1=yes", *TINY, "--out", str(out)]
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("text,label\nhello,1\nworld\n", "short.csv:3: 1 field(s) where the header has 2"),
+    ("text,label\n" + "a" * 200_000 + ",1\nhello,0\n", "short.csv:2: a field longer than"),
+    ('text,label\n"an unclosed quote,1\nhello,0\n' + "x" * 200_000 + "\n", "short.csv:2: a field longer than"),
+])
+def test_a_bad_csv_row_is_one_line_with_its_line(content, needle, tmp_path, cache):
+    """A CSV row one field short names its file and line (not "label 'None' has no word"); a field
+    past the csv module's limit (an unclosed quote takes in the rest of the file) too, with the fix."""
+    short = tmp_path / "short.csv"
+    short.write_text(content)
+    dev = tmp_path / "dev.csv"
+    dev.write_text("text,label\nhi there,1\nbye,0\n")
+    one_line_error(*cli(*classify_args(short, dev, tmp_path / "run")), needle)
+    no_result(tmp_path / "run")
+
+
+def test_a_parquet_file_that_is_not_parquet_is_one_line(tmp_path, cache):
+    bad = tmp_path / "rows.parquet"
+    bad.write_text("text,label\nhello,1\n")
+    dev = tmp_path / "dev.csv"
+    dev.write_text("text,label\nhi there,1\nbye,0\n")
+    one_line_error(*cli(*classify_args(bad, dev, tmp_path / "run")), "rows.parquet: not a readable Parquet file")
+    no_result(tmp_path / "run")
+
+
+# -- checked before anything is written (issue 24) --------------------------------------------------
+
+def generate_files(tmp_path: Path) -> dict[str, str]:
+    rows = [{"prompt": f"Count from {i}:", "completion": " " + " ".join(str(i + k) for k in range(1, 5))} for i in range(10)]
+    (tmp_path / "g-train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    (tmp_path / "g-dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[8:]))
+    return {"train": str(tmp_path / "g-train.jsonl"), "dev": str(tmp_path / "g-dev.jsonl")}
+
+
+def test_a_missing_pairs_file_is_a_missing_file(tmp_path, cache):
+    """`--pairs file:PATH` naming a file that is not there is said as such, before anything is written,
+    not looked up as a Hugging Face dataset id."""
+    files = generate_files(tmp_path)
+    one_line_error(*cli(*train_args("generate", files, tmp_path / "run", "--regime", "dpo", "--pairs",
+                                    f"file:{tmp_path / 'nope.jsonl'}")), "nope.jsonl: no such file")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_pairs_file_without_rejected_is_refused_before_anything_is_written(tmp_path, cache):
+    """The README's promise: a preference file without `rejected` stops the run before the untrained
+    evaluation and before config.json. Catches a check made only when the DPO stage starts."""
+    files = generate_files(tmp_path)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Count from 1:", "chosen": " 2 3"}) + "\n")
+    one_line_error(*cli(*train_args("generate", files, tmp_path / "run", "--regime", "sft-dpo", "--epochs", "2",
+                                    "--handoff-epoch", "1", "--pairs", f"file:{pairs}")), "needs `chosen` and `rejected`",
+                   f"{pairs}:1")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_generate_task_whose_dev_is_its_train_is_refused(tmp_path, cache):
+    """As paraphrase, sonnet and classify refuse it: dev metrics on the training examples mean nothing."""
+    files = generate_files(tmp_path)
+    one_line_error(*cli(*train_args("generate", {"train": files["train"], "dev": files["train"]}, tmp_path / "run")),
+                   "every dev example also occurs in train")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--beta", "0.1"), ("--dpo-lr", "1e-5"), ("--loss-type", "ipo"),
+                                        ("--pairs", "hardest")])
+def test_dpo_flags_given_with_regime_sft_are_an_error(flag, value, qqp, tmp_path, cache):
+    """A DPO setting given on the command line of a run without DPO is a mistake, as --handoff-epoch is;
+    the same field from a --config file (a `study best` file, defaults) is a default and is reset."""
+    one_line_error(*cli(*train_args("paraphrase", qqp, tmp_path / "run", "--regime", "sft", flag, value)),
+                   f"{flag} only applies to DPO", "got regime sft")
+    assert not (tmp_path / "run").exists()
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump({flag.removeprefix("--").replace("-", "_"): value, "regime": "sft"}))
+    from sftdpo.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["train", "--config", str(conf), "--task", "paraphrase"]))
+    assert cfg.regime == "sft"

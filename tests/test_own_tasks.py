@@ -205,7 +205,10 @@ def test_conversational_rows_use_the_chat_template(llama_base, cache, tmp_path):
     chats = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"Say {w} twice."},
                                           {"role": "assistant", "content": f"{w} {w}"}]} for i, w in enumerate(words)]
     write_jsonl(tmp_path / "train.jsonl", chats)
-    write_jsonl(tmp_path / "dev.jsonl", chats[:5])
+    teal = {"id": "teal", "messages": [{"role": "user", "content": "Say teal twice."},
+                                       {"role": "assistant", "content": "teal teal"}]}
+    dev = [*chats[:5], teal]  # not all of dev in train: that is refused
+    write_jsonl(tmp_path / "dev.jsonl", dev)
     cfg = RunConfig(task="generate", train=str(tmp_path / "train.jsonl"), dev=str(tmp_path / "dev.jsonl"), epochs=1,
                     batch_size=4, lr=1e-3, temperature=0.0, max_new_tokens=6, **{**TINY, "model": str(llama_base)})
     tok = oracle.load_tokenizer(llama_base)
@@ -215,16 +218,16 @@ def test_conversational_rows_use_the_chat_template(llama_base, cache, tmp_path):
     s = train(cfg, tmp_path / "run")
     model = oracle.load_run_model(llama_base, tmp_path / "run")
     want, gaps = {}, []
-    for c in chats[:5]:
+    for c in dev:
         prompt = tok.apply_chat_template(c["messages"][:1], tokenize=False, add_generation_prompt=True)
         assert prompt.endswith("<|im_start|>assistant\n")
         want[c["id"]], gap = oracle.greedy_completion(model, tok, prompt, cfg.max_new_tokens)
         gaps.append(gap)
     assert min(gaps) > oracle.tie_band("fp32") and len(set(want.values())) >= 3, (want, min(gaps))
-    assert outputs(tmp_path / "run") == [(c["id"], want[c["id"]].strip(), c["messages"][1]["content"]) for c in chats[:5]]
+    assert outputs(tmp_path / "run") == [(c["id"], want[c["id"]].strip(), c["messages"][1]["content"]) for c in dev]
     gens = [json.loads(x) for x in (tmp_path / "run" / "generations.jsonl").read_text().splitlines()]
-    assert [g["completion"] for g in gens] == [want[c["id"]].strip() for c in chats[:5]]
-    hyps, refs = [want[c["id"]].strip() for c in chats[:5]], [c["messages"][1]["content"] for c in chats[:5]]
+    assert [g["completion"] for g in gens] == [want[c["id"]].strip() for c in dev]
+    hyps, refs = [want[c["id"]].strip() for c in dev], [c["messages"][1]["content"] for c in dev]
     assert s["dev/chrf"] == pytest.approx(oracle.corpus_chrf(hyps, refs), abs=1e-9)
     require_tiny_gpt2()
     no_template = dict(cfg.to_dict(), model="tiny-gpt2")

@@ -23,8 +23,9 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import RECIPES, RunConfig, SftdpoError, peft_set_entries, task_definition
-from .system import VERBOSE_ENV, format_duration, setup_logging
+from .config import DPO_FIELDS, RECIPES, RunConfig, SftdpoError, peft_set_entries, task_definition
+from .files import DamagedFile, is_write_failure, write_failure, writable
+from .system import VERBOSE_ENV, Terminated, format_duration, setup_logging, sigterm_as_interrupt
 
 log = logging.getLogger("sftdpo")
 
@@ -201,12 +202,20 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         base.update(task_definition(load_config_file(ns.task_file), f"--task-file {ns.task_file}",
                                     Path(ns.task_file).stem))
     names = {f.name for f in dataclasses.fields(RunConfig)}
-    for k, v in vars(ns).items():
-        if k == "peft_set" and v is not None and base.get(k):  # the file's entries, then the flags' (later wins)
+    given = {k for k, v in vars(ns).items() if k in names and v is not None}
+    for k in given:
+        v = getattr(ns, k)
+        if k == "peft_set" and base.get(k):  # the file's entries, then the flags' (later wins)
             v = [*peft_set_entries(base[k]), *v]
-        if k in names and v is not None:
-            base[k] = v
-    return RunConfig.from_dict(base).validate()
+        base[k] = v
+    cfg = RunConfig.from_dict(base).validate()
+    # a DPO setting given on the command line for a run without DPO is a mistake, as --handoff-epoch is
+    # (a --config file's or a study spec's DPO fields are defaults: an SFT run resets them, config.irrelevant_fields)
+    dpo_only = sorted(given & set(DPO_FIELDS)) if cfg.regime == "sft" else []
+    if dpo_only:
+        raise SftdpoError(f"invalid config: {', '.join(map(_flag, dpo_only))} only appl{'ies' if len(dpo_only) == 1 else 'y'}"
+                          " to DPO, --regime dpo or sft-dpo (got regime sft)")
+    return cfg
 
 
 def load_config_file(path: str) -> dict:
@@ -214,7 +223,7 @@ def load_config_file(path: str) -> dict:
     if not p.is_file():
         raise SftdpoError(f"config file {path} does not exist")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
         d = yaml.safe_load(text) if p.suffix in (".yaml", ".yml") else json.loads(text)
     except UnicodeDecodeError:
         raise SftdpoError(f"config file {path} is not UTF-8 text") from None
@@ -368,21 +377,22 @@ def cmd_study_run(ns: argparse.Namespace) -> int:
 
 
 def cmd_study_status(ns: argparse.Namespace) -> int:
-    from .store import Store
-    from .study.index import epoch_records, index_study, read_run_file
+    from .study.index import epoch_records, study_index, study_runs
     from .study.local import metrics_line
     from .study.schedule import calibrated_eta
 
-    if not (Path(ns.dir) / "runs").is_dir():
+    study_dir = Path(ns.dir)
+    if not (study_dir / "runs").is_dir():
         raise SftdpoError(f"{ns.dir} is not a study directory (no runs/)")
-    with Store(index_study(Path(ns.dir))) as store:
+    with study_index(study_dir) as store:
         runs = store.runs()
+    entries = study_runs(study_dir)
     counts: dict[str, int] = {}
     timing: list[tuple[str, float | None, float | None]] = []  # (status, estimated s, actual s)
     lines = []
     for r in runs:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-        est = read_run_file(Path(r["run_dir"])).get("estimated_s")
+        est = entries.get(r["name"], {}).get("estimated_s")
         extra, took = "", None
         if r["status"] == "done" and r.get("summary"):
             s = r["summary"]
@@ -393,8 +403,11 @@ def cmd_study_status(ns: argparse.Namespace) -> int:
         elif r["status"] == "failed":
             extra = r.get("error") or ""
         elif r["status"] in ("running", "pending"):
-            epochs = epoch_records(Path(r["run_dir"]))
-            extra = f"epoch {epochs[-1]['epoch']} done" if epochs else ""
+            try:
+                epochs = epoch_records(Path(r["run_dir"]))
+            except DamagedFile:
+                epochs = []
+            extra = f"epoch {epochs[-1]['epoch']} done" if epochs else (r.get("error") or "")
         timing.append((r["status"], est, took))
         lines.append(f"  {r['status']:8s} {r['name']:60s} {extra}")
     eta = calibrated_eta(timing)
@@ -406,25 +419,28 @@ def cmd_study_status(ns: argparse.Namespace) -> int:
 
 def cmd_study_report(ns: argparse.Namespace) -> int:
     from .report import write_report
-    from .study.index import index_study
+    from .study.index import study_index
 
-    if not (Path(ns.dir) / "runs").is_dir():
+    study_dir = Path(ns.dir)
+    if not (study_dir / "runs").is_dir():
         raise SftdpoError(f"{ns.dir} is not a study directory (no runs/)")
-    index_study(Path(ns.dir))
-    print(write_report(Path(ns.dir)))
+    out = Path(ns.out) if ns.out else study_dir / "report"
+    if not writable(out):
+        raise SftdpoError(f"{out} is not writable: write the report elsewhere with --out DIR")
+    with study_index(study_dir) as store:
+        print(write_report(study_dir, store, out))
     return 0
 
 
 def cmd_study_best(ns: argparse.Namespace) -> int:
     from .report.best import write_best
     from .report.results import StudyResults
-    from .store import Store
-    from .study.index import index_study
+    from .study.index import study_index
 
     study_dir = Path(ns.dir)
     if not (study_dir / "runs").is_dir():
         raise SftdpoError(f"{ns.dir} is not a study directory (no runs/)")
-    with Store(index_study(study_dir)) as store:
+    with study_index(study_dir) as store:
         study = StudyResults(store)
         written = write_best(study, Path(ns.out) if ns.out else study_dir / "best", ns.metric)
     for task in sorted(set(study.tasks()) - {b.task for b, _ in written}):
@@ -556,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_study_status)
     rp = ss.add_parser("report", help="write report.md, tables and figures")
     rp.add_argument("dir")
+    rp.add_argument("--out", help="where the report goes (default: DIR/report/); a read-only study directory is "
+                                  "read, not changed")
     rp.set_defaults(func=cmd_study_report)
     bs = ss.add_parser("best", help="the best configuration per task x backbone x parameterization, as run config "
                                     "files for `sftdpo train --config`")
@@ -584,13 +602,20 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[VERBOSE_ENV] = "1"  # the run processes of a study too
     setup_logging(logging.WARNING if ns.quiet else logging.INFO, verbose=ns.verbose)
     try:
-        return ns.func(ns)
+        with sigterm_as_interrupt():  # kill, timeout, Slurm and Kubernetes stop a command as Ctrl-C does
+            return ns.func(ns)
     except SftdpoError as e:
         print(f"sftdpo: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sftdpo: interrupted (completed epochs are checkpointed; run the same command again to resume)", file=sys.stderr)
-        return 130
+    except OSError as e:  # a write that no command caught itself: still one line
+        if not is_write_failure(e):
+            raise
+        print(f"sftdpo: error: {write_failure(e, 'a file')}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"sftdpo: {how} (completed epochs are checkpointed; run the same command again to resume)", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":

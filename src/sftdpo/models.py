@@ -14,17 +14,19 @@ import io
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from peft import PeftModel
+from safetensors.torch import save_file
 from torch import nn
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM)
 
 from .config import LORA_FUNCTION_FIELDS, PEFT_FIELDS, RunConfig, SftdpoError, cache_dir, find_in_data_dirs, hub_reachable
-from .files import atomic_dir, hash_tensors, stable_hash
+from .files import as_os_error, atomic_dir, hash_tensors, stable_hash
 from .peft_methods import LORA_TARGET_PRESETS, apply_lora, apply_param, lora_target_modules  # noqa: F401 (re-exported)
 from .system import VERBOSE_ENV, cpu_bf16, cpu_model, quiet_transformers, rss_mb
 
@@ -76,6 +78,26 @@ def smollm2_dir() -> Path:
     return atomic_dir(final, build)
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # noqa: BLE001 - SafetensorError wraps the OS error in its message
+        raise as_os_error(e, path) from None
+
+
+def _from_cache(directory: Callable[[], Path], load: Callable[[Path], Any]) -> Any:
+    """load(a directory converted once into the cache); one that cannot be loaded (damaged on disk) is
+    converted again, said in one line."""
+    path = directory()
+    try:
+        return load(path)
+    except Exception as e:  # noqa: BLE001 - transformers and safetensors raise many types for a broken file
+        log.warning("%s is damaged (%s): converting it again", path, type(e).__name__)
+    shutil.rmtree(path, ignore_errors=True)
+    return load(directory())
+
+
 def smollm2_tokenizer_dir() -> Path:
     """The SmolLM2 tokenizer alone (for tiny-llama): the converted model's copy when present,
     else converted from the GGUF metadata without dequantizing any weights."""
@@ -110,7 +132,7 @@ def _tiny_model(name: str, seed: int):
                             bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
         cls = GPT2LMHeadModel
     else:
-        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+        tok = _from_cache(smollm2_tokenizer_dir, AutoTokenizer.from_pretrained)
         config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                              tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
@@ -146,7 +168,7 @@ def load_tokenizer(name: str) -> Any:
     if name == "tiny-gpt2" or (name == "gpt2" and find_in_data_dirs("gpt2-tokenizer")):
         tok = _gpt2_tokenizer()  # the data directory's copy of the hub's gpt2 tokenizer files: no network needed
     elif name in ("tiny-llama", "smollm2-135m"):
-        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+        tok = _from_cache(smollm2_tokenizer_dir, AutoTokenizer.from_pretrained)
     elif Path(name).expanduser().is_dir():
         tok = AutoTokenizer.from_pretrained(Path(name).expanduser())
     elif _is_hub_id(name):
@@ -166,11 +188,12 @@ def load_model(name: str, seed: int = 0) -> tuple[Any, Any]:
     """(model, tokenizer) in fp32 on CPU, with a pad token set and right padding."""
     if name in ("tiny-gpt2", "tiny-llama"):
         model, tok = _tiny_model(name, seed)
+    elif name == "smollm2-135m":
+        tok, model = _from_cache(smollm2_dir, lambda d: (AutoTokenizer.from_pretrained(d),
+                                                         AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)))
     else:
-        if name == "smollm2-135m":
-            source: str | Path = smollm2_dir()
-        elif Path(name).expanduser().is_dir():
-            source = Path(name).expanduser()
+        if Path(name).expanduser().is_dir():
+            source: str | Path = Path(name).expanduser()
             if not (source / "config.json").is_file():
                 raise SftdpoError(f"model directory {source} has no config.json: it is not a Hugging Face model "
                                   "directory (one written by save_pretrained, or `sftdpo export`)")

@@ -16,10 +16,12 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .config import SftdpoError
 
 STATUSES = ("pending", "running", "done", "failed")
+MEMORY = ":memory:"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -79,28 +81,43 @@ def _loads(s: str | None) -> Any:
 class Store:
     """SQLite store of runs, per-epoch metrics and per-example dev outputs."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, copy_of: str | Path | None = None):
+        """The store in database file `path`, or MEMORY: in memory, a copy of database file `copy_of`
+        if given (read without changing anything there: for a study directory this process cannot write)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if str(path) != MEMORY:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         # one long-lived connection: closing the last one checkpoints the WAL, which costs an fsync
-        self._con = self._connect()
+        self._con = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
-        with self._tx() as con:  # executescript would COMMIT implicitly; run statements in our transaction
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    con.execute(stmt)
+        try:  # a file that is not a database fails here (sqlite3.DatabaseError): the caller rebuilds it
+            if copy_of is not None:
+                # immutable: no lock, no -shm file, nothing written (commits still in a WAL are not
+                # seen: those runs' stamps differ, and the index reads them again)
+                src = sqlite3.connect(f"file:{quote(str(Path(copy_of).resolve()))}?immutable=1", uri=True)
+                try:
+                    src.backup(self._con)
+                finally:
+                    src.close()
+            self._setup()
+            with self._tx() as con:  # executescript would COMMIT implicitly; run statements in our transaction
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        con.execute(stmt)
+        except BaseException:
+            self._con.close()
+            raise
 
     # -- connection handling -------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in _tx
-        con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+    def _setup(self) -> None:
+        # autocommit mode (isolation_level=None): transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in _tx
+        con = self._con
         con.row_factory = sqlite3.Row
         con.execute("PRAGMA journal_mode=WAL")
         # WAL + NORMAL: each commit is still atomic and survives a process crash; only an OS crash
         # or power loss can drop the last commits (the run is then simply redone)
         con.execute("PRAGMA synchronous=NORMAL")
         con.execute("PRAGMA foreign_keys=ON")
-        return con
 
     def close(self) -> None:
         self._con.close()
@@ -211,6 +228,9 @@ class Store:
     def stamps(self) -> dict[str, str]:
         """run hash -> the stamp of the run directory's files when the run was last indexed."""
         return {r[0]: r[1] for r in self._read("SELECT run_hash, stamp FROM sources")}
+
+    def run_hashes(self) -> list[str]:
+        return [r[0] for r in self._read("SELECT run_hash FROM runs")]
 
     def remove_runs(self, run_hashes: list[str]) -> None:
         with self._tx() as con:

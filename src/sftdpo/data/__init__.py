@@ -13,6 +13,7 @@ from ..config import RunConfig
 from ..files import stable_hash
 from .classify import ClassifyData, ClassifyExample, load_classify_data
 from .generate import GenerateData, GenerateExample, load_generate_data
+from .preferences import load_preferences
 from .qqp import (QQP_FORMATS, ParaphraseData, ParaphraseExample, dedupe_against, detect_qqp_format, load_glue_qqp,
                   load_paraphrase_data, normalise_pair, qqp_available, read_qqp, read_qqp_with_stats,
                   write_paraphrase_predictions)
@@ -81,6 +82,10 @@ def resolve_data(cfg: RunConfig, memo: dict | None = None) -> RunConfig:
     memo = {} if memo is None else memo
     if key not in memo:
         memo[key] = data_fingerprint(load_task_data(cfg))
+    pairs = ("pairs", cfg.pairs, cfg.train_split)
+    if cfg.regime != "sft" and cfg.pairs.startswith("file:") and pairs not in memo:
+        # a --pairs file is read at the DPO stage; its rows are checked now, before anything is written
+        memo[pairs] = load_preferences(cfg.pairs.removeprefix("file:"), cfg.train_split)
     return dataclasses.replace(cfg, data_fingerprint=memo[key])
 
 

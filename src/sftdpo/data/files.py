@@ -10,8 +10,8 @@ from ..config import SftdpoError
 
 
 def first_line(path: Path) -> str:
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        return f.readline().lstrip("\ufeff").rstrip("\r\n")
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:  # -sig: a byte-order mark dropped
+        return f.readline().rstrip("\r\n")
 
 
 def check_file(path: str | Path) -> Path:

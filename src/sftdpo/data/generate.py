@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,4 +99,15 @@ def load_generate_data(cfg: RunConfig) -> GenerateData:
     fmt = row_format(tr_rows[0])
     train = [_example(r, fmt, cfg, "train", i) for i, r in enumerate(tr_rows)]
     dev = [_example(r, fmt, cfg, "dev", i) for i, r in enumerate(dv_rows)]
+    seen = {_text(e) for e in train}
+    if all(_text(e) in seen for e in dev):
+        raise SftdpoError(f"every dev example also occurs in train ({source}): is the dev data the train data?")
     return GenerateData(train, dev, f"{source}: {len(train):,} train, {len(dev):,} dev rows ({fmt})", fmt)
+
+
+def _text(e: GenerateExample) -> str:
+    """An example's whole text (prompt and completion, case and whitespace folded): a language-modelling
+    dev row split into prompt and continuation is the training row it came from."""
+    if isinstance(e.prompt, list) or isinstance(e.completion, list):
+        return json.dumps([*(e.prompt or []), *e.completion], sort_keys=True)
+    return " ".join((e.prompt + e.completion).lower().split())

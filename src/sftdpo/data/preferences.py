@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import SftdpoError
 from .generate import check_messages
-from .records import Row, dataset_rows, read_rows
+from .records import FILE_FORMATS, Row, dataset_rows, read_rows
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,11 @@ def _preference(r: Row) -> Preference:
 
 
 def _rows(source: str, split: str) -> list[Row]:
+    """The rows of `--pairs file:SOURCE`. A SOURCE that can only be a path (a file extension, or starting
+    with /, . or ~) and is not there is a missing file, not a hub id."""
     p = Path(source).expanduser()
+    if not p.exists() and (p.suffix.lower() in FILE_FORMATS or source.startswith(("/", ".", "~")) or source.count("/") > 1):
+        raise SftdpoError(f"--pairs file:{source}: no such file; check the path (or give a Hugging Face dataset id)")
     rows = read_rows(p, split) if p.exists() else dataset_rows(source, split)
     if not rows:
         raise SftdpoError(f"--pairs file:{source} holds no pairs")

@@ -85,7 +85,7 @@ def _unescape(field: str) -> str:
 
 def _iter_tsv(path: Path, errors: str = "strict") -> Iterator[tuple[int, list[str]]]:
     """Plain tab splitting (raw quotes kept), as GLUE/Quora TSVs need; yields (line number, fields)."""
-    with open(path, encoding="utf-8", errors=errors, newline="") as f:
+    with open(path, encoding="utf-8-sig", errors=errors, newline="") as f:  # -sig: a byte-order mark dropped
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if line.strip():
@@ -115,8 +115,9 @@ def read_qqp_with_stats(path: str | Path, fmt: str | None = None) -> tuple[list[
         if fmt in _LENIENT:
             # csv.DictReader(delimiter="\t") exactly like the course's loader (datasets.py::load_paraphrase_data),
             # so the same rows survive with the same ids: a row missing a field or its label is skipped, a row
-            # with extra fields is kept (its named fields read), ids are lower-cased and stripped.
-            with open(p, encoding="utf-8", newline="") as f:
+            # with extra fields is kept (its named fields read), ids are lower-cased and stripped
+            # (utf-8-sig: a byte-order mark would otherwise be part of the first column's name).
+            with open(p, encoding="utf-8-sig", newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t")
                 labelled = "is_duplicate" in (reader.fieldnames or [])
                 for rec in reader:
@@ -150,9 +151,9 @@ def read_qqp_with_stats(path: str | Path, fmt: str | None = None) -> tuple[list[
                 else:
                     out.append(ParaphraseExample(row[0], _unescape(row[3]), _unescape(row[4]), label(row[5], lineno)))
         else:  # kaggle-csv: a proper comma CSV (quoted fields, embedded newlines), read once, no unescaping
-            with open(p, encoding="utf-8", newline="") as f:
+            with open(p, encoding="utf-8-sig", newline="") as f:
                 reader = csv.reader(f)
-                head = [h.lstrip("\ufeff") for h in next(reader, _GLUE_HEAD)]
+                head = next(reader, _GLUE_HEAD)
                 for row in reader:
                     if not row:
                         continue

@@ -1,6 +1,7 @@
 """Rows of named fields from the files people have: CSV, TSV, JSON Lines (or a JSON list), Parquet, a
 Hugging Face dataset saved with `save_to_disk`, or a dataset on the Hugging Face hub. Each row keeps
-where it came from (`file:line`), so an error can name it."""
+where it came from (`file:line`), so an error can name it. Text files are read as UTF-8 with or
+without a byte-order mark (Excel's "CSV UTF-8" writes one)."""
 
 from __future__ import annotations
 
@@ -35,24 +36,12 @@ def read_rows(path: str | Path, split: str | None = None) -> list[Row]:
                           "(or a directory written by datasets' save_to_disk)")
     try:
         if fmt in ("csv", "tsv"):
-            with open(p, encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
-                rows = []
-                for rec in reader:
-                    if None in rec:
-                        raise SftdpoError(f"{p}:{reader.line_num}: more fields than the header has columns; "
-                                          "quote fields that hold the separator")
-                    rows.append(Row(f"{p}:{reader.line_num}", dict(rec)))
-                return rows
+            return _delimited(p, fmt)
         if fmt == "parquet":
-            import pyarrow.parquet as pq  # noqa: PLC0415 - pyarrow comes with datasets; only Parquet needs it
-
-            return [Row(f"{p}:row {i + 1}", r) for i, r in enumerate(pq.read_table(p).to_pylist())]
-        text = p.read_text(encoding="utf-8")
+            return _parquet(p)
+        text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise SftdpoError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
-    except csv.Error as e:
-        raise SftdpoError(f"{p}: unreadable as {fmt.upper()} ({e})") from None
     if fmt == "json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -68,6 +57,44 @@ def read_rows(path: str | Path, split: str | None = None) -> list[Row]:
         except json.JSONDecodeError as e:
             raise SftdpoError(f"{p}:{n}: not a JSON object ({e.msg}); JSON Lines holds one object per line") from None
     return rows
+
+
+def _delimited(p: Path, fmt: str) -> list[Row]:
+    """The rows of a CSV or TSV file under its header; a row with more or fewer fields than the
+    header, or a field past the csv module's limit, is one error naming its line."""
+    with open(p, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter="," if fmt == "csv" else "\t")
+        rows = []
+        try:
+            for rec in reader:
+                if None in rec:
+                    raise SftdpoError(f"{p}:{reader.line_num}: more fields than the header has columns; "
+                                      "quote fields that hold the separator")
+                if None in rec.values():
+                    have = sum(v is not None for v in rec.values())
+                    raise SftdpoError(f"{p}:{reader.line_num}: {have} field(s) where the header has {len(rec)} "
+                                      f"({', '.join(rec)}); complete or remove that line")
+                rows.append(Row(f"{p}:{reader.line_num}", dict(rec)))
+        except csv.Error as e:  # line_num counts the lines before the row being read
+            if "field larger than field limit" in str(e):
+                raise SftdpoError(f"{p}:{reader.line_num + 1}: a field longer than {csv.field_size_limit():,} "
+                                  "characters (an unclosed quote takes in the lines after it); close the quote, or "
+                                  "shorten the field") from None
+            raise SftdpoError(f"{p}:{reader.line_num + 1}: unreadable as {fmt.upper()} ({e})") from None
+        return rows
+
+
+def _parquet(p: Path) -> list[Row]:
+    import pyarrow  # noqa: PLC0415 - pyarrow comes with datasets; only Parquet needs it
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    try:
+        table = pq.read_table(p)
+    except (pyarrow.ArrowException, OSError) as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise SftdpoError(f"{p}: not a readable Parquet file ({first[:160]}); write it again (e.g. pandas "
+                          "DataFrame.to_parquet), or give another format") from None
+    return [Row(f"{p}:row {i + 1}", r) for i, r in enumerate(table.to_pylist())]
 
 
 def _row(where: str, value: Any) -> Row:

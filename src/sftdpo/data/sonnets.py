@@ -61,9 +61,9 @@ def read_cs224n_sonnets(path: str | Path) -> list[Sonnet]:
     """
     p = check_file(path)
     # Text mode reads CRLF as LF. The leading "\n" lets a file without header start directly with
-    # "1"; with a header it changes nothing.
+    # "1"; with a header it changes nothing. utf-8-sig: a byte-order mark is not text.
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise SftdpoError(f"{p}: not valid UTF-8 ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
     parts = _NUMBER_LINE.split("\n" + text)

@@ -296,7 +296,7 @@ def build_kto_objective(ctx: StageContext) -> KTOObjective:
     """KTO's stage: its examples, micro-batches and reference log-probs (of every completion and KL
     completion), persisted in <run>/dpo/ before the first step and taken from there on resuming."""
     return stage_inputs(ctx, lambda dpo_dir, ref_model, fp, ad: _fresh(ctx, dpo_dir, ref_model, fp, ad),
-                        lambda dpo_dir, saved: _from_run_dir(ctx, dpo_dir, saved))
+                        lambda dpo_dir, saved, fix: _from_run_dir(ctx, dpo_dir, saved, fix))
 
 
 def _fresh(ctx: StageContext, dpo_dir: Path, reference, fingerprint: str, adapter_disabled: bool) -> KTOObjective:
@@ -351,11 +351,11 @@ def _check_balance(cfg: RunConfig, n_desirable: int, n_undesirable: int) -> None
                     "--undesirable-weight in [%s, %s]", n_desirable, n_undesirable, d_lo, d_hi, u_lo, u_hi)
 
 
-def _from_run_dir(ctx: StageContext, dpo_dir: Path, saved: dict) -> KTOObjective:
+def _from_run_dir(ctx: StageContext, dpo_dir: Path, saved: dict, fix: str) -> KTOObjective:
     """The examples, micro-batches and reference log-probs saved in the run directory (a resumed run)."""
     cfg, task = ctx.cfg, ctx.task
     check_saved(ctx, dpo_dir, saved)
-    stored = read_pairs(dpo_dir / "examples.jsonl")[1]
+    stored = read_pairs(dpo_dir / "examples.jsonl", fix)[1]
     groups: list[list[int]] = []
     for i, r in enumerate(stored):
         if not groups or r["group"] != stored[i - 1]["group"]:
@@ -365,7 +365,7 @@ def _from_run_dir(ctx: StageContext, dpo_dir: Path, saved: dict) -> KTOObjective
     if ex.ps.data_hash() != saved.get("data_hash"):
         raise SftdpoError(f"the KTO examples of this run no longer match {dpo_dir} (data or tokenizer changed); "
                           "use a new --out")
-    ref, ref_kl = load_logps(dpo_dir / "reference.safetensors")
+    ref, ref_kl = load_logps(dpo_dir / "reference.safetensors", fix)
     if ref.size(0) != len(ex):
         raise SftdpoError(f"{dpo_dir}/reference.safetensors has {ref.size(0)} rows for {len(ex)} KTO examples")
     log.info("KTO: reusing the examples and reference log-probs saved in %s", dpo_dir)

@@ -23,7 +23,7 @@ from html import escape
 from pathlib import Path
 
 from ..config import SftdpoError
-from ..files import write_text_atomic
+from ..files import is_write_failure, replace_files, write_failure
 from ..store import Store
 from .claims import claims_section
 from .figures import figure_fft_vs_lora, figure_handoff, save
@@ -131,28 +131,36 @@ def _inline(text: str) -> str:
     return f"<em>{html}</em>" if em else html
 
 
-def _clear(report_dir: Path) -> None:
-    """Remove files from a previous report so a vanished table or figure does not linger."""
-    for p in report_dir.iterdir():
-        if p.is_file() and (p.name in ("report.md", "report.html") or p.name.startswith(("table_", "fig_"))):
-            p.unlink()
+def _report_file(name: str) -> bool:
+    """A file of a report (a previous report's that the new one lacks is removed: no vanished table or
+    figure lingers)."""
+    return name in ("report.md", "report.html") or name.startswith(("table_", "fig_"))
 
 
-def write_report(study_dir: Path) -> Path:
-    """Write study_dir/report/ (report.md, report.html, tables as .csv/.tex, figures as .png/.pdf/.svg);
-    returns report.md."""
+def write_report(study_dir: Path, store: Store | None = None, out: Path | None = None) -> Path:
+    """Write the report of the study in `study_dir` from its index `store` (default: study_dir/study.db)
+    into `out` (default: study_dir/report/): report.md, report.html, tables as .csv/.tex, figures as
+    .png/.pdf/.svg. The previous report stays until the new one is complete (files.replace_files).
+    Returns report.md."""
     study_dir = Path(study_dir)
-    db = study_dir / "study.db"
-    if not db.exists():
-        raise SftdpoError(f"no study database at {db}; run the study first")
-    with Store(db) as store:
-        return _write(study_dir, StudyResults(store))
+    out_dir = Path(out) if out is not None else study_dir / "report"
+    if store is None:
+        db = study_dir / "study.db"
+        if not db.exists():
+            raise SftdpoError(f"no study database at {db}; run the study first")
+        with Store(db) as own:
+            return write_report(study_dir, own, out_dir)
+    study = StudyResults(store)
+    try:
+        replace_files(out_dir, lambda tmp: _write(study_dir, study, tmp), stale=_report_file)
+    except OSError as e:
+        if not is_write_failure(e):
+            raise
+        raise write_failure(e, f"the report in {out_dir}", "the previous report there is as it was") from None
+    return out_dir / "report.md"
 
 
-def _write(study_dir: Path, study: StudyResults) -> Path:
-    out_dir = study_dir / "report"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _clear(out_dir)
+def _write(study_dir: Path, study: StudyResults, out_dir: Path) -> None:
     doc = Doc()
     doc.h(1, f"Study report: {study_dir.name}")
     doc.p(f"Generated {datetime.now(timezone.utc).isoformat(timespec='seconds')} from `study.db`: "
@@ -232,7 +240,5 @@ def _write(study_dir: Path, study: StudyResults) -> Path:
         doc.items(skipped)
     setup_section(doc, study, study_dir)
 
-    report = out_dir / "report.md"
-    write_text_atomic(report, doc.markdown())
-    write_text_atomic(out_dir / "report.html", doc.html(f"Study report: {study_dir.name}"))
-    return report
+    (out_dir / "report.md").write_text(doc.markdown(), encoding="utf-8")
+    (out_dir / "report.html").write_text(doc.html(f"Study report: {study_dir.name}"), encoding="utf-8")

@@ -75,7 +75,7 @@ def setup_section(doc: "Doc", study: StudyResults, study_dir: Path) -> None:
     if spec.exists():
         doc.p("The study spec (`spec.yaml`; rerun with `sftdpo study run spec.yaml`, command-line `--set`/`--model` "
               "overrides are in each run's `run.json`):")
-        doc.code(spec.read_text())
+        doc.code(spec.read_text(encoding="utf-8", errors="replace"))  # damaged: shown as it is
 
 
 def _conventions(cfg: dict) -> str:

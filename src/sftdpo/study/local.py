@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, SftdpoError
-from .process import can_fork, execute_run, warm_fork_server
+from .process import can_fork, execute_run, stop_run, stop_runs, warm_fork_server
 from .schedule import OnDone, Progress, dispatch, plan_prefix_waits
 
 
@@ -72,11 +72,22 @@ def run_local(study, todo: list[tuple[str, RunConfig]], on_done: OnDone, *, jobs
         finally:
             free.put(slot)
 
+    names: dict[Future, str] = {}
+
+    def submit(name: str) -> Future:
+        future = pool.submit(execute, name)
+        names[future] = name
+        return future
+
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        dispatch(todo, waits, submit=lambda name: pool.submit(execute, name),
-                 wait_any=lambda fs: wait(fs, return_when=FIRST_COMPLETED).done, result=Future.result,
-                 on_done=on_done, progress=Progress(todo, estimates or {}, jobs), capacity=jobs,
-                 details=lambda name: result_line(study.run_dir(name)))
+        try:
+            dispatch(todo, waits, submit=submit, wait_any=lambda fs: wait(fs, return_when=FIRST_COMPLETED).done,
+                     result=Future.result, on_done=on_done, progress=Progress(todo, estimates or {}, jobs),
+                     capacity=jobs, details=lambda name: result_line(study.run_dir(name)),
+                     cancel=lambda future: stop_run(study.run_dir(names[future])))
+        except BaseException:  # stopped (Ctrl-C, SIGTERM): no run process trains on without the study
+            stop_runs()
+            raise
 
 
 def result_line(run_dir: Path) -> str:

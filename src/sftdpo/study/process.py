@@ -5,21 +5,76 @@ out-of-memory kill or kill -9 takes down that run only, peak memory is the run's
 resumes from its last epoch checkpoint the next time the study runs. The local executor forks the
 process from a fork server that has torch and transformers imported already (~5 s less per run, a
 minute of the quick study); the Ray executor starts it as a subprocess on the worker node.
+
+No run process outlives the study that started it: stopped (Ctrl-C, SIGTERM) the driver asks its runs
+to stop (`stop_runs`: SIGTERM, which a run takes as Ctrl-C, then SIGKILL after a grace period), and
+killed outright (kill -9) it takes them along: each run process asks the kernel for SIGKILL when its
+parent dies, and a forked one (whose parent, the fork server, lives on while it has children) also
+watches the driver itself (train/worker.py die_with_parent).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 from multiprocessing import forkserver
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
+
+from ..system import WORKER_PARENT_PID_ENV
 
 WORKER_MODULE = "sftdpo.train.worker"
+
+# the run processes this driver has started and not yet seen end: run directory -> pid
+_RUNNING: dict[Path, int] = {}
+_STOPPING: set[int] = set()  # pids already asked to stop
+_RUNNING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _running(run_dir: Path, pid: int) -> Iterator[None]:
+    with _RUNNING_LOCK:
+        _RUNNING[run_dir] = pid
+    try:
+        yield
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.pop(run_dir, None)
+            _STOPPING.discard(pid)
+
+
+def stop_run(run_dir: Path) -> None:
+    """Ask the process training `run_dir` (if this driver started it) to stop: SIGTERM, which the run
+    takes as Ctrl-C (its finished epochs are checkpointed; the next `study run` resumes it)."""
+    with _RUNNING_LOCK:
+        pid = _RUNNING.get(Path(run_dir))
+        if pid is None or pid in _STOPPING:
+            return
+        _STOPPING.add(pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+
+
+def stop_runs(grace: float = 30.0) -> None:
+    """Stop every run process this driver started and wait until they are gone: SIGTERM, then
+    SIGKILL for those still there after `grace` seconds."""
+    for run_dir in list(_RUNNING):
+        stop_run(run_dir)
+    deadline = time.monotonic() + grace
+    while _RUNNING and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with _RUNNING_LOCK:
+        left = list(_RUNNING.values())
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def worker_args(run_dir: Path, prefix_dir: Path, prefix_epochs: Iterable[int]) -> list[str]:
@@ -45,7 +100,9 @@ def execute_run(run_dir: Path, prefix_dir: Path, prefix_epochs: Iterable[int], *
     afresh. `threads`: torch's thread count in the run's process (default: torch's own choice);
     `env`: variables set for it (CUDA_VISIBLE_DEVICES)."""
     log_path = run_dir / "train.log"
-    env = {**os.environ, **(env or {})}
+    # the process to outlive: the driver (forked: the fork server is the run's parent, and it exits with
+    # the driver), or under Ray the worker that runs this function
+    env = {**os.environ, WORKER_PARENT_PID_ENV: str(os.getpid()), **(env or {})}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     if fork:
@@ -54,7 +111,8 @@ def execute_run(run_dir: Path, prefix_dir: Path, prefix_epochs: Iterable[int], *
             target=_forked_worker, args=(worker_args(run_dir, prefix_dir, prefix_epochs), log_path, err_path, env,
                                          os.getcwd(), threads))
         proc.start()
-        proc.join()
+        with _running(run_dir, proc.pid):
+            proc.join()
         stderr = err_path.read_text(errors="replace") if err_path.exists() else ""
         with log_path.open("a") as logf:
             logf.write(stderr)
@@ -62,10 +120,12 @@ def execute_run(run_dir: Path, prefix_dir: Path, prefix_epochs: Iterable[int], *
         code = proc.exitcode if proc.exitcode is not None else 1
     else:
         with log_path.open("a") as logf:
-            cp = subprocess.run(worker_command(run_dir, prefix_dir, prefix_epochs), stdout=logf, stderr=subprocess.PIPE,
-                                text=True, env=env)
-            logf.write(cp.stderr)
-        stderr, code = cp.stderr, cp.returncode
+            child = subprocess.Popen(worker_command(run_dir, prefix_dir, prefix_epochs), stdout=logf,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+            with _running(run_dir, child.pid):
+                _, stderr = child.communicate()
+            logf.write(stderr)
+        code = child.returncode
     if code == 0 and (run_dir / "summary.json").exists():
         return True, None
     return False, last_error_line(stderr, code)

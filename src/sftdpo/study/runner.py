@@ -17,15 +17,15 @@ from typing import Any
 import yaml
 
 from ..config import RunConfig, SftdpoError
-from ..files import DirectoryBusy, DirLock, write_text_atomic
+from ..files import DamagedFile, DirectoryBusy, DirLock, write_text_atomic
 from ..models import resolve_device
 from ..report import write_report
-from ..store import Store
 from ..system import format_duration
 from .claims import print_claims_plan
 from .cost import (DEVICE_NAMES, data_sizes, estimate_flops, flop_seconds, format_disk, format_gpu_hours, study_disk,
                    study_flops, study_seconds)
-from .index import RUN_FILE, clear_failure, index_run, index_study, read_run_file, record_failure, run_status, write_run_file
+from .index import (clear_failure, record_failure, run_results, run_status, study_index, study_runs, write_manifest,
+                    write_run_file)
 from .local import run_local
 from .rates import probe_work, study_rates, unmeasured
 from .ray import require_ray, run_ray
@@ -33,8 +33,9 @@ from .spec import expand, load_spec, parse_only, resolve_runs
 
 
 class StudyDir:
-    """A study's directory: `spec.yaml`, `runs/<name>/` for every run of the spec, `prefixes/` for
-    shared SFT prefixes, and the index `study.db`."""
+    """A study's directory: `spec.yaml`, `study.json` (every run its invocations prepared),
+    `runs/<name>/` for every run of the spec, `prefixes/` for shared SFT prefixes, and the index
+    `study.db`."""
 
     def __init__(self, spec: dict, out: Path, runs: list[tuple[str, RunConfig]]) -> None:
         self.spec, self.out = spec, Path(out)
@@ -100,43 +101,43 @@ class StudyDir:
     def prepare(self, runs: list[tuple[str, RunConfig]], estimates: dict[str, tuple[float, bool]]) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "spec.yaml", yaml.safe_dump(self.spec, sort_keys=False))
-        for order, (name, c) in enumerate(runs):
-            write_run_file(self.run_dir(name), name, order, c, estimates.get(name))
+        entries = [write_run_file(self.run_dir(name), name, order, c, estimates.get(name))
+                   for order, (name, c) in enumerate(runs)]
+        write_manifest(self.out, entries)
 
-    def pending(self, runs: list[tuple[str, RunConfig]]) -> list[tuple[str, RunConfig]]:
-        """Runs without a result on disk, SFT-only and staged runs first: they create the shared SFT
-        prefixes that later runs reuse."""
-        todo = [(n, c) for n, c in runs if run_status(self.run_dir(n))[0] != "done"]
+    def pending(self, runs: list[tuple[str, RunConfig]], status: dict[str, str]) -> list[tuple[str, RunConfig]]:
+        """Runs whose index `status` is not done (no result, a failed attempt, a damaged result or a
+        deleted directory), SFT-only and staged runs first: they create the shared SFT prefixes that
+        later runs reuse."""
+        todo = [(n, c) for n, c in runs if status.get(n) != "done"]
         return sorted(todo, key=lambda nc: {"sft": 0, "sft-dpo": 1, "dpo": 2}[nc[1].regime])
 
     def done_configs(self) -> list[RunConfig]:
         """Configs of the runs of this directory that have finished (in this or an earlier invocation)."""
-        out = []
-        for f in sorted((self.out / "runs").glob("*/summary.json")):
-            out.append(RunConfig.from_dict(read_run_file(f.parent)["config"]))
-        return out
+        return [RunConfig.from_dict(info["config"]) for name, info in study_runs(self.out).items()
+                if run_status(self.run_dir(name))[0] == "done"]
 
     def prune_prefixes(self) -> None:
         """Shared SFT prefixes serve runs that have not finished; once every run of the study is done
         they go, unless a run keeps all its checkpoints (--keep-checkpoints all)."""
-        run_dirs = [f.parent for f in (self.out / "runs").glob(f"*/{RUN_FILE}")]  # this and earlier invocations
-        if self.prefix_dir.exists() and all(run_status(d)[0] == "done" for d in run_dirs) and all(
-                read_run_file(d)["config"].get("keep_checkpoints", "all") != "all" for d in run_dirs):
+        runs = study_runs(self.out)  # this and earlier invocations
+        if self.prefix_dir.exists() and all(run_status(self.run_dir(n))[0] == "done" for n in runs) and all(
+                info["config"].get("keep_checkpoints", "all") != "all" for info in runs.values()):
             shutil.rmtree(self.prefix_dir, ignore_errors=True)
 
     def on_done(self, name: str, ok: bool, err: str | None) -> tuple[bool, str | None]:
-        """Record a run's result where it lives: a failure in the run directory; then the index."""
+        """Record a run's result where it lives (a failure, or results that cannot be read back, in
+        the run directory); then the index."""
         run_dir = self.run_dir(name)
         if ok:
             try:
-                with Store(self.out / "study.db") as store:
-                    index_run(store, run_dir)
-            except (OSError, ValueError, KeyError) as e:
+                run_results(run_dir)
+            except (OSError, DamagedFile) as e:
                 ok, err = False, f"results unreadable: {e}"
         if not ok:
             record_failure(run_dir, err)
-            with Store(self.out / "study.db") as store:
-                index_run(store, run_dir)
+        with study_index(self.out, run=name):
+            pass
         return ok, err
 
 
@@ -169,7 +170,8 @@ def run_study(spec: str | dict, out: Path | None = None, *, only: list[str] = ()
         raise SftdpoError(f"study directory {e.path} is in use by {e.holder}: wait for it to finish, "
                           "or use another --out") from None
     if report:
-        print(f"report: {write_report(out)}", flush=True)
+        with study_index(out) as store:
+            print(f"report: {write_report(out, store)}", flush=True)
     return out
 
 
@@ -177,8 +179,9 @@ def _run(study: StudyDir, runs: list[tuple[str, RunConfig]], executor: str, exec
     # estimates from cached rates only (a --dry-run measures them); the ETA corrects them as runs finish
     estimates = study.estimates(runs, study_rates([c for _, c in runs], measure=False))
     study.prepare(runs, estimates)
-    index_study(study.out)
-    todo = study.pending(runs)
+    with study_index(study.out) as store:
+        status = {r["name"]: r["status"] for r in store.runs()}
+    todo = study.pending(runs, status)
     for name, _ in todo:
         clear_failure(study.run_dir(name))
     left = sum(estimates[name][0] for name, _ in todo)
@@ -193,12 +196,12 @@ def _run(study: StudyDir, runs: list[tuple[str, RunConfig]], executor: str, exec
     else:
         run_local(study, todo, study.on_done, estimates=seconds, **executor_opts)
     study.prune_prefixes()
-    with Store(index_study(study.out)) as store:
+    with study_index(study.out) as store:
         counts = store.status_counts()
     print("study status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)
 
 
 def study_counts(out: Path) -> dict[str, int]:
     """Runs per status in a study directory (the index brought up to date first)."""
-    with Store(index_study(out)) as store:
+    with study_index(out) as store:
         return store.status_counts()

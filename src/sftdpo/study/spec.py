@@ -39,7 +39,7 @@ def load_spec(spec: str) -> dict:
         if not p.exists():
             raise SftdpoError(f"study spec {spec} not found: give a YAML file or one of {', '.join(SHIPPED_SPECS)}")
         try:
-            text, name = p.read_text(encoding="utf-8"), p.stem
+            text, name = p.read_text(encoding="utf-8-sig"), p.stem
         except UnicodeDecodeError:
             raise SftdpoError(f"study spec {spec} is not UTF-8 text") from None
     try:

@@ -6,6 +6,10 @@ a method's own state: AdaLoRA's), and the append-only metrics log.
   checkpoints/best   weights of the best epoch so far (hard-linked to `last` when they are the same)
 
 A final checkpoint (nothing left to train) drops the optimizer state: 1 GB for an FFT run.
+
+Each checkpoint is replaced in one step (files.replace_dir): a crash, a signal or a full disk while
+one is written leaves the previous one. A checkpoint damaged afterwards (a truncated copy, a disk
+error) reads back as DamagedFile; a resumed run then starts again rather than train on from it.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import SftdpoError
-from ..files import link_file, replace_dir
+from ..files import RUN_RESTARTS, DamagedFile, atomic_path, is_write_failure, link_file, replace_dir, write_failure
+from ..models import save_tensors
 from ..peft_methods import load_method_state, method_state
 
 STATE_FILE = "training_state.pt"
@@ -58,11 +63,34 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 def save_weights(model, path: Path) -> None:
     """The trainable weights (the full model for FFT, the adapter for LoRA) as `path/weights.safetensors`."""
-    replace_dir(path, lambda tmp: save_file(trainable_state(model), str(tmp / WEIGHTS_FILE)))
+    try:
+        replace_dir(path, lambda tmp: save_tensors(trainable_state(model), tmp / WEIGHTS_FILE))
+    except OSError as e:
+        if not is_write_failure(e):
+            raise
+        raise write_failure(e, f"the checkpoint {path}", "the checkpoints written before are intact; the same "
+                                                          "command resumes from the last one") from None
 
 
-def load_weights(model, path: Path) -> None:
-    sd = load_file(str(Path(path) / WEIGHTS_FILE))
+# what to do about a damaged checkpoint where nothing repairs it (eval, export, predict)
+DAMAGED_CHECKPOINT = "use the run's other checkpoint (--checkpoint best|last), or train the run again"
+
+
+def _damaged(path: Path, e: BaseException, fix: str) -> DamagedFile:
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+    return DamagedFile(path, f"{type(e).__name__}: {first[:120]}" if first else type(e).__name__, fix)
+
+
+def load_weights(model, path: Path, fix: str = DAMAGED_CHECKPOINT) -> None:
+    """Load `path/weights.safetensors` into the model's trainable weights; DamagedFile (with `fix`, what
+    to do) when the file is missing or unreadable."""
+    file = Path(path) / WEIGHTS_FILE
+    try:
+        sd = load_file(str(file))
+    except FileNotFoundError:
+        raise DamagedFile(file, "missing", fix) from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a truncated file
+        raise _damaged(file, e, fix) from None
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = expected - set(sd)
     if missing:
@@ -79,15 +107,51 @@ def save_checkpoint(ckpt_dir: Path, model, state: RunState, opt, sched, *, final
         if state.best_epoch == state.epoch and best.exists():
             link_file(best, tmp / WEIGHTS_FILE)
         else:
-            save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
-        torch.save({
+            save_tensors(trainable_state(model), tmp / WEIGHTS_FILE)
+        save_state({
             "state": state.__dict__, "optimizer": opt.state_dict() if opt and not final else None,
             "scheduler": sched.state_dict() if sched else None, "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "method": method_state(model),  # AdaLoRA's importance scores and rank pattern
         }, tmp / STATE_FILE)
 
-    replace_dir(ckpt_dir / "last", build)
+    try:
+        replace_dir(ckpt_dir / "last", build)
+    except OSError as e:
+        if not is_write_failure(e):
+            raise
+        raise write_failure(e, f"the checkpoint of epoch {state.epoch} ({ckpt_dir / 'last'})",
+                            "the checkpoint before it is intact; the same command resumes from there") from None
+
+
+class _Writes:
+    """A file whose write errors are kept: torch.save reports a failed write (a full disk) as a
+    RuntimeError without its errno."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_state(obj: dict, path: Path) -> None:
+    """torch.save(obj, path), a failed write raised as the OSError it is."""
+    with open(path, "wb") as f:
+        out = _Writes(f)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            if out.error is not None:
+                raise OSError(out.error.errno, out.error.strerror, str(path)) from None
+            raise
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: str) -> None:
@@ -107,40 +171,69 @@ def missing_checkpoint(run_dir: Path, checkpoint: str, keep: str) -> SftdpoError
 
 def load_checkpoint(ckpt_dir: Path, model) -> tuple[RunState, dict] | None:
     """(state, the saved blob with optimizer/scheduler state) of checkpoints/last, with the weights
-    and the RNG restored; None when there is no checkpoint."""
+    and the RNG restored; None when there is no checkpoint; DamagedFile when it cannot be read back
+    (the weights are then not to be trusted either)."""
     last = ckpt_dir / "last"
-    if not (last / STATE_FILE).exists():
+    path = last / STATE_FILE
+    if not path.exists():
         return None
-    blob = torch.load(last / STATE_FILE, weights_only=False)
-    load_weights(model, last)
+    try:
+        blob = torch.load(path, weights_only=False)
+        state = RunState(**blob["state"])
+        rng = blob["rng"]
+    except Exception as e:  # noqa: BLE001 - torch.load of a truncated or garbled file raises many types
+        raise _damaged(path, e, RUN_RESTARTS) from None
+    load_weights(model, last, RUN_RESTARTS)
     load_method_state(model, blob.get("method"))
-    torch.set_rng_state(blob["rng"])
+    torch.set_rng_state(rng)
     if blob.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
-    return RunState(**blob["state"]), blob
+    return state, blob
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl; on resume it is cut back to what the checkpoint had seen."""
+    """Append-only metrics.jsonl; on resume it is cut back to what the checkpoint had seen (a line
+    torn by a crash or a full disk goes with what follows it)."""
 
     def __init__(self, path: Path, enabled: bool = True, on_write: Callable[[dict], None] | None = None) -> None:
         self.path, self.enabled, self.on_write = path, enabled, on_write
-        self.lines = sum(1 for _ in path.open()) if path.exists() else 0
+        self.lines = len(path.read_bytes().splitlines()) if path.exists() else 0
 
     def truncate(self, n: int) -> None:
-        if not self.enabled or not self.path.exists():
+        """Keep the first `n` lines (replaced in one step); DamagedFile when the file does not hold `n`
+        whole lines (then the checkpoint that counted them cannot be resumed faithfully)."""
+        if not self.enabled:
             return
-        keep = self.path.read_text().splitlines(keepends=True)[:n]
-        self.path.write_text("".join(keep))
-        self.lines = len(keep)
+        data = self.path.read_bytes() if self.path.exists() else b""
+        keep = data.splitlines(keepends=True)[:n]
+        whole = [ln for ln in keep if ln.endswith(b"\n") and _parses(ln)]
+        if len(whole) < n:
+            raise DamagedFile(self.path, f"{len(whole)} whole lines where the checkpoint counted {n}", RUN_RESTARTS)
+        if len(keep) != len(data.splitlines(keepends=True)):
+            with atomic_path(self.path) as tmp:
+                tmp.write_bytes(b"".join(keep))
+        self.lines = n
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if not is_write_failure(e):
+                raise
+            raise write_failure(e, str(self.path), "a line cut short is dropped on resume; the checkpoints are "
+                                                   "intact and the same command resumes from the last one") from None
         self.lines += 1
         if self.on_write:  # experiment trackers (trackers.py)
             self.on_write(record)
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -10,7 +9,7 @@ import torch
 
 from ..config import RunConfig, cache_dir
 from ..distributed import broadcast_from_main
-from ..files import stable_hash, write_json_atomic
+from ..files import DamagedFile, read_json, stable_hash, write_json_atomic
 from ..system import format_duration
 from ..tasks import Evaluation, Task
 
@@ -38,8 +37,18 @@ def untrained_metrics(cfg: RunConfig, task: Task, model, device: torch.device, p
     key = stable_hash({"config": cfg.init_eval_key(), "source": task.source, "dev": len(task.dev),
                        "device": device.type, "eval_batch_size": cfg.eval_batch_size})
     path = cache_dir() / "init_eval" / f"{key}.json"
-    if broadcast_from_main(path.exists()):  # rank 0 decides: evaluate() is collective
-        return json.loads(path.read_text()), 0.0
+    cached = None
+    if is_main and path.exists():
+        try:
+            cached = read_json(path, "computed again")
+            if not isinstance(cached, dict):
+                raise DamagedFile(path, "not a JSON object", "computed again")
+        except DamagedFile as e:  # a cache entry: computed again
+            log.warning("%s", e)
+            cached = None
+    cached = broadcast_from_main(cached)  # rank 0 decides: evaluate() is collective
+    if cached is not None:
+        return cached, 0.0
     metrics, _, dt = evaluate(task, model, device, precision, is_main)
     if is_main:
         write_json_atomic(path, metrics)

@@ -13,7 +13,6 @@ one cut short, and the schedule spans the budget.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 from ..config import RunConfig, SftdpoError
 from ..data import TaskData, data_fingerprint, load_task_data, resolve_data
 from ..distributed import barrier, is_distributed, sum_over_ranks
-from ..files import write_json_atomic
+from ..files import RUN_RESTARTS, DamagedFile, writable, write_json_atomic
 from ..models import (count_params, device_description, load_model, peak_memory_mb, resolve_device,
                       resolve_precision)
 from ..peft_methods import MethodHooks, apply_param, trainable_share
@@ -192,11 +191,27 @@ class Run:
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> dict:
-        """Run (or resume, or just return) the experiment; returns the summary."""
+        """Run (or resume, or just return) the experiment; returns the summary. A file of the run that
+        cannot be read back (a checkpoint, the metrics, the DPO stage's inputs: DamagedFile with
+        RUN_RESTARTS) makes it start again, said in one line: from the beginning, that gives the result
+        an uninterrupted run gives."""
         if not self.is_main:
             return self._train()
         with self.dir.lock(f"sftdpo train {self.out}"):
-            return self._train()
+            try:
+                return self._train()
+            except DamagedFile as e:
+                if e.fix != RUN_RESTARTS:
+                    raise
+                if self.world_size > 1:
+                    raise SftdpoError(f"{e.path} is damaged ({e.why}): delete {self.dir.checkpoints} and "
+                                      f"{self.out / 'dpo'}, then launch again to train the run from its beginning") from None
+                log.warning("%s", e)
+                if self.prefix_reused and self.prefixes:  # its checkpoints are hard links of the shared prefix's
+                    self.prefixes.drop(self.cfg, self.world_size)
+                self.dir.clear()
+                self.prefix_reused, self.prefix_reused_s, self.stage_info = 0, 0.0, {}
+                return self._train()
 
     def _train(self) -> dict:
         cfg = self.cfg
@@ -393,7 +408,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> Run:
         raise SftdpoError(f"{run_dir} is not a run directory (no config.json)")
     if checkpoint not in ("best", "last"):
         raise SftdpoError(f"--checkpoint must be best or last (got {checkpoint!r})")
-    cfg = RunConfig.from_dict(json.loads(rd.config_file.read_text())["config"])
+    cfg = RunConfig.from_dict(rd.config("restore it (a resumed `train` rewrites it), or train the run again")["config"])
     run = Run(cfg, rd.path)
     ck = run.ckpt(checkpoint)
     if not (ck / WEIGHTS_FILE).exists():
@@ -408,5 +423,8 @@ def evaluate_run(run_dir: str | Path, checkpoint: str = "best") -> dict:
     run = load_run(run_dir, checkpoint)
     metrics, ev, dt = run.evaluate()
     result = {"checkpoint": checkpoint, **metrics, "eval_s": dt}
-    write_json_atomic(Path(run_dir) / f"eval_{checkpoint}.json", result)
+    if writable(run_dir):
+        write_json_atomic(Path(run_dir) / f"eval_{checkpoint}.json", result)
+    else:  # a read-only run (a shared results folder) is evaluated, not changed
+        log.info("%s is not writable: eval_%s.json not written", run_dir, checkpoint)
     return {**result, "outputs": ev.outputs}

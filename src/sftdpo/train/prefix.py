@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..distributed import barrier, broadcast_from_main
-from ..files import atomic_dir, link_tree, stable_hash
+from ..files import atomic_dir, copy_atomic, link_file, link_tree, replace_dir, stable_hash
 from .checkpoint import STATE_FILE
 
 log = logging.getLogger("sftdpo")
@@ -38,18 +38,27 @@ class SFTPrefixes:
         the number of epochs reused (0: none). Rank 0 decides and copies; then all ranks load."""
         for k in range(cfg.sft_epochs, 0, -1):
             src = self.root / self.key(cfg, k, world_size)
-            if broadcast_from_main((src / "last" / STATE_FILE).exists()):
+            if broadcast_from_main((src / "last" / STATE_FILE).exists() and (src / "metrics.jsonl").exists()):
                 if is_main:
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    for name in ("last", "best"):
-                        shutil.rmtree(run_dir / "checkpoints" / name, ignore_errors=True)
+                    # the metrics first, in one step: a process killed half-way leaves no `last`
+                    # checkpoint without the metrics it counted, so the next attempt seeds again
+                    copy_atomic(src / "metrics.jsonl", run_dir / "metrics.jsonl")
+                    for name in ("best", "last"):  # each replaced in one step (a checkpoint is flat)
+                        dst = run_dir / "checkpoints" / name
                         if (src / name).exists():
-                            link_tree(src / name, run_dir / "checkpoints" / name)
-                    shutil.copy(src / "metrics.jsonl", run_dir / "metrics.jsonl")
+                            replace_dir(dst, lambda tmp, d=src / name: [link_file(f, tmp / f.name) for f in d.iterdir()])
+                        else:
+                            shutil.rmtree(dst, ignore_errors=True)
                 barrier()
                 log.info("reusing the SFT prefix of %d epoch(s) from %s", k, src)
                 return k
         return 0
+
+    def drop(self, cfg: RunConfig, world_size: int) -> None:
+        """Remove the stored prefixes of this run's SFT trajectory (a damaged one: the run that finds it
+        trains those epochs again and exports them anew)."""
+        for k in sorted(self.epochs):
+            shutil.rmtree(self.root / self.key(cfg, k, world_size), ignore_errors=True)
 
     def export(self, run_dir: Path, cfg: RunConfig, epoch: int, world_size: int) -> None:
         """Store this run's state after SFT epoch `epoch` (if it is a shared epoch and not stored yet)."""

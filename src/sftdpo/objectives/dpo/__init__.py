@@ -21,7 +21,6 @@ with policy == reference at the start the loss is at its starting value and all 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 
 from ...config import ADAPTER_PARAMS, DISABLED_ADAPTER_REFERENCE_PARAMS, SftdpoError
 from ...data.preferences import load_preferences
-from ...files import copy_atomic, write_json_atomic
+from ...files import RUN_RESTARTS, DamagedFile, copy_atomic, read_json, write_json_atomic
 from ...models import weights_fingerprint
 from .. import StageContext
 from .loss import METRIC_NAMES, combined_loss, dpo_loss, dpo_metrics
@@ -97,27 +96,29 @@ def build_pair_stage(ctx: StageContext, make: MakePairObjective, *, reference: b
     return stage_inputs(
         ctx, lambda dpo_dir, ref_model, fingerprint, adapter_disabled: _fresh(
             ctx, dpo_dir, ref_model, fingerprint, adapter_disabled, make, reference),
-        lambda dpo_dir, saved: _from_run_dir(ctx, dpo_dir, saved, make, reference))
+        lambda dpo_dir, saved, fix: _from_run_dir(ctx, dpo_dir, saved, fix, make, reference))
 
 
-def stage_inputs(ctx: StageContext, fresh: Callable[[Path, Any, str, bool], Any], saved_inputs: Callable[[Path, dict], Any]):
+def stage_inputs(ctx: StageContext, fresh: Callable[[Path, Any, str, bool], Any], saved_inputs: Callable[[Path, dict, str], Any]):
     """The preference stage's objective from fresh inputs (`fresh(dpo_dir, reference model, weights
     fingerprint, adapter_disabled)`: built from the model at the hand-off) or from those saved in
-    <run>/dpo/ (`saved_inputs(dpo_dir, state)`): saved ones when the run resumes inside the stage, or
-    at the hand-off with the saved state written for these very weights."""
+    <run>/dpo/ (`saved_inputs(dpo_dir, state, fix)`; DamagedFile with `fix` for a damaged file): saved
+    ones when the run resumes inside the stage, or at the hand-off with the saved state written for
+    these very weights."""
     cfg, model = ctx.cfg, ctx.model
     if cfg.param in ADAPTER_PARAMS and not hasattr(model, "disable_adapter"):
         raise SftdpoError(f"--param {cfg.param} but the model has no PEFT adapter: cannot build the preference stage's "
                           "reference or pairs")
     adapter_disabled = cfg.param in DISABLED_ADAPTER_REFERENCE_PARAMS and cfg.sft_epochs == 0
     dpo_dir = Path(ctx.out) / "dpo"
-    saved = _read_state(dpo_dir)
     resumed, mid_dpo = ctx.resumed_epoch, ctx.resumed_epoch is not None and ctx.resumed_epoch > cfg.sft_epochs
-    if mid_dpo and saved is None:
-        raise SftdpoError(
-            f"{ctx.out} resumes after epoch {resumed}, inside the DPO stage (--objective {cfg.objective}), but {dpo_dir} "
-            "holds no saved pairs and reference log-probs; they came from the model at the hand-off and cannot be "
-            "rebuilt from the current weights. Start the run again with a new --out")
+    # a damaged file of <run>/dpo/: at the hand-off the model is the reference, and they are rebuilt from it;
+    # inside the stage the model has trained on since, and the run starts again (files.RUN_RESTARTS)
+    fix = RUN_RESTARTS if mid_dpo else REBUILT
+    saved = _read_state(dpo_dir, fix)
+    if mid_dpo and saved is None:  # the reference (the model at the hand-off) cannot be rebuilt from the weights now
+        raise DamagedFile(dpo_dir / "state.json", f"missing, and the run resumes after epoch {resumed}, inside the "
+                                                  f"preference stage (--objective {cfg.objective})", RUN_RESTARTS)
     fingerprint = None
     if saved is not None and resumed is not None and not mid_dpo:
         # at the hand-off the current weights ARE the reference: the saved state must be theirs
@@ -126,7 +127,12 @@ def stage_inputs(ctx: StageContext, fresh: Callable[[Path, Any, str, bool], Any]
             log.warning("%s was written for other reference weights (a restarted run?); rebuilding it", dpo_dir)
             saved = None
     if saved is not None:
-        return saved_inputs(dpo_dir, saved)
+        try:
+            return saved_inputs(dpo_dir, saved, fix)
+        except DamagedFile as e:
+            if fix == RUN_RESTARTS:
+                raise
+            log.warning("%s", e)
     reference = model  # the model at the hand-off (for an adapter's DPO-only: with it disabled, below)
     return fresh(dpo_dir, reference, fingerprint or weights_fingerprint(model, cfg, adapter_disabled=adapter_disabled),
                  adapter_disabled)
@@ -191,15 +197,34 @@ def generation_pairs(ctx: StageContext, fingerprint: str, adapter_disabled: bool
         return file_pairs(task, load_preferences(cfg.pairs.removeprefix("file:"), cfg.train_split)), None
     rows, pairs_cache = build_generation_pairs(task, ctx.model, cfg, ctx.device, ctx.precision, fingerprint=fingerprint,
                                                adapter_disabled=adapter_disabled, write=ctx.is_main)
-    header = read_pairs(pairs_cache)[0] if pairs_cache.exists() else {}
+    try:
+        header = read_pairs(pairs_cache, "generating them again")[0]
+    except (OSError, DamagedFile):  # another rank's copy, being rewritten
+        header = {}
     info.update({"pairs_version": cfg.pairs, "pairs_cache": str(pairs_cache), "pairs_top_k": header.get("top_k"),
                  "pairs_generated": header.get("generated_pairs", len(rows))})
     return rows, pairs_cache
 
 
-def _read_state(dpo_dir: Path) -> dict | None:
+REBUILT = "rebuilt from the model at the hand-off"
+
+
+def _read_state(dpo_dir: Path, fix: str) -> dict | None:
+    """<run>/dpo/state.json, or None when there is none (or, where it can be rebuilt, a damaged one:
+    said in one line)."""
     state = dpo_dir / "state.json"
-    return json.loads(state.read_text()) if state.exists() else None
+    if not state.exists():
+        return None
+    try:
+        saved = read_json(state, fix)
+        if not isinstance(saved, dict):
+            raise DamagedFile(state, "not a JSON object", fix)
+    except DamagedFile as e:
+        if fix == RUN_RESTARTS:
+            raise
+        log.warning("%s", e)
+        return None
+    return saved
 
 
 def check_saved(ctx: StageContext, dpo_dir: Path, saved: dict) -> None:
@@ -213,11 +238,13 @@ def check_saved(ctx: StageContext, dpo_dir: Path, saved: dict) -> None:
                           f"needs {ctx.device.type} in {ctx.precision}: resume it where it started, or use a new --out")
 
 
-def _from_run_dir(ctx: StageContext, dpo_dir: Path, saved: dict, make: MakePairObjective, with_reference: bool):
-    """The pairs and reference log-probs saved in the run directory (a resumed run)."""
+def _from_run_dir(ctx: StageContext, dpo_dir: Path, saved: dict, fix: str, make: MakePairObjective,
+                  with_reference: bool):
+    """The pairs and reference log-probs saved in the run directory (a resumed run); a damaged file is
+    DamagedFile with `fix`."""
     task = ctx.task
     check_saved(ctx, dpo_dir, saved)
-    rows = read_pairs(dpo_dir / "pairs.jsonl")[1]
+    rows = read_pairs(dpo_dir / "pairs.jsonl", fix)[1]
     if one_token_responses(task):  # the rejected labels chosen at the hand-off (hardest), row by row
         rejected: list[list[int]] = [[] for _ in task.train]
         for r in rows:
@@ -229,7 +256,7 @@ def _from_run_dir(ctx: StageContext, dpo_dir: Path, saved: dict, make: MakePairO
         raise SftdpoError(f"the pairs of this run no longer match {dpo_dir} (data or tokenizer changed); use a new --out")
     ref_c = ref_r = None
     if with_reference:
-        ref_c, ref_r = load_logps(dpo_dir / "reference.safetensors")
+        ref_c, ref_r = load_logps(dpo_dir / "reference.safetensors", fix)
         if ref_c.size(0) != len(ps) or ref_r.size(0) != len(ps):
             raise SftdpoError(f"{dpo_dir}/reference.safetensors has {ref_c.size(0)} rows for {len(ps)} pair rows")
     log.info("preference stage: reusing the pairs%s saved in %s", " and reference log-probs" if with_reference else "",

@@ -48,7 +48,7 @@ import torch
 
 from ... import stats
 from ...config import RunConfig, cache_dir
-from ...files import hash_id_lists, stable_hash, write_text_atomic
+from ...files import DamagedFile, hash_id_lists, stable_hash, write_text_atomic
 from ...ops.batching import Batch, pad_batch, to_device
 from ...data.preferences import Preference
 from ...errors import SftdpoError
@@ -225,19 +225,31 @@ def write_pairs(path: Path, header: dict, pairs: list[dict]) -> None:
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def read_pairs(path: Path) -> tuple[dict, list[dict]]:
-    """(header, pairs) of a pair file."""
+def read_pairs(path: Path, fix: str) -> tuple[dict, list[dict]]:
+    """(header, pairs) of a pair file; DamagedFile (with `fix`, what to do) when a line is unreadable or
+    the file holds fewer pairs than its header counted (cut short at a line's end)."""
     header: dict = {}
     pairs: list[dict] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DamagedFile(path, "missing", fix) from None
+    for n, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             rec = json.loads(line)
-            if "header" in rec and len(rec) == 1:
-                header = rec["header"]
-            else:
-                pairs.append(rec)
+        except ValueError as e:
+            raise DamagedFile(path, f"line {n} is not JSON ({type(e).__name__})", fix) from None
+        if not isinstance(rec, dict) or not (("header" in rec and len(rec) == 1) or {"prompt", "chosen", "rejected"} <= set(rec)
+                                              or "rejected_id" in rec):
+            raise DamagedFile(path, f"line {n} is neither the header nor a pair", fix)
+        if "header" in rec and len(rec) == 1:
+            header = rec["header"]
+        else:
+            pairs.append(rec)
+    if header.get("pairs") is not None and header["pairs"] != len(pairs):
+        raise DamagedFile(path, f"{len(pairs)} pairs where its header counts {header['pairs']}", fix)
     return header, pairs
 
 
@@ -312,15 +324,18 @@ def build_generation_pairs(task: GenerateTask, model, cfg: RunConfig, device: to
     key, fields = _pairs_key(version, fingerprint, cfg, task, device, precision, top_k)
     path = cache_dir() / "pairs" / f"{key}.jsonl"
     if path.exists():
-        header, pairs = read_pairs(path)
-        log.info("DPO pairs: reusing %s (%d pairs)", path, len(pairs))
-        return pairs, path
+        try:
+            header, pairs = read_pairs(path, "generating them again")
+            log.info("DPO pairs: reusing %s (%d pairs)", path, len(pairs))
+            return pairs, path
+        except DamagedFile as e:  # a cache entry: computed again
+            log.warning("%s", e)
 
     if version == "v3":
         gen_cfg = RunConfig.from_dict({**cfg.to_dict(), "pairs": "v2"})
         gen_pairs, gen_path = build_generation_pairs(task, model, gen_cfg, device, precision, fingerprint=fingerprint,
                                                  adapter_disabled=adapter_disabled, write=write)
-        gen_header, _ = read_pairs(gen_path) if gen_path.exists() else ({}, None)
+        gen_header = read_pairs(gen_path, "generating them again")[0] if gen_path.exists() else {}
         pairs = select_top_k(gen_pairs, top_k)
         seeds = gen_header.get("seeds")
         extra = {"generated_from": str(gen_path), "generated_pairs": len(gen_pairs)}

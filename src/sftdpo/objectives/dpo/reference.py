@@ -20,11 +20,11 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ...config import ADAPTER_PARAMS, DISABLED_ADAPTER_REFERENCE_PARAMS, RunConfig, cache_dir
-from ...files import atomic_path, hash_id_lists, stable_hash
-from ...models import autocast
+from ...files import DamagedFile, atomic_path, hash_id_lists, stable_hash
+from ...models import autocast, save_tensors
 from ...ops.batching import bucketed_batches
 from ...ops.logprobs import last_token_logits
 from ...tasks import Task
@@ -106,13 +106,19 @@ def compute_reference_logps(model, task: Task, ps: PairSet, cfg: RunConfig, devi
 
 def save_logps(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, meta: dict) -> None:
     with atomic_path(path) as tmp:
-        save_file({"chosen": chosen.float().contiguous().cpu(), "rejected": rejected.float().contiguous().cpu()}, str(tmp),
-                  metadata={"key": json.dumps(meta, sort_keys=True, default=str)})
+        save_tensors({"chosen": chosen.float().contiguous().cpu(), "rejected": rejected.float().contiguous().cpu()}, tmp,
+                     metadata={"key": json.dumps(meta, sort_keys=True, default=str)})
 
 
-def load_logps(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    sd = load_file(str(path))
-    return sd["chosen"], sd["rejected"]
+def load_logps(path: Path, fix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probs saved by save_logps; DamagedFile (with `fix`, what to do) when the
+    file cannot be read back."""
+    try:
+        sd = load_file(str(path))
+        return sd["chosen"], sd["rejected"]
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a truncated file
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        raise DamagedFile(path, f"{type(e).__name__}: {first[:120]}", fix) from None
 
 
 def _cached(key_fields: dict, n: int, compute, write: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -121,13 +127,14 @@ def _cached(key_fields: dict, n: int, compute, write: bool) -> tuple[torch.Tenso
     path = cache_dir() / "reflogps" / f"{key}.safetensors"
     if path.exists():
         try:
-            a, b = load_logps(path)
+            a, b = load_logps(path, "computing them again")
             if a.size(0) == n == b.size(0):
                 log.info("DPO reference log-probs: reusing %s", path)
                 return a, b, {"reference_key": key, "reference_cache": str(path), "reference_cache_hit": True,
                               "key_fields": key_fields}
-        except Exception as e:  # noqa: BLE001 - a broken cache file is recomputed
-            log.warning("unreadable reference cache %s (%s); recomputing", path, e)
+            log.warning("%s holds %d rows for %d pairs: computing them again", path, a.size(0), n)
+        except DamagedFile as e:  # a cache entry: computed again
+            log.warning("%s", e)
     a, b = compute()
     if write:
         save_logps(path, a, b, key_fields)
