@@ -27,7 +27,7 @@ class Builder:
         self.order = 0
         self.f1_curves = f1_curves  # record macro-F1 per epoch too (the real runs do)
 
-    def add(self, status="done", error=None, final=None, wall=10.0, macro_f1=None, **kw):
+    def add(self, status="done", error=None, final=None, wall=10.0, macro_f1=None, summary_extra=None, **kw):
         cfg = RunConfig(**kw).validate()
         h = cfg.hash()
         self.store.add_run(h, f"{cfg.task}-{cfg.regime}-{cfg.param}-s{cfg.seed}-{self.order}", cfg.to_dict(), f"runs/{h}", self.order)
@@ -71,6 +71,7 @@ class Builder:
         summary.update({"wall_clock_s": wall * cfg.epochs, "wall_clock_per_epoch_s": wall, "train_tokens_per_s": 5000.0,
                         "peak_memory_mb": 900.0 if lora else 1500.0, "trainable_params": 300_000 if lora else 124_000_000,
                         "total_params": 124_300_000 if lora else 124_000_000, "train_examples": int(1000 * cfg.data_fraction)})
+        summary.update(summary_extra or {})
         env = {"device": "NVIDIA H100", "git_commit": "abc123", "packages": {"torch": "2.13.0", "peft": "0.17.0"}}
         self.store.finish_run(h, summary, env, outs)
         return h

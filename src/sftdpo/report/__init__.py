@@ -12,6 +12,7 @@ adjustment when several are shown). Paper numbers are shown only when the backbo
   paper.py    the paper's numbers        setup.py    what a reader needs to rerun the study
   sweep.py    DPO hyper-parameter and hand-off sweeps: heat maps, metric vs k, selected settings
   claims.py   the paper's claims (a spec's `claims:`) tested: the Claims section, first
+  methods.py  a study over --param / --objective: the method table and cost-vs-quality figure
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..files import is_write_failure, replace_files, write_failure
 from ..store import Store
 from .claims import claims_section
 from .figures import figure_fft_vs_lora, figure_handoff, save
+from .methods import figure_methods, table_methods
 from .paper import PAPER
 from .results import StudyResults
 from .setup import runs_section, setup_section
@@ -228,6 +230,13 @@ def _write(study_dir: Path, study: StudyResults, out_dir: Path) -> None:
                    "of each k, beside the SFT-only run's dev curve", "")
         emit("Selected settings", table_selected(study, sweeps), "")
 
+    methods = table_methods(study)
+    if methods is not None:
+        emit("Method comparison", methods, "")
+        for task in study.tasks():
+            figure(f"fig_methods_{task}", figure_methods(study, task),
+                   f"{task}: final dev metric against trainable parameters and wall-clock per epoch, one point per "
+                   "method and regime (bars ±1 std over seeds); dashed: FFT of the same regime; dotted: untrained", "")
     emit("Cost", table_cost(study), "No finished runs; cost table omitted.")
     emit("Data scale", table_data_scale(study),
          "No condition was run at several data fractions; data-scale table omitted.")

@@ -185,8 +185,7 @@ def figure_handoff(study: StudyResults, task: str) -> Figure | None:
     metrics = _plotted_metrics(study, conds)
     panels: dict[tuple, list[Condition]] = defaultdict(list)
     for c in conds:
-        panels[(c.cfg.get("model"), c.cfg.get("param") != "fft",
-                c.cfg.get("lora_rank") if c.cfg.get("param") == "lora" else 0)].append(c)
+        panels[(c.cfg.get("model"), c.cfg.get("param") != "fft", param_label(c.cfg))].append(c)
     panels = {k: v for k, v in sorted(panels.items(), key=lambda kv: str(kv[0])) if _plotted_metrics(study, v)}
     if not panels or not metrics:
         return None

@@ -67,9 +67,27 @@ REGIME_ORDER = {"sft": 0, "dpo": 1, "sft-dpo": 2}
 
 # -- labels ------------------------------------------------------------------------------------
 
+OBJECTIVE_NAMES = {"dpo": "DPO", "simpo": "SimPO", "cpo": "CPO", "orpo": "ORPO", "kto": "KTO"}
+
+
+def preference_label(cfg: dict) -> str:
+    """The preference stage's objective: "DPO" (TRL's default sigmoid loss), "DPO (ipo)", "DPO
+    (sigmoid,bco_pair,sft × 0.8,0.2,1)", "SimPO", "CPO (hinge)", "ORPO", "KTO"."""
+    obj = cfg.get("objective") or "dpo"
+    name = OBJECTIVE_NAMES.get(obj, obj)
+    loss = cfg.get("loss_type") or "sigmoid"
+    if obj in ("dpo", "cpo") and loss != "sigmoid":
+        weights = cfg.get("loss_weights")
+        name += f" ({loss}" + (f" × {_fmt_value(weights)}" if weights else "") + ")"
+    return name
+
+
 def regime_label(cfg: dict) -> str:
     r = cfg.get("regime")
-    return {"sft": "SFT", "dpo": "DPO-only"}.get(r) or f"SFT@{cfg.get('handoff_epoch')}→DPO"
+    if r == "sft":
+        return "SFT"
+    pref = preference_label(cfg)
+    return f"{pref}-only" if r == "dpo" else f"SFT@{cfg.get('handoff_epoch')}→{pref}"
 
 
 def param_label(cfg: dict) -> str:

@@ -19,11 +19,12 @@ from typing import Callable
 
 import yaml
 
-from ..config import FIELD_TYPES, RunConfig, SftdpoError, coerce_field, task_definition
+from ..config import FIELD_TYPES, LORA_PARAMS, RunConfig, SftdpoError, coerce_field, task_definition
 from ..data import resolve_data
 from ..report.claims import parse_claims
 
-SHIPPED_SPECS = ("quick", "paper", "own-tasks", "dpo-sweep", "dpo-sweep-quick", "lr-sweep-quick", "findings")
+SHIPPED_SPECS = ("quick", "paper", "own-tasks", "dpo-sweep", "dpo-sweep-quick", "lr-sweep-quick", "findings", "methods",
+                 "methods-quick")
 _DEFAULTS = RunConfig()
 
 
@@ -169,8 +170,8 @@ def _short(cfg: dict) -> str:
 # -- run names ---------------------------------------------------------------------------------
 # Fields every name spells out in its own short form (or that only say where data lives, which the
 # data fingerprint covers); any other field is added to the names of the runs it tells apart.
-_IN_BASE = {"task", "task_name", "regime", "handoff_epoch", "param", "lora_rank", "pairs", "data_fraction", "seed",
-            "train", "dev"}
+_IN_BASE = {"task", "task_name", "regime", "handoff_epoch", "param", "lora_rank", "objective", "pairs", "data_fraction",
+            "seed", "train", "dev"}
 _ALIASES = {"data_fingerprint": "data"}
 
 
@@ -191,9 +192,10 @@ def _short_value(field: str, v: object) -> str:
 
 
 def name_runs(cfgs: list[RunConfig], aliases: dict | None = None) -> list[tuple[str, RunConfig]]:
-    """(name, config) per distinct run: `task-regime-param[-pairs][-fracF]`, then each other field
-    whose value differs between runs that would otherwise share that name (`field=value`, or the
-    spec's `aliases:` short form, `alias=value`), then the seed and the hash."""
+    """(name, config) per distinct run: `task-regime-param[-pairs][-fracF]` (regime: sft, dpo, sft1-dpo,
+    or another preference objective in dpo's place, e.g. sft1-orpo; param: fft, lora8, dora8, ia3, ...),
+    then each other field whose value differs between runs that would otherwise share that name
+    (`field=value`, or the spec's `aliases:` short form, `alias=value`), then the seed and the hash."""
     aliases = {**_ALIASES, **(aliases or {})}
     unique = list({c.hash(): c for c in cfgs}.values())
     idents = {c.hash(): c.identity() for c in unique}
@@ -211,8 +213,9 @@ def name_runs(cfgs: list[RunConfig], aliases: dict | None = None) -> list[tuple[
 
 
 def _base_name(c: RunConfig) -> list[str]:
-    regime = {"sft": "sft", "dpo": "dpo"}.get(c.regime) or f"sft{c.handoff_epoch}-dpo"
-    param = "fft" if c.param == "fft" else f"lora{c.lora_rank}"
+    stage = c.objective or "dpo"  # the preference stage's objective: dpo, simpo, cpo, orpo, kto
+    regime = "sft" if c.regime == "sft" else stage if c.regime == "dpo" else f"sft{c.handoff_epoch}-{stage}"
+    param = c.param.replace("-", "") + (str(c.lora_rank) if c.param in LORA_PARAMS else "")
     parts = [c.task_name or c.task, regime, param]
     if c.regime != "sft" and c.task in ("sonnet", "generate", "classify") and c.pairs != "v1":
         parts.append(c.pairs.split("/")[-1].replace(":", "-") if c.pairs.startswith("file:") else c.pairs)
