@@ -205,11 +205,13 @@ def test_a_damaged_failed_json_is_a_failed_run(study):
 
 
 def test_a_damaged_spec_yaml_is_shown_as_it_is(study):
-    """spec.yaml is only shown in the report: garbage there is shown, not a UnicodeDecodeError."""
+    """spec.yaml is shown in the report and declares its claims: garbage there is shown, the claims are
+    said to be untested in one line (and in the report), not a UnicodeDecodeError."""
     damage(study / "spec.yaml", "garbage")
     rc, err = cli("study", "report", str(study))
-    assert rc == 0 and not lines(err), err
-    assert "garbage" in (study / "report" / "report.md").read_text()
+    assert rc == 0 and len(lines(err)) == 1 and "spec.yaml is damaged" in err, err
+    md = (study / "report" / "report.md").read_text()
+    assert "garbage" in md and "Not tested: the study's `spec.yaml`" in md
 
 
 # -- a read-only study directory ---------------------------------------------------------------------

@@ -27,10 +27,23 @@ NOISY_LOGGERS = ("transformers", "httpx", "urllib3", "huggingface_hub", "dataset
                  "fontTools", "matplotlib", "mlflow", "alembic", "wandb")  # fontTools: each glyph subset of a PDF
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever sys.stderr is when a line is written, not the stream it was when logging
+    was set up (a caller that redirects stderr afterwards, as pytest's capture does, gets the lines)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO, verbose: bool = False) -> None:
     """sftdpo's messages as plain lines on stderr; library noise (INFO chatter, weight-loading and
     download bars) at ERROR unless `verbose` (-v)."""
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[_Stderr()], force=True)
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:  # read by transformers and huggingface_hub when they are imported (in this process or a child)

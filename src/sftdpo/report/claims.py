@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import logging
+
 import numpy as np
 import yaml
 
@@ -50,6 +52,8 @@ VERDICTS = {"supported": "supported", "contradicted": "contradicted", "undecided
 _CLAIM_KEYS = ("number", "says", "a", "b", "where", "vary", "more", "metric", "kind", "margin", "effect", "pool", "paper")
 _SPEC_KEYS = ("from", "where", "skip", "assume", "define")
 _NUMERIC = ("int", "float", "int | None", "float | None")
+
+log = logging.getLogger("sftdpo")
 
 
 # -- definitions ---------------------------------------------------------------------------------
@@ -649,7 +653,17 @@ def claims_section(doc: "Doc", study: StudyResults, study_dir: Path, out_dir: Pa
     spec = Path(study_dir) / "spec.yaml"
     if not spec.exists():
         return
-    declared = (yaml.safe_load(spec.read_text(encoding="utf-8")) or {}).get("claims")
+    try:
+        loaded = yaml.safe_load(spec.read_text(encoding="utf-8"))
+        declared = loaded.get("claims") if isinstance(loaded, dict) else None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError("not a YAML mapping")
+    except (UnicodeDecodeError, yaml.YAMLError, ValueError) as e:  # damaged: said, the rest of the report stands
+        doc.h(2, "Claims")
+        doc.p(f"Not tested: the study's `spec.yaml`, which declares its claims, is damaged ({type(e).__name__}); "
+              "`sftdpo study run SPEC --out` this directory again rewrites it.")
+        log.warning("%s is damaged (%s): the report's claims are not tested", spec, type(e).__name__)
+        return
     claims = parse_claims(declared, f"study spec {spec}")
     if claims is None:
         return

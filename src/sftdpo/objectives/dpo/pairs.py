@@ -226,8 +226,8 @@ def write_pairs(path: Path, header: dict, pairs: list[dict]) -> None:
 
 
 def read_pairs(path: Path, fix: str) -> tuple[dict, list[dict]]:
-    """(header, pairs) of a pair file; DamagedFile (with `fix`, what to do) when a line is unreadable or
-    the file holds fewer pairs than its header counted (cut short at a line's end)."""
+    """(header, pairs) of a pair file (or of KTO's examples); DamagedFile (with `fix`, what to do) when a
+    line is unreadable or the file holds fewer pairs than its header counted (cut short at a line's end)."""
     header: dict = {}
     pairs: list[dict] = []
     try:
@@ -242,14 +242,16 @@ def read_pairs(path: Path, fix: str) -> tuple[dict, list[dict]]:
         except ValueError as e:
             raise DamagedFile(path, f"line {n} is not JSON ({type(e).__name__})", fix) from None
         if not isinstance(rec, dict) or not (("header" in rec and len(rec) == 1) or {"prompt", "chosen", "rejected"} <= set(rec)
-                                              or "rejected_id" in rec):
+                                              or "rejected_id" in rec or {"completion", "label"} <= set(rec)):
+            # (a pair; or one of KTO's unpaired examples, <run>/dpo/examples.jsonl)
             raise DamagedFile(path, f"line {n} is neither the header nor a pair", fix)
         if "header" in rec and len(rec) == 1:
             header = rec["header"]
         else:
             pairs.append(rec)
-    if header.get("pairs") is not None and header["pairs"] != len(pairs):
-        raise DamagedFile(path, f"{len(pairs)} pairs where its header counts {header['pairs']}", fix)
+    for counted in ("pairs", "examples"):  # a pair file's count, KTO's examples'
+        if header.get(counted) is not None and header[counted] != len(pairs):
+            raise DamagedFile(path, f"{len(pairs)} rows where its header counts {header[counted]} {counted}", fix)
     return header, pairs
 
 
