@@ -177,7 +177,8 @@ def test_keep_checkpoints_decides_what_a_finished_run_keeps(qqp, cache, tmp_path
     assert ({p.name for p in ckpt.iterdir()} if ckpt.exists() else set()) == left
     assert json.loads((run_dir / "summary.json").read_text())["dev/accuracy"] is not None
     if "best" not in left:
-        with pytest.raises(SftdpoError, match=f"--keep-checkpoints {keep}: train it again with --keep-checkpoints best"):
+        with pytest.raises(SftdpoError, match=f"--keep-checkpoints {keep}: train it again with --keep-checkpoints best "
+                                              r"\(or all\) and a new --out"):
             evaluate_run(run_dir, "best")
 
 

@@ -644,3 +644,22 @@ def test_kto_takes_trls_unpaired_rows_from_a_file(data, tmp_path, model_tok):
             expected = [(r["prompt"], r["completion"] + tok.eos_token, r["label"]) for r in rows if kind != "desirable" or r["label"]]
             assert texts == sorted(expected)
         assert obj.describe()["desirable"] == sum(want) and obj.describe()["undesirable"] == len(want) - sum(want)
+
+
+def test_kto_examples_file_reads_back_whole_or_damaged(tmp_path):
+    """<run>/dpo/examples.jsonl (KTO's unpaired examples) reads back through read_pairs: whole, every row;
+    cut short at a line's end (a crash, a full disk), DamagedFile naming the count, so the run restarts
+    rather than train on fewer examples than its reference log-probs hold. Catches KTO rows refused as
+    "not a pair" (every KTO resume would restart) and a cut-short file trusted."""
+    from sftdpo.files import DamagedFile
+    from sftdpo.objectives.dpo.pairs import read_pairs, write_pairs
+
+    rows = [{"prompt": f"q{i}", "completion": " yes" if i % 2 else " no", "label": bool(i % 2), "group": i // 2}
+            for i in range(4)]
+    path = tmp_path / "examples.jsonl"
+    write_pairs(path, {"task": "paraphrase", "examples": len(rows), "data_hash": "h"}, rows)
+    header, back = read_pairs(path, "the run starts again")
+    assert back == rows and header["examples"] == 4
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))  # the last row lost
+    with pytest.raises(DamagedFile, match="3 rows where its header counts 4 examples"):
+        read_pairs(path, "the run starts again")

@@ -1,6 +1,7 @@
 """One optimizer step (train/step.py): the optimizer's weight-decay groups and the logged gradient norm."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -60,3 +61,60 @@ def test_grad_norm_is_the_norm_before_clipping(tiny, tiny_data):
         want = -scale * torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
                                    for g, p in zip(grads, model.parameters())])
         assert (moved - want).norm() <= 1e-5 * want.norm()
+
+
+class _Batch:
+    def __init__(self, x: float, share: float, reports: bool):
+        self.x, self.share, self.reports = x, share, reports
+
+    def to(self, device):
+        return self
+
+
+class _Objective:
+    """Logs `always` from every micro-batch and `sometimes` only from some (as KTO's rewards/rejected
+    comes only from micro-batches with undesirable examples)."""
+
+    train_mode = True
+
+    def __init__(self, steps):
+        self._steps = steps
+
+    def n_steps(self):
+        return len(self._steps)
+
+    def steps(self, epoch):
+        return iter(self._steps)
+
+    def loss(self, model, b):
+        logs = {"always": torch.tensor(b.x)}
+        if b.reports:
+            logs["sometimes"] = torch.tensor(10.0 * b.x)
+        return (model.w * b.x).sum(), logs
+
+    def n_tokens(self, b):
+        return 1
+
+
+def test_a_metric_some_micro_batches_lack_is_their_mean_not_diluted(tmp_path):
+    """The epoch's (and each logged step's) value of a metric is its share-weighted mean over the
+    micro-batches that reported it. Catches a metric absent from some micro-batches averaged with zeros
+    (KTO's rewards/rejected over micro-batches without undesirable examples: pulled toward 0) and a metric
+    every micro-batch reports changed by the weighting."""
+    from types import SimpleNamespace
+
+    from sftdpo.train.checkpoint import MetricsLog
+    from sftdpo.train.loop import Run
+
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    steps = [[_Batch(1.0, 0.5, True), _Batch(2.0, 0.5, False)], [_Batch(3.0, 1.0, True)]]
+    run = SimpleNamespace(cfg=SimpleNamespace(max_grad_norm=0.0, log_every=1), model=model, device=torch.device("cpu"),
+                          precision="fp32", hooks=None, is_main=True, own=lambda v: v)
+    mlog = MetricsLog(tmp_path / "metrics.jsonl")
+    trained = Run.train_epoch(run, _Objective(steps), "kto", 1, opt, make_scheduler(opt, 2, 0.0, "constant"), mlog)
+    assert trained.logs["always"] == pytest.approx((0.5 * 1 + 0.5 * 2 + 3) / 2)
+    assert trained.logs["sometimes"] == pytest.approx((0.5 * 10 + 1.0 * 30) / 1.5)  # not (5 + 30) / 2
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["sometimes"] for x in lines] == pytest.approx([10.0, 30.0]) and [x["always"] for x in lines] == [1.5, 3.0]

@@ -165,7 +165,8 @@ def prune_checkpoints(ckpt_dir: Path, keep: str) -> None:
 def missing_checkpoint(run_dir: Path, checkpoint: str, keep: str) -> SftdpoError:
     """The one-line error for a checkpoint a run does not have."""
     why = (f"the run kept only --keep-checkpoints {keep}: train it again with --keep-checkpoints {checkpoint} "
-           "(or all)") if keep != "all" and checkpoint not in (keep,) else "train the run first"
+           "(or all) and a new --out (the same --out returns the finished run as it is)"
+           ) if keep != "all" and checkpoint not in (keep,) else "train the run first"
     return SftdpoError(f"no {checkpoint} checkpoint in {run_dir}/checkpoints: {why}")
 
 

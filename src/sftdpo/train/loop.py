@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -292,6 +293,7 @@ class Run:
         params = [p for p in model.parameters() if p.requires_grad]
         t0 = window_t = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
+        shares: dict[str, torch.Tensor] = {}  # per metric, the share of the epoch's micro-batches that reported it
         tokens = window_tokens = 0
         bar = progress(n, f"{stage} epoch {epoch}", self.is_main)
         for i, window in zip(range(1, n + 1), obj.steps(epoch)):
@@ -300,11 +302,13 @@ class Run:
             step = {"loss": st.loss, "grad_norm": self.own(st.grad_norm), **st.logs}
             for k, v in step.items():
                 sums[k] = sums[k] + v if k in sums else v
+            for k, w in st.log_shares.items():
+                shares[k] = shares[k] + w if k in shares else w
             tokens += st.tokens
             window_tokens += st.tokens
             bar.update(1)
             if i % cfg.log_every == 0 or i == n:
-                logs, window_total = _read(step, window_tokens)
+                logs, window_total = _read(step, window_tokens, st.log_shares)
                 now = time.perf_counter()
                 mlog.write({"kind": "train", "stage": stage, "epoch": epoch, "step": i, "global_step": step0 + i,
                             "lr": st.lr, "tokens_per_s": window_total / max(now - window_t, 1e-9),
@@ -312,9 +316,10 @@ class Run:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}")
                 window_t, window_tokens = now, 0
         bar.close()
-        logs, total = _read(sums, tokens)
-        loss = logs.pop("loss", 0.0)
-        return EpochTraining(loss / max(n, 1), time.perf_counter() - t0, total, {k: v / max(n, 1) for k, v in logs.items()}, n)
+        logs, total = _read(sums, tokens, shares)  # metrics: means over the micro-batches that reported them
+        loss, grad_norm = logs.pop("loss", 0.0), logs.pop("grad_norm", 0.0)
+        return EpochTraining(loss / max(n, 1), time.perf_counter() - t0, total,
+                             {"grad_norm": grad_norm / max(n, 1), **logs}, n)
 
     def own(self, value: torch.Tensor) -> torch.Tensor:
         """A value every rank holds (the global gradient norm) as rank 0's share of a sum over ranks."""
@@ -382,14 +387,21 @@ class Run:
         return summary
 
 
-def _read(values: dict[str, torch.Tensor], tokens: int) -> tuple[dict[str, float], int]:
-    """Logged values and the token count summed over ranks, read back to the host (one transfer)."""
-    keys = sorted(values)
+def _read(values: dict[str, torch.Tensor], tokens: int,
+          shares: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, float], int]:
+    """Logged values and the token count summed over ranks, read back to the host (one transfer); a
+    value named in `shares` divided by its summed share: its mean over the micro-batches that reported
+    it (a metric absent from some is not averaged with zeros)."""
+    keys, weighted = sorted(values), sorted(shares or {})
     device = values[keys[0]].device if keys else torch.device("cpu")
     vec = torch.stack([values[k].to(device=device, dtype=torch.float64) for k in keys]
+                      + [shares[k].to(device=device, dtype=torch.float64) for k in weighted]
                       + [torch.tensor(float(tokens), dtype=torch.float64, device=device)])
     vals = sum_over_ranks(vec).tolist()
-    return dict(zip(keys, vals[:-1])), int(round(vals[-1]))
+    out = dict(zip(keys, vals[:len(keys)]))
+    for k, w in zip(weighted, vals[len(keys):-1]):
+        out[k] = out[k] / w if w else math.nan
+    return out, int(round(vals[-1]))
 
 
 def _fmt(metrics: dict) -> str:

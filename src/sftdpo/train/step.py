@@ -3,6 +3,8 @@ benchmark both call `train_step`, so what `sftdpo bench` times is what a run exe
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -69,6 +71,9 @@ class StepStats:
     tokens: int
     grad_norm: torch.Tensor
     lr: float
+    # per logged metric, the summed share of the micro-batches that reported it (1 over all ranks when
+    # every one did: KTO's rewards/rejected is absent from a micro-batch without undesirable examples)
+    log_shares: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.Optimizer,
@@ -82,6 +87,7 @@ def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.O
     before clipping and its rank allocation after the update; virtual tokens in the token count)."""
     loss_sum: torch.Tensor | None = None
     logs_sum: dict[str, torch.Tensor] = {}
+    log_shares: dict[str, torch.Tensor] = {}
     tokens = 0
     for batch in window:
         batch = batch.to(device)
@@ -93,6 +99,8 @@ def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.O
         for k, v in logs.items():
             v = v.detach().double() * batch.share
             logs_sum[k] = logs_sum[k] + v if k in logs_sum else v
+            w = torch.tensor(float(batch.share), dtype=torch.float64, device=v.device)
+            log_shares[k] = log_shares[k] + w if k in log_shares else w
         if batch.share:  # a stand-in row (share 0) trains on nothing
             tokens += objective.n_tokens(batch) + (hooks.extra_tokens(_rows(batch)) if hooks else 0)
     all_reduce_grads(params)
@@ -106,7 +114,7 @@ def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.O
     if hooks:
         hooks.after_update(sched.last_epoch - 1)  # the stage's steps before this one
     opt.zero_grad(set_to_none=True)
-    return StepStats(loss_sum, logs_sum, tokens, grad_norm.detach().double(), lr)
+    return StepStats(loss_sum, logs_sum, tokens, grad_norm.detach().double(), lr, log_shares)
 
 
 def _rows(batch) -> int:
