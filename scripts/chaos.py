@@ -30,6 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's sftdpo, as the study it runs
+
+from sftdpo.system import descendants, still_running  # noqa: E402
+
 FIX = ROOT / "tests" / "fixtures" / "data"
 
 
@@ -83,32 +87,6 @@ def environment(cache: Path) -> dict[str, str]:
 def start(spec: Path, out: Path, env: dict[str, str], log) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "sftdpo.cli", "-q", "study", "run", str(spec), "--out", str(out)],
                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=out.parent)
-
-
-def descendants(pid: int) -> set[int]:
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-    out, todo = set(), [pid]
-    while todo:
-        pid = todo.pop()
-        kids = {c for c, p in parent.items() if p == pid}
-        out |= kids
-        todo += kids
-    return out
-
-
-def alive(pids: set[int]) -> set[int]:
-    def running(p: int) -> bool:
-        try:
-            return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
-    return {p for p in pids if running(p)}
 
 
 def results(run_dir: Path) -> dict:
@@ -230,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                     kills[sig] += 1
                     phases[doing] = phases.get(doing, 0) + 1
                     deadline = time.monotonic() + 30
-                    while alive(tree) and time.monotonic() < deadline:
+                    while still_running(tree) and time.monotonic() < deadline:
                         time.sleep(0.2)
-                    left = alive(tree)
+                    left = still_running(tree)
                     left_behind += len(left)
                     for pid in left:  # reported above; not left running
                         os.kill(pid, signal.SIGKILL)

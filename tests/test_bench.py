@@ -112,3 +112,15 @@ def test_study_jobs_line_runs_both_sides_with_the_same_results(cache, tmp_path, 
     assert d["results_identical"] is True
     assert line["sftdpo"] == pytest.approx(6 * 3600 / d["wall_s"]["jobs2"]) and line["peer"] == pytest.approx(
         6 * 3600 / d["wall_s"]["jobs1"])
+
+
+def test_too_few_steps_for_the_warm_up_is_one_line_that_says_why():
+    """Data that gives no more optimizer steps than the untimed warm-up (a data directory with few
+    sonnets): one line saying so, not "use --steps >= 1" to a user who asked for 8."""
+    from sftdpo.bench import summarise_steps
+    from sftdpo.config import SftdpoError
+
+    step = {"s": 0.5, "tokens": 100, "rows": 4, "loss": 1.0}
+    with pytest.raises(SftdpoError, match=r"the data gave 1 optimizer step\(s\), 1 of them untimed warm-up"):
+        summarise_steps([step], warmup=1)
+    assert summarise_steps([step, {**step, "s": 0.25}], warmup=1)["tokens_per_s"] == 400.0

@@ -36,6 +36,7 @@ import pytest
 import yaml
 
 from sftdpo.study.runner import run_study
+from sftdpo.system import descendants, still_running
 
 from conftest import qqp_files
 from test_inputs import cli
@@ -498,33 +499,6 @@ def test_a_pending_runs_torn_metrics_line_is_dropped(interrupted, tmp_path):
 
 # -- signals: SIGTERM is Ctrl-C, and no run outlives its study ---------------------------------------
 
-def descendants(pid: int) -> set[int]:
-    """The processes below `pid` now (from /proc)."""
-    parent: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(stat.parent.name)] = int(fields[1])
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        kids = {c for c, pp in parent.items() if pp == p}
-        out |= kids
-        todo += kids
-    return out
-
-
-def alive(pids: set[int]) -> set[int]:
-    def running(p: int) -> bool:
-        try:
-            return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
-    return {p for p in pids if running(p)}
-
 
 def wait_for(path_glob: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     import time
@@ -586,9 +560,9 @@ def test_no_run_outlives_its_study(finished, tmp_path, cache, sig):
     proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=120)
     deadline = time.monotonic() + 20
-    while alive(tree) and time.monotonic() < deadline:
+    while still_running(tree) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = alive(tree)
+    left = still_running(tree)
     for pid in left:  # not left running past the test
         os.kill(pid, signal.SIGKILL)
     assert not left, "processes of the study left behind"

@@ -192,8 +192,9 @@ def sftdpo_steps(model, obj, *, device: torch.device, precision: str, lr: float,
 
 def summarise_steps(steps: list[dict], warmup: int) -> dict:
     timed = steps[warmup:]
-    if not timed:
-        raise SftdpoError("no timed steps: use --steps >= 1")
+    if not timed:  # --steps 0, or data that gives no more optimizer steps than the untimed warm-up ones
+        raise SftdpoError(f"no timed steps: the data gave {len(steps)} optimizer step(s), {warmup} of them untimed "
+                          "warm-up; use --steps >= 1, and a data directory ($SFTDPO_DATA_DIR) with more training examples")
     return {
         "timed_steps": len(timed), "warmup_steps": warmup,
         "median_step_s": median([s["s"] for s in timed]),

@@ -137,3 +137,32 @@ def git_commit() -> str | None:
                               cwd=Path(__file__).resolve().parent).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes below `pid` now, children of children included (Linux: from /proc; elsewhere none).
+    A study's run processes are its descendants: the chaos check and the tests look for any left."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # ended meanwhile
+            continue
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parent.items() if pp == p}
+        out |= kids
+        todo += kids
+    return out
+
+
+def still_running(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (a zombie, ended but not yet reaped, is not)."""
+    def running(p: int) -> bool:
+        try:
+            return Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    return {p for p in pids if running(p)}

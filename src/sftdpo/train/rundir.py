@@ -6,7 +6,7 @@
                   (written last: its presence means the run is complete)
   predictions.csv / generations.txt, dev_outputs.jsonl
   checkpoints/last, checkpoints/best   trainable weights (full model for FFT, the adapter for LoRA)
-  dpo/            the DPO stage's pairs and reference log-probs (objectives/dpo)
+  dpo/            the preference stage's inputs: pairs (KTO: examples.jsonl) and reference log-probs (objectives/)
   .lock           held by the process training the run (one writer per run directory)
 
 Read back (`config`, `summary`, `results`): a damaged file is DamagedFile, one line naming it. A
