@@ -4,8 +4,9 @@ uninterrupted study ends.
 A small study (both tasks, FFT and LoRA, SFT-only and staged SFT@1->DPO runs; tiny-llama, fp32, one
 thread: deterministic) runs once uninterrupted (the reference). Then the same study runs again and is
 killed, SIGKILL or SIGTERM drawn at random (seeded), at a moment drawn uniformly over the reference's
-wall time, so kills land in every phase: start-up, data, training steps, checkpoint writes, DPO pair
-sampling and reference log-probs, the index, the report. After each kill the script checks that no
+wall time (start-ups dominate so small a study: the driver's, each run process's, the index and the
+report) or, one kill in two, 0-0.3 s after a run of that start began writing training records (its
+steps, an epoch's end, a checkpoint, the DPO stage's inputs). After each kill the script checks that no
 process of the study is left, and starts `study run` again (a resume). A study that completes starts
 over in a fresh directory (a new round), until N kills. Every round's final results are compared with
 the reference, run by run: dev metrics and outputs, every per-epoch record (timings aside) and the
@@ -71,7 +72,7 @@ def write_spec(path: Path, data: dict) -> Path:
     spec = {"name": "chaos",
             "defaults": {"model": "tiny-llama", "device": "cpu", "precision": "fp32", "epochs": 2, "batch_size": 4,
                          "eval_batch_size": 8, "lr": 3e-3, "dpo_lr": 1e-3, "lora_rank": 4, "max_new_tokens": 8,
-                         "max_dev_examples": 4},
+                         "max_dev_examples": 4, "log_every": 1},
             "grid": {"task": [{"task": t, **files} for t, files in data.items()], "param": ["fft", "lora"],
                      "regime": [{"regime": "sft"}, {"regime": "sft-dpo", "handoff_epoch": 1}]}}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -144,6 +145,24 @@ def phase(out: Path, driver_log: str) -> str:
     return next((name for key, name in PHASES if last.startswith(key)), f"other ({last[:40]})")
 
 
+def training_started(out: Path, since: float) -> bool:
+    """Whether a run of this start is training: a metrics.jsonl written since `since` (--log-every 1:
+    a line per optimizer step, and per epoch)."""
+    return any(p.stat().st_mtime > since for p in out.glob("runs/*/metrics.jsonl"))
+
+
+def wait_for_training(proc: subprocess.Popen, out: Path, since: float, rng: random.Random) -> float | None:
+    """Seconds until a run of this start trains, then a further 0-0.3 s (a kill inside the training steps,
+    an epoch's records or a checkpoint write); None when the study ended first."""
+    t0 = time.monotonic()
+    while proc.poll() is None:
+        if training_started(out, since):
+            time.sleep(rng.uniform(0, 0.3))
+            return time.monotonic() - t0 if proc.poll() is None else None
+        time.sleep(0.02)
+    return None
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -174,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         ref_wall = time.perf_counter() - t0
     if ref.returncode != 0:
         raise SystemExit(f"chaos: the reference study failed (exit {ref.returncode}); see {work / 'reference.log'}")
-    print(f"chaos: reference done in {ref_wall:.0f} s; kills drawn uniformly in [0, {ref_wall:.0f}] s", flush=True)
+    print(f"chaos: reference done in {ref_wall:.0f} s; each kill at a moment drawn uniformly in [0, {ref_wall:.0f}] s "
+          "or, one in two, once a run trains (+0-0.3 s)", flush=True)
 
     kills = {"SIGKILL": 0, "SIGTERM": 0}
     phases: dict[str, int] = {}
@@ -195,14 +215,26 @@ def main(argv: list[str] | None = None) -> int:
                 final = sum(kills.values()) >= ns.kills  # no more kills: run this one to the end
                 when = rng.uniform(0, ref_wall)
                 sig = rng.choice(["SIGKILL", "SIGTERM"])
+                in_training = rng.random() < 0.5  # else a moment drawn over the whole study
                 log.flush()
                 offset = log_path.stat().st_size
+                since = time.time()
                 proc = start(spec, out, env, log)
                 try:
-                    proc.wait(timeout=None if final else when)
+                    if final:
+                        proc.wait()
+                    elif in_training:
+                        when = wait_for_training(proc, out, since, rng)
+                        if when is None:
+                            proc.wait()
+                        else:
+                            raise subprocess.TimeoutExpired(proc.args, when)
+                    else:
+                        proc.wait(timeout=when)
                 except subprocess.TimeoutExpired:
                     tree = descendants(proc.pid)
-                    doing = phase(out, log_path.read_text(errors="replace")[offset:])
+                    doing = ("a run training (its steps, an epoch's records, a checkpoint)" if in_training
+                             else phase(out, log_path.read_text(errors="replace")[offset:]))
                     proc.send_signal(getattr(signal, sig))
                     proc.wait()
                     kills[sig] += 1

@@ -5,6 +5,7 @@ test_dpo.py.) Tiny models; the smoke tests use the data directory's files like t
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -66,7 +67,10 @@ def test_bench_against_trl_smoke(tmp_path, cache):
 def test_fft_and_lora_measurements(cache):
     require_tiny_gpt2()
     spec = dict(model="tiny-gpt2", device="cpu", precision="fp32", batch=2, n_train=4, warmup=1, steps=1)
-    fft, lora = (bench._param_child({**spec, "param": p}) for p in ("fft", "lora"))
+    try:  # in this process: _param_child silences logging for the child process it is meant for
+        fft, lora = [bench._param_child({**spec, "param": p}) for p in ("fft", "lora")]
+    finally:
+        logging.disable(logging.NOTSET)  # else every later test's warning lines vanish (logging.disable is global)
     assert fft["trainable"] == fft["total"] and lora["total"] > fft["total"] > 100 * lora["trainable"] > 0
     assert fft["summary"]["timed_steps"] == lora["summary"]["timed_steps"] == 1
     assert fft["peak_memory_mb"] > 0 and lora["peak_memory_mb"] > 0
