@@ -2,7 +2,7 @@
 and the detectable effects `study run --dry-run` prints before anything is trained.
 
 A spec declares `claims:` (a shipped claims file by name, e.g. `claims: paper`, or a mapping with
-`from`, `where`, `skip`, `assume`, `define`; docs/_notes/claims.md). Each claim names two sets of
+`from`, `where`, `skip`, `assume`, `define`; docs/claims.md). Each claim names two sets of
 conditions by config fields (`a`, `b`), the fields in which paired runs may differ besides those
 (`vary`; `more`: A has the larger value of that field), the metric, the kind (stats.KINDS) and the
 paper's numbers (report/paper.py). Runs pair when every other field that can change a result is
@@ -41,7 +41,7 @@ SUMMARY_METRICS = ("wall_clock_per_epoch_s", "wall_clock_s", "train_tokens_per_s
 EFFECTS = ("difference", "ratio")
 N_BOOT = 2000
 # --dry-run's assumptions before any run (a spec's `claims: {assume: ...}` sets them), each justified in
-# docs/_notes/claims.md: the share of dev pairs on which two fine-tuned classifiers disagree (the
+# docs/claims.md: the share of dev pairs on which two fine-tuned classifiers disagree (the
 # per-example variance of an accuracy difference); the per-example variance of a chrF difference
 # (chrF points squared per dev sonnet); the sd of a wall-clock log-ratio between paired runs; and the
 # sd of an effect between training seeds beyond dev-set noise (unknown before running: 0, so the
