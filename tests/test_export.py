@@ -154,6 +154,7 @@ def test_export_errors_are_one_line_and_write_nothing(qqp, cache, tmp_path, monk
     with pytest.raises(SftdpoError, match="exists and is not empty"):
         export_run(run_dir, tmp_path / "full")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()  # the training's own lines (printed when an earlier test set logging up) are not export's
     assert main(["export", str(run_dir), "--out", str(tmp_path / "y"), "--push-to-hub", "me/model"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--push-to-hub me/model needs the Hugging Face hub" in err
