@@ -293,7 +293,7 @@ class Run:
         params = [p for p in model.parameters() if p.requires_grad]
         t0 = window_t = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
-        shares: dict[str, torch.Tensor] = {}  # per metric, the share of the epoch's micro-batches that reported it
+        shares: dict[str, float] = {}  # per metric, the share of the epoch's micro-batches that reported it
         tokens = window_tokens = 0
         bar = progress(n, f"{stage} epoch {epoch}", self.is_main)
         for i, window in zip(range(1, n + 1), obj.steps(epoch)):
@@ -303,7 +303,7 @@ class Run:
             for k, v in step.items():
                 sums[k] = sums[k] + v if k in sums else v
             for k, w in st.log_shares.items():
-                shares[k] = shares[k] + w if k in shares else w
+                shares[k] = shares.get(k, 0.0) + w
             tokens += st.tokens
             window_tokens += st.tokens
             bar.update(1)
@@ -388,15 +388,15 @@ class Run:
 
 
 def _read(values: dict[str, torch.Tensor], tokens: int,
-          shares: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, float], int]:
+          shares: dict[str, float] | None = None) -> tuple[dict[str, float], int]:
     """Logged values and the token count summed over ranks, read back to the host (one transfer); a
     value named in `shares` divided by its summed share: its mean over the micro-batches that reported
     it (a metric absent from some is not averaged with zeros)."""
     keys, weighted = sorted(values), sorted(shares or {})
     device = values[keys[0]].device if keys else torch.device("cpu")
-    vec = torch.stack([values[k].to(device=device, dtype=torch.float64) for k in keys]
-                      + [shares[k].to(device=device, dtype=torch.float64) for k in weighted]
-                      + [torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+    host = torch.tensor([shares[k] for k in weighted] + [float(tokens)], dtype=torch.float64)  # host numbers: one copy
+    vec = torch.cat([torch.stack([values[k].to(device=device, dtype=torch.float64) for k in keys]) if keys
+                     else torch.zeros(0, dtype=torch.float64, device=device), host.to(device)])
     vals = sum_over_ranks(vec).tolist()
     out = dict(zip(keys, vals[:len(keys)]))
     for k, w in zip(weighted, vals[len(keys):-1]):

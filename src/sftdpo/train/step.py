@@ -3,10 +3,8 @@ benchmark both call `train_step`, so what `sftdpo bench` times is what a run exe
 
 from __future__ import annotations
 
-import dataclasses
-
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -73,7 +71,7 @@ class StepStats:
     lr: float
     # per logged metric, the summed share of the micro-batches that reported it (1 over all ranks when
     # every one did: KTO's rewards/rejected is absent from a micro-batch without undesirable examples)
-    log_shares: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    log_shares: dict[str, float] = field(default_factory=dict)
 
 
 def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.Optimizer,
@@ -87,7 +85,7 @@ def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.O
     before clipping and its rank allocation after the update; virtual tokens in the token count)."""
     loss_sum: torch.Tensor | None = None
     logs_sum: dict[str, torch.Tensor] = {}
-    log_shares: dict[str, torch.Tensor] = {}
+    log_shares: dict[str, float] = {}
     tokens = 0
     for batch in window:
         batch = batch.to(device)
@@ -99,8 +97,7 @@ def train_step(model, objective: Objective, window: Sequence, opt: torch.optim.O
         for k, v in logs.items():
             v = v.detach().double() * batch.share
             logs_sum[k] = logs_sum[k] + v if k in logs_sum else v
-            w = torch.tensor(float(batch.share), dtype=torch.float64, device=v.device)
-            log_shares[k] = log_shares[k] + w if k in log_shares else w
+            log_shares[k] = log_shares.get(k, 0.0) + float(batch.share)
         if batch.share:  # a stand-in row (share 0) trains on nothing
             tokens += objective.n_tokens(batch) + (hooks.extra_tokens(_rows(batch)) if hooks else 0)
     all_reduce_grads(params)
