@@ -58,7 +58,9 @@ SPEC_CUT = {"paper": {"task": "paraphrase", "data_fraction": "1.0", "regime": "s
             "dpo-sweep-quick": {"beta": "0.2", "dpo_lr": "2.5e-05"},
             "quick": {"regime": "sft-dpo"}, "own-tasks": {"regime": "sft-dpo"},
             "methods": {"task": "paraphrase", "regime": "sft"},
-            "methods-quick": {"task": "paraphrase", "regime": "sft-dpo", "objective": "orpo"}}
+            "methods-quick": {"task": "paraphrase", "regime": "sft-dpo", "objective": "orpo"},
+            "findings": {"task": "paraphrase", "regime": "sft-dpo"},
+            "lr-sweep-quick": {"task": "paraphrase", "regime": "sft-dpo"}}
 SONNET_CUT = {"pairs": "v1", "temperature": "1.0"}  # the paper's sonnet axes
 
 
