@@ -10,6 +10,9 @@ mutants re-run, so a second run does only what changed. This script adds what mu
   spawned run processes and torchrun children import the mutated code (the active mutant travels in
   the MUTANT_UNDER_TEST variable they inherit); mutants/src is created before Python starts, or the
   import system caches the missing folder and the tests silently import the unmutated package.
+- mutmut copies src/ into mutants/src once and never again for files it does not mutate (config.py,
+  study/, the spec YAML files...): tests would run new mutated modules against stale copies of the
+  rest. Every run first brings those files up to date (sync_unmutated).
 - Scope below file level: of models.py only the PEFT set-up (SCOPE) is run; other functions' mutants
   are reported as out of scope, not run.
 - Survivors are re-run when tests/ changed since the last run (mutmut keeps a survivor's verdict
@@ -159,8 +162,39 @@ def load_runs() -> list[dict]:
     return json.loads(RUNS.read_text()) if RUNS.exists() else []
 
 
+def mutated_globs() -> list[str]:
+    import tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]["only_mutate"]
+
+
+def sync_unmutated() -> int:
+    """Bring mutants/src's copies of the files mutmut does not mutate up to date with src/ (mutmut
+    copies them once), and drop copies whose source is gone; mutmut itself re-creates a mutated file
+    whose source changed. Returns how many files were updated or removed."""
+    globs, n = mutated_globs(), 0
+    src, dst = ROOT / "src", MUTANTS / "src"
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(ROOT).as_posix()
+        if p.is_dir() or "__pycache__" in p.parts or (p.suffix == ".py" and any(fnmatch.fnmatch(rel, g) for g in globs)):
+            continue
+        t = dst / p.relative_to(src)
+        if not t.exists() or t.read_bytes() != p.read_bytes():
+            t.parent.mkdir(parents=True, exist_ok=True)
+            t.write_bytes(p.read_bytes())
+            n += 1
+    for t in sorted(dst.rglob("*")):
+        if t.is_file() and "__pycache__" not in t.parts and t.suffix != ".meta" and t.name != "sitecustomize.py" \
+                and not (src / t.relative_to(dst)).exists():
+            t.unlink()
+            n += 1
+    return n
+
+
 def run(only: list[str], max_children: int) -> None:
     (MUTANTS / "src").mkdir(parents=True, exist_ok=True)
+    synced = sync_unmutated()
+    if synced:
+        print(f"mutate: {synced} unmutated files under mutants/src brought up to date with src/", flush=True)
     (MUTANTS / "src" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     gen = subprocess.run([sys.executable, "-c", GENERATE, str(max_children)], cwd=ROOT, env=env(),
                          capture_output=True, text=True)
