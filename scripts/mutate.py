@@ -22,8 +22,11 @@ mutants re-run, so a second run does only what changed. This script adds what mu
   mutant's verdict must be `killed`) or equivalent, one line why (tests/mutation-equivalent.yaml, or a
   RULE below). Entries are keyed by module, function, the original line and the mutated line (mutmut's
   numbering moves when code moves); entries that match no mutant any more are reported as stale.
+- A test budget per mutated function (apply_budget, --test-budget): its fastest tests up to that many
+  seconds, so that a survivor costs seconds, not the 10-15 minutes of every test that reaches it.
 
-    python scripts/mutate.py [--only GLOB ...] [--max-children N] [--report-only] [--skeleton] [--verify-kills]
+    python scripts/mutate.py [--only GLOB ...] [--max-children N] [--test-budget S] [--report-only] [--skeleton]
+                             [--verify-kills]
 
 `--only sftdpo.stats.*` (mutmut mutant-name globs) re-runs those mutants only (module by module on a
 busy machine). Exits 1 when a survivor is unexplained.
@@ -56,6 +59,9 @@ DOC = ROOT / "docs" / "mutation.md"
 EQUIVALENT = ROOT / "tests" / "mutation-equivalent.yaml"
 KILLED = ROOT / "tests" / "mutation-killed.yaml"
 RUNS = MUTANTS / "sftdpo-runs.json"
+STATS = MUTANTS / "mutmut-stats.json"
+BUDGET_S = 30.0  # default test budget per mutated function (apply_budget)
+FULL_MAP = MUTANTS / "sftdpo-test-map.json"  # the test map as collected, before a budget cut it
 
 # files mutated in part: module -> the functions that are on the number path (the rest is not run)
 SCOPE = {"sftdpo.models": {"lora_target_modules", "apply_lora"}}
@@ -190,7 +196,34 @@ def sync_unmutated() -> int:
     return n
 
 
-def run(only: list[str], max_children: int) -> None:
+def apply_budget(budget: float) -> tuple[float, float]:
+    """Cut mutmut's test map to the fastest tests of each function whose recorded durations add up to at
+    most `budget` seconds (at least the fastest one; 0: no cut), and return (test seconds per mutant
+    kept, before the cut), summed over functions. mutmut runs a mutant's tests fastest first and stops at
+    the first failure, so a kill costs little; a survivor runs them all, and the training path's
+    functions are reached by 600-900 s of tests each: without a cut a few hundred survivors are days of
+    CPU. The collected map is kept in FULL_MAP, so a later run can use another budget."""
+    d = json.loads(STATS.read_text())
+    dur, cur = d["duration_by_test"], d["tests_by_mangled_function_name"]
+    saved = json.loads(FULL_MAP.read_text()) if FULL_MAP.exists() else {}
+    # mutmut adds new tests to the (cut) map it loads; the full map is the saved one with them
+    full = {f: sorted({t for t in set(saved.get(f, [])) | set(ts) if t in dur}) for f, ts in cur.items()}
+    FULL_MAP.write_text(json.dumps(full))
+    cut = {}
+    for f, ts in full.items():
+        keep, total = [], 0.0
+        for t in sorted(ts, key=lambda t: (dur[t], t)):
+            if budget and keep and total + dur[t] > budget:
+                break
+            keep.append(t)
+            total += dur[t]
+        cut[f] = keep
+    d["tests_by_mangled_function_name"] = cut
+    STATS.write_text(json.dumps(d))
+    return (sum(dur[t] for ts in cut.values() for t in ts), sum(dur[t] for ts in full.values() for t in ts))
+
+
+def run(only: list[str], max_children: int, budget: float) -> None:
     (MUTANTS / "src").mkdir(parents=True, exist_ok=True)
     synced = sync_unmutated()
     if synced:
@@ -202,13 +235,16 @@ def run(only: list[str], max_children: int) -> None:
         sys.exit(f"mutant generation failed:\n{gen.stderr[-3000:]}")
     mutants = read_mutants(diffs=False)
     runs = load_runs()
-    retest = bool(runs) and runs[-1].get("tests") != tests_hash()
+    # survivors are re-run when the tests changed or the budget grew (either can kill them now)
+    retest = bool(runs) and (runs[-1].get("tests") != tests_hash()
+                             or (runs[-1].get("budget_s") or float("inf")) < (budget or float("inf")))
     if map_is_stale():
         # mutmut maps tests to functions once and afterwards only adds the tests it has not seen: a
         # new or changed function would keep no tests or its old ones. Collect the map again (one
         # in-process run of the selected tests); the verdicts of unchanged functions stay.
         print("mutate: functions changed since the test map was collected: collecting it again", flush=True)
-        (MUTANTS / "mutmut-stats.json").unlink()
+        STATS.unlink()
+        FULL_MAP.unlink(missing_ok=True)
     names = []
     for m in mutants:
         if not in_scope(m):
@@ -220,13 +256,26 @@ def run(only: list[str], max_children: int) -> None:
     print(f"mutate: {len(names)} mutants to run ({'re-testing survivors: tests changed; ' if retest else ''}"
           f"{sum(m.status == 'not checked' and in_scope(m) for m in mutants)} not checked yet)", flush=True)
     t0 = time.time()
+    kept = full = 0.0
+    if names:
+        # collect (or load) the test map first, without running a mutant, so that the budget can cut it
+        with open(MUTANTS / "time-estimates.txt", "w") as out:
+            code = subprocess.run(["nice", "-n", "15", sys.executable, "-m", "mutmut", "print-time-estimates", *names],
+                                  cwd=ROOT, env=env(), stdout=out).returncode
+        if code:
+            sys.exit(f"mutate: mutmut's test map could not be collected (exit {code}): a failing test stops it; fix "
+                     "it, or leave it out for now with PYTEST_ADDOPTS='--deselect TEST'")
+        kept, full = apply_budget(budget)
+        print(f"mutate: test budget {budget:g} s per function: {kept / 60:.0f} of {full / 60:.0f} min of test time "
+              "per mutant kept (summed over functions)", flush=True)
     code = mutmut(["run", "--max-children", str(max_children), *names], max_children) if names else 0
     wall = time.time() - t0
     if code:
         sys.exit(f"mutate: mutmut failed (exit {code}); its output above says why (a failing test stops the "
                  "coverage pass: fix it, or leave it out for now with PYTEST_ADDOPTS='--deselect TEST')")
     runs.append(dict(date=time.strftime("%Y-%m-%d %H:%M"), mutants=len(names), wall_s=round(wall),
-                     max_children=max_children, cpu=cpu_model(), tests=tests_hash(), src=tree_hash("src"), only=only))
+                     max_children=max_children, cpu=cpu_model(), tests=tests_hash(), src=tree_hash("src"), only=only,
+                     budget_s=budget, test_min_kept=round(kept / 60), test_min_full=round(full / 60)))
     RUNS.write_text(json.dumps(runs, indent=1))
 
 
@@ -434,7 +483,10 @@ def report() -> int:
     L = ["# Mutation testing of the number path (`make mutate`)", "",
          "Generated by `scripts/mutate.py` from mutmut's results; do not edit by hand (the equivalence",
          "reasons live in `tests/mutation-equivalent.yaml`, the tests that kill former survivors in",
-         "`tests/mutation-killed.yaml`, the tool's choice in `scripts/mutate-why.md`).", ""]
+         "`tests/mutation-killed.yaml`, the tool's choice in `scripts/mutate-why.md`).", "",
+         "Each mutant runs the tests that reach its function, fastest first, up to the run's test budget per",
+         "function (Runs, below): a survivor is a mutant those tests do not kill; a later run with a larger",
+         "budget runs the survivors again.", ""]
     L += ["## Figures per module", "",
           "| module | generated | " + " | ".join(cols) + " |", "|---|" + "---:|" * (len(cols) + 1)]
     total: Counter = Counter()
@@ -484,9 +536,12 @@ def report() -> int:
     runs = load_runs()
     L += ["", "## Runs", ""]
     if runs:
-        L += ["| date | mutants run | wall | workers | CPU | scope |", "|---|---:|---:|---:|---|---|"]
-        L += [f"| {r['date']} | {r['mutants']} | {r['wall_s'] / 60:.1f} min | {r['max_children']} | {r['cpu']} | "
-              f"{' '.join(r['only']) or 'all'} |" for r in runs]
+        L += ["| date | mutants run | wall | workers | test budget per function | CPU | scope |",
+              "|---|---:|---:|---:|---|---|---|"]
+        L += [f"| {r['date']} | {r['mutants']} | {r['wall_s'] / 60:.1f} min | {r['max_children']} | "
+              + (f"{r['budget_s']:g} s ({r['test_min_kept']} of {r['test_min_full']} min of tests kept)"
+                 if r.get("budget_s") else "none" if "budget_s" in r else "none (before budgets)")
+              + f" | {r['cpu']} | {' '.join(r['only']) or 'all'} |" for r in runs]
     else:
         L.append("(no run recorded on this machine)")
     checks = sum(m.duration for m in mutants)
@@ -511,6 +566,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="*", default=[], help="mutmut mutant-name globs to (re-)run, e.g. 'sftdpo.stats.*'")
     ap.add_argument("--max-children", type=int, default=2)
+    ap.add_argument("--test-budget", type=float, default=BUDGET_S,
+                    help=f"seconds of tests per mutated function, fastest first (default {BUDGET_S:g}; 0: every test "
+                         "that reaches it)")
     ap.add_argument("--report-only", action="store_true", help="write docs/mutation.md from the cached results")
     ap.add_argument("--skeleton", action="store_true", help="print YAML entries for the unexplained survivors")
     ap.add_argument("--verify-kills", action="store_true",
@@ -521,7 +579,7 @@ def main() -> None:
     os.chdir(ROOT)
     ensure_mutmut()
     if not a.report_only:
-        run(a.only, a.max_children)
+        run(a.only, a.max_children, a.test_budget)
     sys.exit(report())
 
 
