@@ -339,6 +339,15 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def rounding_id(device: torch.device) -> str:
+    """What decides a computation's rounding beside its dtype: the GPU, or the CPU model and torch's
+    thread count (a matmul sums in the threads' order: one and two threads give different bf16 results).
+    In the key of every cache entry that holds computed numbers (untrained metrics, reference log-probs,
+    sampled pairs), so an entry filled at one thread count or CPU kind never stands in for another's and
+    a run's numbers do not depend on what ran before it on the machine."""
+    return device_description(device)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA: peak allocated by torch. CPU: the process's peak resident set (includes the runtime)."""
     if device.type == "cuda":

@@ -10,6 +10,7 @@ import torch
 from ..config import RunConfig, cache_dir
 from ..distributed import broadcast_from_main
 from ..files import DamagedFile, read_json, stable_hash, write_json_atomic
+from ..models import rounding_id
 from ..system import format_duration
 from ..tasks import Evaluation, Task
 
@@ -35,7 +36,7 @@ def untrained_metrics(cfg: RunConfig, task: Task, model, device: torch.device, p
     backbone, data and decoding starts from the same function (a fresh LoRA adapter is the identity),
     so the measurement is cached instead of repeated per run."""
     key = stable_hash({"config": cfg.init_eval_key(), "source": task.source, "dev": len(task.dev),
-                       "device": device.type, "eval_batch_size": cfg.eval_batch_size})
+                       "device": rounding_id(device), "eval_batch_size": cfg.eval_batch_size})
     path = cache_dir() / "init_eval" / f"{key}.json"
     cached = None
     if is_main and path.exists():

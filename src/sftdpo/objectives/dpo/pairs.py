@@ -49,6 +49,7 @@ import torch
 from ... import stats
 from ...config import RunConfig, cache_dir
 from ...files import DamagedFile, hash_id_lists, stable_hash, write_text_atomic
+from ...models import rounding_id
 from ...ops.batching import Batch, pad_batch, to_device
 from ...data.preferences import Preference
 from ...errors import SftdpoError
@@ -274,7 +275,7 @@ def _pairs_key(version: str, fingerprint: str, cfg: RunConfig, task: GenerateTas
     fields: dict[str, Any] = {
         "cache_version": CACHE_VERSION, "version": version, "model": cfg.model, "fingerprint": fingerprint,
         "train": stable_hash([[e.id, e.prompt, e.completion] for e in task.pair_examples], 20), "top_p": cfg.top_p,
-        "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "precision": precision, "device": device.type,
+        "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "precision": precision, "device": rounding_id(device),
         "generation_batch_size": cfg.eval_batch_size,
     }
     if version == "v1":

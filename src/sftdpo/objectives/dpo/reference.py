@@ -8,7 +8,7 @@ ONCE before the DPO stage (eval mode, no grad, the run's autocast precision), su
 response's tokens (a mean divides by the response length), so training has no reference forward
 pass. They are cached under `<cache>/reflogps/<key>.safetensors`; the key covers the model name, a
 fingerprint of the reference weights, the pairs' token ids, the reduction (sums, or LD-DPO's
-weighted sums with --ld-alpha), and the device type and precision they were computed with.
+weighted sums with --ld-alpha), and the device (models.rounding_id) and precision they were computed with.
 SimPO, CPO and ORPO have no reference (`reference_name` says so) and never compute one.
 """
 
@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from ...config import ADAPTER_PARAMS, DISABLED_ADAPTER_REFERENCE_PARAMS, RunConfig, cache_dir
 from ...files import DamagedFile, atomic_path, hash_id_lists, stable_hash
-from ...models import autocast, save_tensors
+from ...models import autocast, rounding_id, save_tensors
 from ...ops.batching import bucketed_batches
 from ...ops.logprobs import last_token_logits
 from ...tasks import Task
@@ -149,7 +149,7 @@ def reference_key(cfg: RunConfig, task: Task, fingerprint: str, ps: PairSet, dev
     share them."""
     reduction = "sum" if cfg.ld_alpha is None else f"ld_alpha={cfg.ld_alpha!r}"
     return {"cache_version": CACHE_VERSION, "task": task.name, "model": cfg.model, "weights": fingerprint,
-            "data": ps.data_hash(), "reduction": reduction, "precision": precision, "device": device.type}
+            "data": ps.data_hash(), "reduction": reduction, "precision": precision, "device": rounding_id(device)}
 
 
 def cached_label_logps(model, task: Task, cfg: RunConfig, device: torch.device, precision: str, *, fingerprint: str,
@@ -157,7 +157,7 @@ def cached_label_logps(model, task: Task, cfg: RunConfig, device: torch.device, 
     """The label log-prob matrix of a classification task's training prompts, from the cache or computed."""
     key_fields = {"cache_version": CACHE_VERSION, "kind": "label-logps", "model": cfg.model, "weights": fingerprint,
                   "prompts": hash_id_lists(task.train_ids), "labels": list(task.label_ids), "reduction": "sum",
-                  "precision": precision, "device": device.type}
+                  "precision": precision, "device": rounding_id(device)}
 
     def compute() -> tuple[torch.Tensor, torch.Tensor]:
         m = label_logps(model, task, device, precision, adapter_disabled=adapter_disabled)
