@@ -13,7 +13,7 @@ mutants re-run, so a second run does only what changed. This script adds what mu
 - mutmut copies src/ into mutants/src once and never again for files it does not mutate (config.py,
   study/, the spec YAML files...): tests would run new mutated modules against stale copies of the
   rest. Every run first brings those files up to date (sync_unmutated).
-- Scope below file level: of models.py only the PEFT set-up (SCOPE) is run; other functions' mutants
+- Scope below file level: of peft_methods.py only the PEFT set-up (SCOPE) is run; other functions' mutants
   are reported as out of scope, not run.
 - Survivors are re-run when tests/ changed since the last run (mutmut keeps a survivor's verdict
   until its function changes, so a new test would otherwise never count), and the test map is
@@ -64,7 +64,9 @@ BUDGET_S = 30.0  # default test budget per mutated function (apply_budget)
 FULL_MAP = MUTANTS / "sftdpo-test-map.json"  # the test map as collected, before a budget cut it
 
 # files mutated in part: module -> the functions that are on the number path (the rest is not run)
-SCOPE = {"sftdpo.models": {"lora_target_modules", "apply_lora"}}
+# (the PEFT set-up moved from models.py to peft_methods.py; the rest of that file is CLI options and export)
+SCOPE = {"sftdpo.peft_methods": {"lora_target_modules", "_lora_config", "peft_config", "apply_lora", "apply_param",
+                                 "_train_subset"}}
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
           36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", None: "not checked",
