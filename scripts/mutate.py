@@ -43,6 +43,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -188,11 +189,17 @@ def sync_unmutated() -> int:
         t = dst / p.relative_to(src)
         if not t.exists() or t.read_bytes() != p.read_bytes():
             t.parent.mkdir(parents=True, exist_ok=True)
-            t.write_bytes(p.read_bytes())
+            shutil.copy2(p, t)  # the source's mtime: mutmut mutates a file whose copy is no newer than it
             n += 1
     for t in sorted(dst.rglob("*")):
-        if t.is_file() and "__pycache__" not in t.parts and t.suffix != ".meta" and t.name != "sitecustomize.py" \
-                and not (src / t.relative_to(dst)).exists():
+        if not t.is_file() or "__pycache__" in t.parts or t.name == "sitecustomize.py":
+            continue
+        if t.suffix == ".meta":  # the verdicts of a file no longer mutated (or gone) would still be counted
+            rel = (Path("src") / t.relative_to(dst)).with_suffix("").as_posix()
+            gone = not any(fnmatch.fnmatch(rel, g) for g in globs) or not (ROOT / rel).exists()
+        else:
+            gone = not (src / t.relative_to(dst)).exists()
+        if gone:
             t.unlink()
             n += 1
     return n
