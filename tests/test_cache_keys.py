@@ -77,3 +77,24 @@ def test_sampled_pairs_key_names_the_thread_count(threads):
     threads(2)
     k2, f2 = pairs_mod._pairs_key("v1", "w", cfg, task, CPU, "bf16", None)
     assert k1 != k2 and "1 threads" in f1["device"] and "2 threads" in f2["device"]
+
+
+def test_a_dpo_stage_resumes_at_another_thread_count_but_not_on_another_device(tmp_path, threads):
+    """The run directory's saved DPO inputs name the device with its rounding; catches a resume check
+    that compares that string with the bare device type (every resumed CPU run refused) or that accepts
+    inputs computed on a GPU."""
+    from sftdpo.errors import SftdpoError
+    from sftdpo.models import rounding_id
+    from sftdpo.objectives.dpo import check_saved
+    from sftdpo.objectives.dpo.reference import reference_name
+
+    cfg = RunConfig(model="tiny-gpt2", regime="dpo")
+    ctx = SimpleNamespace(cfg=cfg, device=CPU, precision="fp32")
+    threads(1)
+    saved = {"reference": reference_name(cfg), "key_fields": {"precision": "fp32", "device": rounding_id(CPU)}}
+    threads(2)
+    check_saved(ctx, tmp_path, saved)  # another thread count: resumed
+    check_saved(ctx, tmp_path, {**saved, "key_fields": {"precision": "fp32", "device": "cpu"}})  # older run dirs
+    for device, precision in (("NVIDIA H100 80GB HBM3", "fp32"), (rounding_id(CPU), "bf16")):
+        with pytest.raises(SftdpoError, match="resume it where it started"):
+            check_saved(ctx, tmp_path, {**saved, "key_fields": {"precision": precision, "device": device}})
