@@ -95,6 +95,6 @@ def test_a_dpo_stage_resumes_at_another_thread_count_but_not_on_another_device(t
     threads(2)
     check_saved(ctx, tmp_path, saved)  # another thread count: resumed
     check_saved(ctx, tmp_path, {**saved, "key_fields": {"precision": "fp32", "device": "cpu"}})  # older run dirs
-    for device, precision in (("NVIDIA H100 80GB HBM3", "fp32"), (rounding_id(CPU), "bf16")):
+    for device, precision in (("cuda (NVIDIA H100 80GB HBM3)", "fp32"), ("cuda", "fp32"), (rounding_id(CPU), "bf16")):
         with pytest.raises(SftdpoError, match="resume it where it started"):
             check_saved(ctx, tmp_path, {**saved, "key_fields": {"precision": precision, "device": device}})

@@ -345,7 +345,11 @@ def rounding_id(device: torch.device) -> str:
     In the key of every cache entry that holds computed numbers (untrained metrics, reference log-probs,
     sampled pairs), so an entry filled at one thread count or CPU kind never stands in for another's and
     a run's numbers do not depend on what ran before it on the machine."""
-    return device_description(device)
+    if device.type == "cpu":
+        return device_description(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
 
 
 def peak_memory_mb(device: torch.device) -> float:
