@@ -352,6 +352,11 @@ def rounding_id(device: torch.device) -> str:
     return device.type
 
 
+def rounding_kind(rounding: str) -> str:
+    """The device type a rounding_id string names ("cpu (Intel ..., 2 threads)" -> "cpu")."""
+    return rounding.split(" (", 1)[0]
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """CUDA: peak allocated by torch. CPU: the process's peak resident set (includes the runtime)."""
     if device.type == "cuda":

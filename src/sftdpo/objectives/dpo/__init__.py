@@ -31,7 +31,7 @@ import torch
 from ...config import ADAPTER_PARAMS, DISABLED_ADAPTER_REFERENCE_PARAMS, SftdpoError
 from ...data.preferences import load_preferences
 from ...files import RUN_RESTARTS, DamagedFile, copy_atomic, read_json, write_json_atomic
-from ...models import rounding_id, weights_fingerprint
+from ...models import rounding_id, rounding_kind, weights_fingerprint
 from .. import StageContext
 from .loss import METRIC_NAMES, combined_loss, dpo_loss, dpo_metrics
 from .pairs import (PairBatch, PairSet, build_generation_pairs, file_pairs, hardest_rejections, label_pair_rows,
@@ -235,9 +235,7 @@ def check_saved(ctx: StageContext, dpo_dir: Path, saved: dict) -> None:
     kf = saved.get("key_fields", {})
     # they name the device with what decides its rounding (models.rounding_id: a CPU's thread count, a GPU's
     # model); resuming needs the same kind of device, as any resumed run may use another thread count
-    device = str(kf.get("device", ""))
-    same = device in (ctx.device.type, rounding_id(ctx.device)) or device.startswith(f"{ctx.device.type} (")
-    if kf.get("precision") != ctx.precision or not same:
+    if kf.get("precision") != ctx.precision or rounding_kind(str(kf.get("device", ""))) != ctx.device.type:
         raise SftdpoError(f"{dpo_dir} holds inputs computed on {kf.get('device')} in {kf.get('precision')}; this run "
                           f"needs {ctx.device.type} in {ctx.precision}: resume it where it started, or use a new --out")
 
