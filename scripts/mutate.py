@@ -43,6 +43,7 @@ import io
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -400,11 +401,27 @@ def message_spans(path: str) -> list[tuple[int, int]]:
     return _message_spans[path]
 
 
+# a device argument (device=x.device, .to(x.device)) and what mutmut makes of it (device=None, dropped, .to(None))
+_DEVICE_ARG = re.compile(r"\bdevice=(None|[\w.]*device\b(\([^()]*\))?)\s*,?\s*|\.to\((None|[\w.]*device\b(\([^()]*\))?)\)")
+
+
+def _device_only(a: str, b: str) -> bool:
+    """Do two lines differ only in where a tensor is placed (its device argument set to None or dropped)?"""
+    def norm(s: str) -> str:
+        return re.sub(r",\s*\)", ")", _DEVICE_ARG.sub(lambda m: ".to()" if m.group(0).startswith(".to") else "", s)).replace(" ", "")
+    return a != b and norm(a) == norm(b)
+
+
 def rule(m: Mutant) -> str | None:
     """The equivalence rule that explains m, if any."""
     if m.line and " / " not in m.line and _text_only(m.line, m.mutant) and any(
             lo <= m.lineno <= hi for lo, hi in message_spans(m.path)):
         return "message text: only the text of an error, log or progress message (or of a warnings filter) changes"
+    if m.line and " / " not in m.line and _device_only(m.line, m.mutant):
+        return ("device placement: a tensor made on the default device instead of its neighbour's; on a one-device "
+                "(CPU) machine that is the same place, on a GPU the mixed devices raise (or a 0-d scalar is "
+                "broadcast, the same number): never a silently different number (scripts/gpu-check.sh runs the "
+                "number path on CUDA)")
     return None
 
 

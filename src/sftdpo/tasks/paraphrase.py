@@ -31,10 +31,6 @@ class ParaphraseTask(ClassifyTask):
     def prompt(self, e: ParaphraseExample) -> str:
         return CS224N_PROMPT.format(q1=self.text(e.q1), q2=self.text(e.q2))
 
-    def other_label_id(self, label_id: int) -> int:
-        """The wrong answer's token: the rejected response of a DPO pair."""
-        return self.no_id if label_id == self.yes_id else self.yes_id
-
     def scores(self, preds: list[str], refs: list[str]) -> dict[str, float]:
         return {"accuracy": stats.accuracy(preds, refs), "macro_f1": stats.macro_f1(preds, refs),
                 "f1_positive": stats.f1_positive(preds, refs)}
