@@ -45,6 +45,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -137,9 +138,30 @@ if os.environ.get("MUTANT_UNDER_TEST") == "stats":
 """
 
 
+INTERRUPTED = -2  # mutmut() when the run was stopped by Ctrl-C or SIGTERM
+
+
 def mutmut(args: list[str], max_children: int) -> int:
+    """Run mutmut; on Ctrl-C or SIGTERM stop it and return INTERRUPTED. mutmut saves each verdict as
+    it comes (mutants/src/**/*.meta), so a stopped run loses only the mutants in flight."""
     cmd = ["nice", "-n", "15", sys.executable, "-m", "mutmut", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env()).returncode
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env(), start_new_session=True)  # its own group: one signal for all
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        return p.wait()
+    except KeyboardInterrupt:
+        os.killpg(p.pid, signal.SIGINT)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        return INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def tree_hash(folder: str, patterns: tuple[str, ...] = ("*.py",)) -> str:
@@ -280,13 +302,20 @@ def run(only: list[str], max_children: int, budget: float) -> None:
               "per mutant kept (summed over functions)", flush=True)
     code = mutmut(["run", "--max-children", str(max_children), *names], max_children) if names else 0
     wall = time.time() - t0
-    if code:
+    if code and code != INTERRUPTED:
         sys.exit(f"mutate: mutmut failed (exit {code}); its output above says why (a failing test stops the "
                  "coverage pass: fix it, or leave it out for now with PYTEST_ADDOPTS='--deselect TEST')")
-    runs.append(dict(date=time.strftime("%Y-%m-%d %H:%M"), mutants=len(names), wall_s=round(wall),
+    wanted = set(names)
+    done = len(names) if code != INTERRUPTED else sum(
+        m.name in wanted and m.status != "not checked" for m in read_mutants(diffs=False))
+    runs.append(dict(date=time.strftime("%Y-%m-%d %H:%M"), mutants=done, wall_s=round(wall),
                      max_children=max_children, cpu=cpu_model(), tests=tests_hash(), src=tree_hash("src"), only=only,
-                     budget_s=budget, test_min_kept=round(kept / 60), test_min_full=round(full / 60)))
+                     budget_s=budget, test_min_kept=round(kept / 60), test_min_full=round(full / 60),
+                     **({"interrupted_of": len(names)} if code == INTERRUPTED else {})))
     RUNS.write_text(json.dumps(runs, indent=1))
+    if code == INTERRUPTED:
+        sys.exit(f"mutate: interrupted after {done} of {len(names)} mutants; their verdicts are kept in mutants/: "
+                 "run it again to go on")
 
 
 # -- reading mutmut's results -------------------------------------------------------------------
@@ -560,11 +589,14 @@ def report() -> int:
         L += ["", "## Stale equivalence entries (they match no mutant: remove or update them)", ""]
         L += [f"- `{e['where']}`: `{e.get('line', '')}` → `{e.get('mutant', '')}`" for e in stale_eq]
     runs = load_runs()
+
+    def ran(r: dict) -> str:
+        return f"{r['mutants']} of {r['interrupted_of']} (interrupted)" if "interrupted_of" in r else str(r["mutants"])
     L += ["", "## Runs", ""]
     if runs:
         L += ["| date | mutants run | wall | workers | test budget per function | CPU | scope |",
               "|---|---:|---:|---:|---|---|---|"]
-        L += [f"| {r['date']} | {r['mutants']} | {r['wall_s'] / 60:.1f} min | {r['max_children']} | "
+        L += [f"| {r['date']} | {ran(r)} | {r['wall_s'] / 60:.1f} min | {r['max_children']} | "
               + (f"{r['budget_s']:g} s ({r['test_min_kept']} of {r['test_min_full']} min of tests kept)"
                  if r.get("budget_s") else "none" if "budget_s" in r else "none (before budgets)")
               + f" | {r['cpu']} | {' '.join(r['only']) or 'all'} |" for r in runs]
