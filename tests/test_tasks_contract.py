@@ -54,3 +54,54 @@ def test_language_modelling_pairs_split_each_text_at_its_prompt_lines(cache, tmp
         lines = text.split("\n")
         assert e.prompt == lines[0] + "\n" + lines[1] + "\n"
         assert e.completion == f"{lines[2]}\n{lines[3]}\n{lines[4]}"
+
+
+def _sonnet_task(tiny_data, **kw):
+    from conftest import make_tiny_task
+
+    model, tok = load_model("tiny-llama", seed=2)
+    model.eval()
+    cfg, task = make_tiny_task(tiny_data, "sonnet", "tiny-llama", tok, max_new_tokens=6, temperature=1.0, top_p=1.0, **kw)
+    return model, tok, cfg, task
+
+
+def test_sonnet_generation_runs_in_the_precision_it_is_given(cache, tiny_data):
+    """Evaluation in bf16 decodes under bf16 autocast (every forward of the generation sees it), in
+    fp32 without it. Catches the evaluation's precision dropped on the way to the decoder (the dev
+    metrics of a bf16 run would then be fp32 numbers)."""
+    import torch
+
+    model, _, _, task = _sonnet_task(tiny_data)
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda *_: seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+    try:
+        task.evaluate(model, torch.device("cpu"), "bf16")
+        bf16, seen[:] = list(seen), []
+        task.evaluate(model, torch.device("cpu"), "fp32")
+    finally:
+        hook.remove()
+    assert len(bf16) >= 6 and set(bf16) == {torch.bfloat16}
+    assert len(seen) == len(bf16) and set(seen) == {False}
+
+
+def test_sonnet_generation_samples_with_the_run_seed(cache, tiny_data):
+    """Sampled dev generations follow --seed: the evaluation of a seed-3 run equals the sampler called
+    with seed 3 directly, and differs from seed 0's. Catches the seed dropped between the evaluation
+    and the sampler (every run would then sample with the default seed)."""
+    import torch
+
+    from sftdpo.ops.generation import generate_ids
+
+    model, tok, cfg, task = _sonnet_task(tiny_data, seed=3)
+    ev = task.evaluate(model, torch.device("cpu"), "fp32")
+    prompts = [task.tokens(task.prompt_text(s)) for s in task.dev]
+
+    def sampled(seed):
+        ids = generate_ids(model, prompts, torch.device("cpu"), "fp32", pad_id=task.pad_id, eos_id=tok.eos_token_id,
+                           temperature=1.0, top_p=1.0, max_new_tokens=6, seed=seed, batch_size=cfg.eval_batch_size)
+        return [task.prompt_text(s) + tok.decode(x, skip_special_tokens=True).rstrip() for s, x in zip(task.dev, ids)]
+
+    got = [samples[0] for _, samples in ev.generations]
+    assert got == [t.strip() for t in sampled(3)]
+    assert got != [t.strip() for t in sampled(0)]
