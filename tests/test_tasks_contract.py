@@ -105,3 +105,17 @@ def test_sonnet_generation_samples_with_the_run_seed(cache, tiny_data):
     got = [samples[0] for _, samples in ev.generations]
     assert got == [t.strip() for t in sampled(3)]
     assert got != [t.strip() for t in sampled(0)]
+
+
+def test_generated_text_leaves_out_special_tokens(cache, tiny_data, monkeypatch):
+    """A chat model can sample a special token (SmolLM2's <|im_start|>) before its end of text: the
+    generated text, which chrF scores, leaves it out (the tokenizer's own decode without specials).
+    Catches special tokens decoded into the text."""
+    import torch
+
+    model, tok, _, task = _sonnet_task(tiny_data)
+    ids = tok("hello", add_special_tokens=False).input_ids + [tok.convert_tokens_to_ids("<|im_start|>")]
+    ids += tok(" world", add_special_tokens=False).input_ids
+    monkeypatch.setattr(task, "generate_ids", lambda *a, **k: [ids])
+    assert task.generate(model, ["x"], torch.device("cpu"), "fp32", temperature=1.0, top_p=1.0,
+                         max_new_tokens=3) == [["hello world"]]
