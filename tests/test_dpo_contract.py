@@ -62,3 +62,40 @@ def test_wpo_means_are_the_mean_log_ratio_to_the_sum_of_squared_probabilities(ca
     # float64 arithmetic by a few ulps of the ~7-nat terms
     assert got.tolist() == pytest.approx(want, abs=1e-4)
     assert max(want) - min(want) > 1e-3  # rows differ: a constant would not pass
+
+
+def test_a_micro_batchs_share_of_a_dpo_step_counts_its_pairs(cache, tmp_path):
+    """With gradient accumulation, each micro-batch's share of its optimizer step is its pairs over the
+    step's pairs (a cloze prompt holds one pair per rejected label, here 1 or 2), so that batch B x
+    accumulation k trains as batch kB. Catches shares counted in prompts (rows) instead of pairs."""
+    import json
+
+    from sftdpo.config import RunConfig
+    from sftdpo.models import load_model
+    from sftdpo.objectives.dpo import DPOObjective
+    from sftdpo.objectives.dpo.pairs import PairSet
+    from sftdpo.tasks import make_task
+
+    rows = [{"text": f"{w} {i}", "label": i % 3} for i, w in enumerate(["dog", "coin", "rain"] * 4)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(dict(r, text=r["text"] + "!")) + "\n" for r in rows[:3]))
+    _, tok = load_model("tiny-llama")
+    cfg = RunConfig(task="classify", template="Topic of: {text}\nAnswer:", labels="0=animal,1=money,2=weather",
+                    train=str(tmp_path / "t.jsonl"), dev=str(tmp_path / "d.jsonl"), model="tiny-llama", device="cpu",
+                    precision="fp32", batch_size=2, grad_accum=3, regime="dpo")
+    task = make_task(cfg, tok)
+    ids = list(task.label_ids)
+    n = len(task.train_ids)
+    gold = [task.train_labels[i] for i in range(n)]
+    rejected = [[t for t in ids if t != gold[i]][: 1 + i % 2] for i in range(n)]  # 1 or 2 pairs per prompt
+    ps = PairSet([list(p) for p in task.train_ids], [[g] for g in gold], rejected)
+    obj = DPOObjective(cfg, task, ps, torch.zeros(n), torch.zeros(n, 2), {})
+    steps = list(obj.steps(0))
+    assert any(len(step) > 1 for step in steps)
+    unequal = 0
+    for step in steps:
+        pairs = [int(pb.mask.sum()) for pb in step]
+        assert [pb.batch.share for pb in step] == pytest.approx([p / sum(pairs) for p in pairs])
+        assert pairs == [sum(len(rejected[int(r)]) for r in pb.batch.index) for pb in step]
+        unequal += len({p / len(pb.batch.index) for p, pb in zip(pairs, step)}) > 1
+    assert unequal  # some step mixes micro-batches of different pairs per prompt: rows would give other shares
