@@ -181,7 +181,10 @@ def map_is_stale() -> bool:
     stats = MUTANTS / "mutmut-stats.json"
     if not stats.exists():
         return False
-    known = json.loads(stats.read_text()).get("function_hashes", {})
+    d = json.loads(stats.read_text())
+    if not d.get("tests_by_mangled_function_name") and not (FULL_MAP.exists() and json.loads(FULL_MAP.read_text())):
+        return True  # a map that lost every function would make every mutant `no tests`
+    known = d.get("function_hashes", {})
     for meta in (MUTANTS / "src").rglob("*.py.meta"):
         module = module_of(ROOT / meta.with_suffix("").relative_to(MUTANTS))
         for func, h in json.loads(meta.read_text()).get("hash_by_function_name", {}).items():
@@ -238,18 +241,28 @@ def apply_budget(budget: float) -> tuple[float, float]:
     d = json.loads(STATS.read_text())
     dur, cur = d["duration_by_test"], d["tests_by_mangled_function_name"]
     saved = json.loads(FULL_MAP.read_text()) if FULL_MAP.exists() else {}
-    # mutmut adds new tests to the (cut) map it loads; the full map is the saved one with them
-    full = {f: sorted({t for t in set(saved.get(f, [])) | set(ts) if t in dur}) for f, ts in cur.items()}
+    # mutmut adds new tests to the (cut) map it loads, and may drop functions from it (measured: its
+    # print-time-estimates emptied the whole map once): the full map is the saved one with mutmut's
+    # additions, never less (map_is_stale collects it again when a function's code changed)
+    full = {f: sorted({t for t in set(saved.get(f, [])) | set(cur.get(f, [])) if t in dur}) for f in saved.keys() | cur}
     FULL_MAP.write_text(json.dumps(full))
+    # the test that tests/mutation-killed.yaml says kills a former survivor always runs for its function
+    named = defaultdict(set)
+    for e in load_entries(KILLED, "killed"):
+        named[e["where"]].add(e["test"])
     cut = {}
     for f, ts in full.items():
-        keep, total = [], 0.0
+        module, _, mangled = f.rpartition(".")
+        must = named.get(f"{module}:{function_of(mangled)}", set())
+        keep, total = [t for t in ts if t in must], 0.0
         for t in sorted(ts, key=lambda t: (dur[t], t)):
+            if t in must:
+                continue
             if budget and keep and total + dur[t] > budget:
                 break
             keep.append(t)
             total += dur[t]
-        cut[f] = keep
+        cut[f] = sorted(keep, key=lambda t: (dur[t], t))
     d["tests_by_mangled_function_name"] = cut
     STATS.write_text(json.dumps(d))
     return (sum(dur[t] for ts in cut.values() for t in ts), sum(dur[t] for ts in full.values() for t in ts))
@@ -305,9 +318,9 @@ def run(only: list[str], max_children: int, budget: float) -> None:
     if code and code != INTERRUPTED:
         sys.exit(f"mutate: mutmut failed (exit {code}); its output above says why (a failing test stops the "
                  "coverage pass: fix it, or leave it out for now with PYTEST_ADDOPTS='--deselect TEST')")
-    wanted = set(names)
-    done = len(names) if code != INTERRUPTED else sum(
-        m.name in wanted and m.status != "not checked" for m in read_mutants(diffs=False))
+    before = {m.name: (m.status, m.duration) for m in mutants}
+    done = len(names) if code != INTERRUPTED else sum(  # a verdict or its duration changed: run this time
+        (m.status, m.duration) != before.get(m.name) for m in read_mutants(diffs=False) if m.name in set(names))
     runs.append(dict(date=time.strftime("%Y-%m-%d %H:%M"), mutants=done, wall_s=round(wall),
                      max_children=max_children, cpu=cpu_model(), tests=tests_hash(), src=tree_hash("src"), only=only,
                      budget_s=budget, test_min_kept=round(kept / 60), test_min_full=round(full / 60),
