@@ -128,3 +128,26 @@ def test_duplicate_ids_in_either_system_are_errors():
         paired_bootstrap(out + out[:1], out, "accuracy")
     with pytest.raises(SftdpoError, match="duplicate"):
         paired_bootstrap(out, out + out[:1], "accuracy")
+
+
+@pytest.mark.parametrize("metric", ["f1_positive", "macro_f1", "accuracy"])
+def test_labels_only_one_system_predicts_on_either_side_of_the_positive_label(metric):
+    """A label only A predicts sorts before "1" ("00") and one only B predicts sorts after it ("9"):
+    both systems must be scored over the same label list, or B's positive-class F1 is read from
+    another label's cell. Catches the shared labels collected as (A ∩ B) ∪ references."""
+    ref = ["0"] * 8 + ["1"] * 8
+    a = ["0"] * 6 + ["00", "1"] + ["1"] * 6 + ["0", "0"]
+    b = ["0"] * 7 + ["1"] + ["1"] * 5 + ["9", "0", "1"]
+
+    def brute(p, r):
+        if metric == "accuracy":
+            return float(np.mean(np.asarray(p) == np.asarray(r)))
+        if metric == "macro_f1":
+            return float(f1_score(r, p, average="macro", zero_division=0))
+        return float(f1_score(r, p, labels=["1"], average=None, zero_division=0)[0])
+
+    fast = paired_bootstrap(triples(a, ref), triples(b, ref), metric, n_boot=200, seed=5)
+    slow = paired_bootstrap(triples(a, ref), triples(b, ref), brute, n_boot=200, seed=5)
+    assert fast["delta"] == pytest.approx(brute(a, ref) - brute(b, ref))
+    for k in ("delta", "p_value", "ci_lo", "ci_hi"):
+        assert fast[k] == pytest.approx(slow[k], abs=1e-12), k
