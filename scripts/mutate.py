@@ -318,9 +318,10 @@ def run(only: list[str], max_children: int, budget: float) -> None:
     if code and code != INTERRUPTED:
         sys.exit(f"mutate: mutmut failed (exit {code}); its output above says why (a failing test stops the "
                  "coverage pass: fix it, or leave it out for now with PYTEST_ADDOPTS='--deselect TEST')")
-    before = {m.name: (m.status, m.duration) for m in mutants}
+    wanted = set(names)
+    before = {m.name: (m.status, m.duration) for m in mutants if m.name in wanted}
     done = len(names) if code != INTERRUPTED else sum(  # a verdict or its duration changed: run this time
-        (m.status, m.duration) != before.get(m.name) for m in read_mutants(diffs=False) if m.name in set(names))
+        (m.status, m.duration) != before[m.name] for m in read_mutants(diffs=False) if m.name in before)
     runs.append(dict(date=time.strftime("%Y-%m-%d %H:%M"), mutants=done, wall_s=round(wall),
                      max_children=max_children, cpu=cpu_model(), tests=tests_hash(), src=tree_hash("src"), only=only,
                      budget_s=budget, test_min_kept=round(kept / 60), test_min_full=round(full / 60),
