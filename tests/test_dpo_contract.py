@@ -60,7 +60,7 @@ def test_wpo_means_are_the_mean_log_ratio_to_the_sum_of_squared_probabilities(ca
         want.append(float(torch.stack(terms).mean()))
     # each term is a difference of two ~11-nat float32 log-sum-exps over GPT-2's 50,257 tokens; against
     # float64 they differ by a few float32 ulps of 11 (measured 3.6e-7 here): 1e-4 is far above that
-    # and far below what a wrong term moves (the mutants moved the means by 0.1 to 20)
+    # and below what each wrong term of tests/mutation-killed.yaml moves (all four fail it)
     assert got.tolist() == pytest.approx(want, abs=1e-4)
     assert max(want) - min(want) > 1e-3  # rows differ: a constant would not pass
 
