@@ -59,7 +59,7 @@ def test_wpo_means_are_the_mean_log_ratio_to_the_sum_of_squared_probabilities(ca
         terms = [torch.log(p[r, t - 1, input_ids[r, t]]) - torch.log((p[r, t - 1] ** 2).sum()) for t in range(s, e)]
         want.append(float(torch.stack(terms).mean()))
     # each term is a difference of two ~11-nat float32 log-sum-exps over GPT-2's 50,257 tokens; against
-    # float64 they differ by a few float32 ulps of 11 (measured 3.6e-7 here): 1e-4 is far above that
+    # float64 they differ by about a float32 ulp of 11 (9.5e-7; measured 3.6e-7 here): 1e-4 is far above that
     # and below what each wrong term of tests/mutation-killed.yaml moves (all four fail it)
     assert got.tolist() == pytest.approx(want, abs=1e-4)
     assert max(want) - min(want) > 1e-3  # rows differ: a constant would not pass
