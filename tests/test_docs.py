@@ -234,8 +234,9 @@ def test_site_builds_strictly(tmp_path):
         assert "fonts.googleapis.com" not in html.read_text(), html
 
 
-FOREIGN_FLAGS = {"--no-deps", "--strict", "--max-children", "--test-budget", "--verify-kills", "--report-only", "--skeleton"}  # pip's, mkdocs', mutmut's and
-# scripts/mutate.py's flags named in the prose
+# pip's, mkdocs', mutmut's and scripts/mutate.py's flags named in the prose
+FOREIGN_FLAGS = {"--no-deps", "--strict", "--max-children", "--test-budget", "--verify-kills", "--report-only",
+                 "--skeleton"}
 
 
 def test_commands_and_flags_named_in_the_prose_exist():
