@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -37,6 +38,12 @@ def require_tiny_gpt2() -> None:
         load_model("tiny-gpt2")
     except SftdpoError as e:
         pytest.skip(f"tiny-gpt2 needs the GPT-2 tokenizer (set SFTDPO_DATA_DIR to a folder with gpt2-tokenizer/): {e}")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """Rows as JSON lines (the own-task readers' format)."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def write_synthetic_qqp(path: Path, n: int, seed: int = 0) -> Path:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import require_tiny_gpt2
+from conftest import require_tiny_gpt2, write_jsonl
 from sftdpo.objectives.dpo.loss import dpo_loss
 from sftdpo.objectives.dpo.policy import wpo_means
 
@@ -69,8 +69,6 @@ def test_a_micro_batchs_share_of_a_dpo_step_counts_its_pairs(cache, tmp_path):
     """With gradient accumulation, each micro-batch's share of its optimizer step is its pairs over the
     step's pairs (a cloze prompt holds one pair per rejected label, here 1 or 2), so that batch B x
     accumulation k trains as batch kB. Catches shares counted in prompts (rows) instead of pairs."""
-    import json
-
     from sftdpo.config import RunConfig
     from sftdpo.models import load_model
     from sftdpo.objectives.dpo import DPOObjective
@@ -78,8 +76,8 @@ def test_a_micro_batchs_share_of_a_dpo_step_counts_its_pairs(cache, tmp_path):
     from sftdpo.tasks import make_task
 
     rows = [{"text": f"{w} {i}", "label": i % 3} for i, w in enumerate(["dog", "coin", "rain"] * 4)]
-    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps(dict(r, text=r["text"] + "!")) + "\n" for r in rows[:3]))
+    write_jsonl(tmp_path / "t.jsonl", rows)
+    write_jsonl(tmp_path / "d.jsonl", [dict(r, text=r["text"] + "!") for r in rows[:3]])
     _, tok = load_model("tiny-llama")
     cfg = RunConfig(task="classify", template="Topic of: {text}\nAnswer:", labels="0=animal,1=money,2=weather",
                     train=str(tmp_path / "t.jsonl"), dev=str(tmp_path / "d.jsonl"), model="tiny-llama", device="cpu",

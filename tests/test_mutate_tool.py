@@ -4,6 +4,7 @@ A rule that matched too much would hide real survivors in docs/mutation.md; each
 mutant mutmut makes of a line of src/sftdpo."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -46,8 +47,6 @@ def test_the_message_rule_excuses_text_only(mutate, line, mutant, excused):
 
 
 def _budget_setup(mutate, tmp_path, monkeypatch, cur, saved, killed=""):
-    import json
-
     stats, full = tmp_path / "mutmut-stats.json", tmp_path / "sftdpo-test-map.json"
     dur = {"t_fast": 1.0, "t_mid": 20.0, "t_slow": 40.0, "t_named": 50.0}
     stats.write_text(json.dumps({"duration_by_test": dur, "tests_by_mangled_function_name": cur}))
@@ -63,8 +62,6 @@ def _budget_setup(mutate, tmp_path, monkeypatch, cur, saved, killed=""):
 def test_the_budget_cut_never_loses_the_saved_map(mutate, tmp_path, monkeypatch):
     """mutmut emptied its own test map once (print-time-estimates): the cut must restore each function
     from the saved full map, or every mutant would be reported as reached by no test."""
-    import json
-
     tests = ["t_fast", "t_mid", "t_slow"]
     stats, full = _budget_setup(mutate, tmp_path, monkeypatch, cur={}, saved={"pkg.mod.x_f": tests})
     mutate.apply_budget(30.0)
@@ -75,8 +72,6 @@ def test_the_budget_cut_never_loses_the_saved_map(mutate, tmp_path, monkeypatch)
 def test_a_test_named_in_the_killed_list_runs_past_the_budget(mutate, tmp_path, monkeypatch):
     """A test that tests/mutation-killed.yaml names for a function always runs for its mutants, however
     slow; the others are cut fastest first."""
-    import json
-
     killed = "killed:\n  - where: pkg.mod:C.m\n    line: a\n    mutant: b\n    test: t_named\n"
     stats, _ = _budget_setup(mutate, tmp_path, monkeypatch, killed=killed, saved=None,
                              cur={"pkg.mod.xǁCǁm": ["t_fast", "t_mid", "t_slow", "t_named"], "pkg.mod.x_g": ["t_slow", "t_named"]})

@@ -19,15 +19,10 @@ from sftdpo.models import load_model
 from sftdpo.tasks import SONNET_PROMPT_LINES, make_task
 from sftdpo.train.loop import Run, train
 
-from conftest import SONNET_FILES, qqp_files, require_tiny_gpt2
+from conftest import SONNET_FILES, qqp_files, require_tiny_gpt2, write_jsonl
 
 PARAPHRASE_TEMPLATE = 'Question 1: "{question1}"\nQuestion 2: "{question2}\nAre these questions asking the same thing?\n'
 TINY = dict(model="tiny-llama", device="cpu", precision="fp32", eval_batch_size=8, log_every=1)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def records(out: Path, kind: str) -> list[dict]:

@@ -18,6 +18,23 @@ def triples(preds, refs, prefix="e"):
     return [(f"{prefix}{i}", str(p), str(r)) for i, (p, r) in enumerate(zip(preds, refs))]
 
 
+def assert_fast_path_equals_sklearn(metric, a, b, ref, n_boot, seed):
+    """The bootstrap's confusion-count path for `metric` equals scikit-learn's (or numpy's) metric
+    recomputed on the same resamples, and its observed delta the plain difference of the two."""
+    def brute(p, r):
+        if metric == "accuracy":
+            return float(np.mean(np.asarray(p) == np.asarray(r)))
+        if metric == "macro_f1":
+            return float(f1_score(r, p, average="macro", zero_division=0))
+        return float(f1_score(r, p, labels=["1"], average=None, zero_division=0)[0])
+
+    fast = paired_bootstrap(triples(a, ref), triples(b, ref), metric, n_boot=n_boot, seed=seed)
+    slow = paired_bootstrap(triples(a, ref), triples(b, ref), brute, n_boot=n_boot, seed=seed)
+    assert fast["delta"] == pytest.approx(brute(a, ref) - brute(b, ref))
+    for k in ("delta", "p_value", "ci_lo", "ci_hi"):
+        assert fast[k] == pytest.approx(slow[k], abs=1e-12), k
+
+
 def test_t_interval_of_two_seeds_is_scipys():
     """Two seeds are the smallest study the report gives an interval for; catches a size check
     of `<= 2` or `< 3` that refuses them."""
@@ -79,18 +96,7 @@ def test_rare_and_one_sided_labels_equal_sklearn_per_resample(metric):
     a = ["0"] * 10 + ["1"] * 8 + ["3", "2"]   # "3" only in A
     b = ["0"] * 9 + ["4"] + ["1"] * 9 + ["0"]  # "4" only in B; B never predicts "2"
 
-    def brute(p, r):
-        if metric == "accuracy":
-            return float(np.mean(np.asarray(p) == np.asarray(r)))
-        if metric == "macro_f1":
-            return float(f1_score(r, p, average="macro", zero_division=0))
-        return float(f1_score(r, p, labels=["1"], average=None, zero_division=0)[0])
-
-    fast = paired_bootstrap(triples(a, ref), triples(b, ref), metric, n_boot=300, seed=11)
-    slow = paired_bootstrap(triples(a, ref), triples(b, ref), brute, n_boot=300, seed=11)
-    assert fast["delta"] == pytest.approx(brute(a, ref) - brute(b, ref))
-    for k in ("delta", "p_value", "ci_lo", "ci_hi"):
-        assert fast[k] == pytest.approx(slow[k], abs=1e-12), k
+    assert_fast_path_equals_sklearn(metric, a, b, ref, n_boot=300, seed=11)
 
 
 def test_f1_positive_without_a_positive_label_is_zero_for_both():
@@ -139,15 +145,4 @@ def test_labels_only_one_system_predicts_on_either_side_of_the_positive_label(me
     a = ["0"] * 6 + ["00", "1"] + ["1"] * 6 + ["0", "0"]
     b = ["0"] * 7 + ["1"] + ["1"] * 5 + ["9", "0", "1"]
 
-    def brute(p, r):
-        if metric == "accuracy":
-            return float(np.mean(np.asarray(p) == np.asarray(r)))
-        if metric == "macro_f1":
-            return float(f1_score(r, p, average="macro", zero_division=0))
-        return float(f1_score(r, p, labels=["1"], average=None, zero_division=0)[0])
-
-    fast = paired_bootstrap(triples(a, ref), triples(b, ref), metric, n_boot=200, seed=5)
-    slow = paired_bootstrap(triples(a, ref), triples(b, ref), brute, n_boot=200, seed=5)
-    assert fast["delta"] == pytest.approx(brute(a, ref) - brute(b, ref))
-    for k in ("delta", "p_value", "ci_lo", "ci_hi"):
-        assert fast[k] == pytest.approx(slow[k], abs=1e-12), k
+    assert_fast_path_equals_sklearn(metric, a, b, ref, n_boot=200, seed=5)

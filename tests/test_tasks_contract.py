@@ -5,21 +5,16 @@ Oracles: the tokenizer's own token counts and the rows as written, never the tas
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
+import torch
 
 from sftdpo.config import RunConfig, SftdpoError
 from sftdpo.models import load_model
 from sftdpo.tasks import make_task
 
+from conftest import make_tiny_task, write_jsonl
+
 TINY = dict(model="tiny-llama", device="cpu", precision="fp32", eval_batch_size=8)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def test_classify_max_length_must_hold_the_template_and_two_tokens(cache, tmp_path):
@@ -28,8 +23,8 @@ def test_classify_max_length_must_hold_the_template_and_two_tokens(cache, tmp_pa
     (nothing is ever refused) or the fields are filled with anything but nothing."""
     template = "Topic of: {text}\nAnswer:"
     rows = [{"text": f"a dog {i}", "label": i % 2} for i in range(8)]
-    train = write_jsonl(tmp_path / "train.jsonl", rows)
-    dev = write_jsonl(tmp_path / "dev.jsonl", [{"text": f"a cat {i}", "label": i % 2} for i in range(4)])
+    train = str(write_jsonl(tmp_path / "train.jsonl", rows))
+    dev = str(write_jsonl(tmp_path / "dev.jsonl", [{"text": f"a cat {i}", "label": i % 2} for i in range(4)]))
     _, tok = load_model("tiny-llama")
     fixed = len(tok("Topic of: \nAnswer:", add_special_tokens=False).input_ids)
     base = dict(task="classify", template=template, labels="0=animal,1=money", train=train, dev=dev, **TINY)
@@ -44,8 +39,8 @@ def test_language_modelling_pairs_split_each_text_at_its_prompt_lines(cache, tmp
     gold completion: prompt + completion is the row again. Catches the rest joined another way, lines
     dropped or repeated at the split."""
     texts = [f"one {i}\ntwo {i}\nthree {i}\nfour {i}\nfive {i}" for i in range(6)]
-    train = write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
-    dev = write_jsonl(tmp_path / "d.jsonl", [{"text": "d1\nd2\nd3\nd4"}])
+    train = str(write_jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts]))
+    dev = str(write_jsonl(tmp_path / "d.jsonl", [{"text": "d1\nd2\nd3\nd4"}]))
     _, tok = load_model("tiny-llama")
     task = make_task(RunConfig(task="generate", train=train, dev=dev, prompt_lines=2, **TINY), tok)
     pairs = {e.prompt + e.completion: e for e in task.pair_examples}
@@ -57,8 +52,6 @@ def test_language_modelling_pairs_split_each_text_at_its_prompt_lines(cache, tmp
 
 
 def _sonnet_task(tiny_data, **kw):
-    from conftest import make_tiny_task
-
     model, tok = load_model("tiny-llama", seed=2)
     model.eval()
     cfg, task = make_tiny_task(tiny_data, "sonnet", "tiny-llama", tok, max_new_tokens=6, temperature=1.0, top_p=1.0, **kw)
@@ -69,8 +62,6 @@ def test_sonnet_generation_runs_in_the_precision_it_is_given(cache, tiny_data):
     """Evaluation in bf16 decodes under bf16 autocast (every forward of the generation sees it), in
     fp32 without it. Catches the evaluation's precision dropped on the way to the decoder (the dev
     metrics of a bf16 run would then be fp32 numbers)."""
-    import torch
-
     model, _, _, task = _sonnet_task(tiny_data)
     seen = []
     hook = model.get_input_embeddings().register_forward_hook(
@@ -89,8 +80,6 @@ def test_sonnet_generation_samples_with_the_run_seed(cache, tiny_data):
     """Sampled dev generations follow --seed: the evaluation of a seed-3 run equals the sampler called
     with seed 3 directly, and differs from seed 0's. Catches the seed dropped between the evaluation
     and the sampler (every run would then sample with the default seed)."""
-    import torch
-
     from sftdpo.ops.generation import generate_ids
 
     model, tok, cfg, task = _sonnet_task(tiny_data, seed=3)
@@ -111,8 +100,6 @@ def test_generated_text_leaves_out_special_tokens(cache, tiny_data, monkeypatch)
     """A chat model can sample a special token (SmolLM2's <|im_start|>) before its end of text: the
     generated text, which chrF scores, leaves it out (the tokenizer's own decode without specials).
     Catches special tokens decoded into the text."""
-    import torch
-
     model, tok, _, task = _sonnet_task(tiny_data)
     ids = tok("hello", add_special_tokens=False).input_ids + [tok.convert_tokens_to_ids("<|im_start|>")]
     ids += tok(" world", add_special_tokens=False).input_ids
