@@ -30,6 +30,8 @@ from sftdpo.distributed import init_from_env, shard
 from sftdpo.models import load_model
 from sftdpo.train.loop import Run
 
+from conftest import qqp_files
+
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 COMMON = dict(model="tiny-gpt2", precision="fp32", device="cpu", max_dev_examples=16, eval_batch_size=8, log_every=2)
 
@@ -117,13 +119,13 @@ def test_init_from_env_single_process(monkeypatch):
 
 
 def test_world_size_without_process_group_is_refused(tmp_path):
-    with pytest.raises(SftdpoError, match="torchrun"):
-        Run(RunConfig(task="paraphrase", **COMMON), tmp_path / "r", rank=0, world_size=2)
+    with pytest.raises(SftdpoError, match="torchrun"):  # QQP files written here: no data directory needed
+        Run(RunConfig(task="paraphrase", **qqp_files(tmp_path, 16, 8), **COMMON), tmp_path / "r", rank=0, world_size=2)
 
 
 def test_resume_with_another_world_size_is_refused(tmp_path):
     out = tmp_path / "r"
-    run = Run(RunConfig(task="paraphrase", **COMMON), out)
+    run = Run(RunConfig(task="paraphrase", **qqp_files(tmp_path, 16, 8), **COMMON), out)
     run.write_config()
     blob = json.loads((out / "config.json").read_text())
     assert (blob["world_size"], blob["effective_batch_size"]) == (1, 8)
