@@ -367,8 +367,8 @@ def mde_t(sd: float, n: int, equivalence: bool = False, alpha: float = ALPHA, po
     noncentral t distribution; TOST's at a true effect of 0 from the distribution of the sample sd
     (its power is E[2 Phi(k - t(1 - alpha) s) - 1]^+ for a margin of k standard errors, s the sample sd
     in units of the true one: Phillips 1990)."""
-    if n < 2:
-        raise ValueError("a t-test needs at least two values")
+    if n < MIN_PAIRS:  # at n = 2 (df = 1) scipy's noncentral t returns NaN near 80% power
+        raise ValueError(f"a detectable effect over seeds needs at least {MIN_PAIRS} values")
     df = n - 1
     if equivalence:
         tc = student_t.ppf(1 - alpha, df)

@@ -1,0 +1,371 @@
+"""Data-reader contracts that mutmut's survivors showed untested (`make mutate`, docs/mutation.md).
+
+Oracles are TRL's own data utilities, the csv/pyarrow/datasets libraries and hand-written files whose
+rows are known; the hub is replaced by a stand-in that records what it was asked for (no network).
+"""
+
+import contextlib
+import json
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from trl.data_utils import extract_prompt as trl_extract_prompt
+
+from conftest import write_jsonl
+from sftdpo.config import SftdpoError
+from sftdpo.data import qqp, records
+from sftdpo.data.generate import check_messages
+from sftdpo.data.preferences import load_preferences, load_unpaired
+from sftdpo.data.qqp import load_glue_qqp, load_paraphrase_data, read_qqp
+from sftdpo.data.records import read_rows
+
+USER = {"role": "user", "content": "What colour is the sky?"}
+
+
+# -- preference pairs with an implicit prompt ----------------------------------------------------------
+
+IMPLICIT = [
+    {"chosen": "Q: is it blue? A: yes it is", "rejected": "Q: is it blue? A: no"},  # a space before the split
+    {"chosen": "Rhymes:abc", "rejected": "Rhymes:xyz"},  # no space before the split
+    {"chosen": [USER, {"role": "assistant", "content": "Blue."}],
+     "rejected": [USER, {"role": "assistant", "content": "Green."}]},
+]
+
+
+def test_an_implicit_prompt_is_trls_extract_prompt(tmp_path):
+    """Pairs without `prompt` are split at their longest common beginning exactly as TRL's extract_prompt
+    splits them (text: a space before the difference stays with the responses; conversations: whole
+    messages). Catches the prompt cut one character late or early, the space kept in the prompt, and
+    a prompt taken from one response only."""
+    prefs = load_preferences(str(write_jsonl(tmp_path / "p.jsonl", IMPLICIT)))
+    for got, row in zip(prefs, IMPLICIT):
+        want = trl_extract_prompt(dict(row))
+        assert (got.prompt, got.chosen, got.rejected) == (want["prompt"], want["chosen"], want["rejected"])
+
+
+def test_implicit_prompt_edges_where_trl_wraps_around(tmp_path):
+    """Where TRL's extract_prompt misbehaves we do not follow it: responses that differ at their first
+    character have an empty prompt (TRL looks at chosen[-1] and, when that is a space, cuts at -1), and a
+    response that is all prefix of the other is an empty response, refused (TRL cuts one character early).
+    Catches the `idx and` guard dropped and the for-else (no difference found) lost."""
+    [p] = load_preferences(str(write_jsonl(tmp_path / "a.jsonl", [{"chosen": "yes ", "rejected": "no"}])))
+    assert (p.prompt, p.chosen, p.rejected) == ("", "yes ", "no")
+    with pytest.raises(SftdpoError, match="chosen response is empty"):
+        load_preferences(str(write_jsonl(tmp_path / "b.jsonl", [{"chosen": "Q: a", "rejected": "Q: ab"}])))
+
+
+# -- KTO's unpaired rows --------------------------------------------------------------------------------
+
+def test_unpaired_rows_as_trl_writes_them(tmp_path):
+    """TRL's unpaired format: label true/false (or 1/0, as a datasets ClassLabel writes it) becomes a bool;
+    a missing prompt is the empty text; conversational rows keep their messages (prompt optional). Catches
+    an int label kept as an int or misread, a prompt defaulting to something else, and messages not
+    checked (or checked under another name)."""
+    rows = [{"prompt": "Q1", "completion": " good", "label": True},
+            {"prompt": "Q2", "completion": " bad", "label": 0},
+            {"prompt": "Q3", "completion": " fine", "label": 1},
+            {"completion": "no prompt", "label": False}]
+    got = load_unpaired(str(write_jsonl(tmp_path / "u.jsonl", rows)))
+    assert [(u.prompt, u.completion) for u in got] == [("Q1", " good"), ("Q2", " bad"), ("Q3", " fine"), ("", "no prompt")]
+    assert [type(u.label) for u in got] == [bool] * 4 and [u.label for u in got] == [True, False, True, False]
+    conv = [{"prompt": [USER], "completion": [{"role": "assistant", "content": "Blue."}], "label": True},
+            {"completion": [{"role": "assistant", "content": "Green.", "extra": 1}], "label": False}]
+    got = load_unpaired(str(write_jsonl(tmp_path / "c.jsonl", conv)))
+    assert got[0].prompt == [USER] and got[0].completion == [{"role": "assistant", "content": "Blue."}]
+    assert got[1].prompt == [] and got[1].completion == [{"role": "assistant", "content": "Green."}]
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "Q", "completion": "A", "label": 2}, "true/false `label`"),
+    ({"prompt": "Q", "completion": "A", "label": "1"}, "true/false `label`"),
+    ({"prompt": "Q", "completion": "A"}, "true/false `label`"),
+    ([{"prompt": "Q", "completion": "A", "label": True}, {"prompt": "Q", "label": True}], "needs `completion`"),
+    ({"prompt": [USER], "completion": "A", "label": True}, "must be text"),
+    ({"prompt": "Q", "completion": "   ", "label": True}, "completion is empty"),
+    ({"prompt": "Q", "completion": [{"role": "assistant"}], "label": True}, "completion holds"),
+    ({"prompt": [{"content": "hi"}], "completion": [{"role": "assistant", "content": "A"}], "label": True},
+     "prompt holds"),
+])
+def test_bad_unpaired_rows_are_one_line(tmp_path, row, message):
+    """Each malformed unpaired row is one SftdpoError naming its line and what is wrong (the file's first
+    row decides its format: without `completion` it is read as pairs). Catches a label
+    check that lets 2 or "1" through, a whitespace-only completion accepted, and messages checked under
+    the wrong name (the error would blame the other field)."""
+    rows = row if isinstance(row, list) else [row]
+    path = write_jsonl(tmp_path / "u.jsonl", rows)
+    with pytest.raises(SftdpoError, match=f"{path}:{len(rows)}: .*{message}"):
+        load_unpaired(str(path))
+
+
+def test_pairs_for_kto_split_as_trls_unpair_preference_dataset(tmp_path):
+    """Paired rows given to KTO become each chosen response desirable, then each rejected one undesirable
+    (TRL's unpair_preference_dataset), labels real bools; a save_to_disk DatasetDict is read from its
+    `train` split by default. Catches a rejected label that is not False, the format told from a row other
+    than the first (a one-row file), and the split not passed on."""
+    pairs = [{"prompt": "P1", "chosen": " a", "rejected": " b"}, {"prompt": "P2", "chosen": " c", "rejected": " d"}]
+    got = load_unpaired(str(write_jsonl(tmp_path / "p.jsonl", pairs[:1])))
+    assert [(u.prompt, u.completion, u.label) for u in got] == [("P1", " a", True), ("P1", " b", False)]
+    assert got[1].label is False
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(pairs),
+                          "test": datasets.Dataset.from_list([{"prompt": "T", "chosen": " x", "rejected": " y"}])}
+                         ).save_to_disk(str(tmp_path / "dd"))
+    got = load_unpaired(str(tmp_path / "dd"))
+    want = datasets.Dataset.from_list(pairs)
+    from trl.data_utils import unpair_preference_dataset
+    want = unpair_preference_dataset(want)
+    assert [(u.prompt, u.completion, u.label) for u in got] == [(r["prompt"], r["completion"], r["label"]) for r in want]
+
+
+def test_messages_must_be_a_non_empty_list_of_role_content_dicts():
+    """check_messages: a string, an empty list, or a message without role or content is one clear error
+    (not a KeyError later, not an empty conversation). Catches `or` turned into `and` in either check."""
+    for bad, message in (("hello", "non-empty list"), ([], "non-empty list"), ([{"role": "user"}], "not a message"),
+                         ([{"content": "x"}], "not a message"), (["hi"], "not a message")):
+        with pytest.raises(SftdpoError, match=message):
+            check_messages(bad, "f.jsonl:1", "prompt")
+    assert check_messages([{"role": "user", "content": "x", "name": "n"}], "w", "prompt") == [{"role": "user", "content": "x"}]
+
+
+# -- the hub, stood in for -------------------------------------------------------------------------------
+
+class Hub:
+    """datasets.load_dataset and the offline switch, recorded; rows or an exception to answer with."""
+
+    def __init__(self, monkeypatch, module, reachable, rows=None, error=None):
+        self.calls, self.offline = [], []
+        self.rows, self.error = rows, error
+        monkeypatch.setattr(module, "hub_reachable", lambda: reachable)
+        monkeypatch.setattr(module, "hub_offline", self.switch)
+        monkeypatch.setattr(datasets, "load_dataset", self.load)
+
+    @contextlib.contextmanager
+    def switch(self, on):
+        self.offline.append(on)
+        yield
+
+    def load(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        if self.error:
+            raise self.error
+        return self.rows
+
+
+def test_glue_qqp_rows_become_paraphrase_examples(monkeypatch):
+    """GLUE QQP comes from nyu-mll/glue's qqp config, the split asked for, with its idx as id and label -1
+    (the unlabelled test split) as None; offline only the cache is tried. Catches another dataset, config
+    or split, fields swapped or dropped, label 0 read as missing, and the offline switch inverted."""
+    rows = [{"idx": 7, "question1": "a?", "question2": "b?", "label": 1},
+            {"idx": 8, "question1": "c?", "question2": "d?", "label": 0},
+            {"idx": 9, "question1": "e?", "question2": "f?", "label": -1}]
+    hub = Hub(monkeypatch, qqp, reachable=True, rows=rows)
+    got = load_glue_qqp("validation")
+    assert hub.calls == [(("nyu-mll/glue", "qqp"), {"split": "validation"})] and hub.offline == [False]
+    assert [(e.id, e.q1, e.q2, e.label) for e in got] == [("7", "a?", "b?", 1), ("8", "c?", "d?", 0), ("9", "e?", "f?", None)]
+    hub = Hub(monkeypatch, qqp, reachable=False, rows=rows)
+    load_glue_qqp("train")
+    assert hub.offline == [True]
+
+
+@pytest.mark.parametrize("reachable,why", [(False, "offline and not in the Hugging Face cache"), (True, "download failed")])
+def test_glue_qqp_unavailable_says_why(monkeypatch, reachable, why):
+    """The one-line error tells offline-and-uncached from a failed download. Catches the two swapped."""
+    Hub(monkeypatch, qqp, reachable=reachable, error=ConnectionError("boom"))
+    with pytest.raises(SftdpoError, match=f"GLUE QQP 'train' unavailable \\({why}: ConnectionError\\)"):
+        load_glue_qqp("train")
+
+
+def test_hub_rows_name_the_dataset_split_and_index(monkeypatch):
+    """A hub dataset's rows are the split asked for, each named dataset[split]:index for errors; offline
+    only the cache is tried, and a failure says which. Catches the split or offline switch dropped, and
+    rows misnamed."""
+    hub = Hub(monkeypatch, records, reachable=True, rows=[{"text": "a"}, {"text": "b"}])
+    got = records.hub_rows("me/data", "dev")
+    assert hub.calls == [(("me/data",), {"split": "dev"})] and hub.offline == [False]
+    assert [(r.where, r.fields) for r in got] == [("me/data[dev]:0", {"text": "a"}), ("me/data[dev]:1", {"text": "b"})]
+    hub = Hub(monkeypatch, records, reachable=True, rows=[{"text": "c"}])
+    assert [r.where for r in records.dataset_rows("me/data", "test")] == ["me/data[test]:0"]  # not a folder: the hub
+    assert hub.calls == [(("me/data",), {"split": "test"})]
+    hub = Hub(monkeypatch, records, reachable=False, error=FileNotFoundError("x"))
+    with pytest.raises(SftdpoError, match="'me/data' split 'dev': offline and not in the Hugging Face cache"):
+        records.hub_rows("me/data", "dev")
+    assert hub.offline == [True]
+    Hub(monkeypatch, records, reachable=True, error=ValueError("x"))
+    with pytest.raises(SftdpoError, match="split 'dev': could not load it \\(ValueError\\)"):
+        records.hub_rows("me/data", "dev")
+
+
+# -- where a row came from, and what a file holds --------------------------------------------------------
+
+def test_rows_name_where_they_came_from(tmp_path):
+    """Every reader names each row's place so that an error can point at it: CSV lines (a quoted field over
+    two lines counts both), Parquet's 1-based rows, a saved dataset's split (or `dataset`) and index; a
+    quoted CSV field keeps its \\r\\n as written (csv needs newline=""). Catches rows named None or off by
+    one, the split's name lost, and universal newlines rewriting a field."""
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_bytes(b'text,label\r\n"two\r\nlines",1\r\nb,0\r\n')
+    got = read_rows(csv_path)
+    assert [(r.where, r.fields) for r in got] == [(f"{csv_path}:3", {"text": "two\r\nlines", "label": "1"}),
+                                                  (f"{csv_path}:4", {"text": "b", "label": "0"})]
+    pq_path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"]}), pq_path)
+    assert [r.where for r in read_rows(pq_path)] == [f"{pq_path}:row 1", f"{pq_path}:row 2"]
+    datasets.Dataset.from_list([{"text": "a"}, {"text": "b"}]).save_to_disk(str(tmp_path / "ds"))
+    assert [r.where for r in read_rows(tmp_path / "ds", "train")] == [f"{tmp_path / 'ds'}[train]:0", f"{tmp_path / 'ds'}[train]:1"]
+    assert [r.where for r in read_rows(tmp_path / "ds")] == [f"{tmp_path / 'ds'}[dataset]:0", f"{tmp_path / 'ds'}[dataset]:1"]
+
+
+def test_short_csv_row_and_broken_parquet_say_what_is_wrong(tmp_path, monkeypatch):
+    """A CSV row with fewer fields than the header says how many it has; an unreadable Parquet file quotes
+    pyarrow's reason (its type when it has none). Catches the missing fields counted instead of the present
+    ones, and the reason lost or replaced by None."""
+    p = tmp_path / "d.csv"
+    p.write_text("a,b,c\n1,2\n")
+    with pytest.raises(SftdpoError, match=f"{p}:2: 2 field\\(s\\) where the header has 3"):
+        read_rows(p)
+    bad = tmp_path / "d.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(SftdpoError, match="not a readable Parquet file \\(.*(magic|Parquet|size).*\\)"):
+        read_rows(bad)
+
+    def silent(*args, **kwargs):
+        raise pa.ArrowInvalid("")
+
+    monkeypatch.setattr(pq, "read_table", silent)  # an error without a message: its type says what it was
+    with pytest.raises(SftdpoError, match="not a readable Parquet file \\(ArrowInvalid\\)"):
+        read_rows(bad)
+
+
+def test_glue_tsv_lines_keep_their_fields_and_refuse_bad_bytes(tmp_path):
+    """GLUE/Quora TSV lines lose only their line ending: an empty last field stays a field and a question's
+    trailing characters stay; a file that is not UTF-8 is one clear error. Catches rstrip() of all
+    whitespace or of more characters, and an unknown codec error handler (LookupError, not SftdpoError)."""
+    p = tmp_path / "test.tsv"
+    p.write_bytes(b"id\tquestion1\tquestion2\r\n1\tWhat is X\tIs it X\r\n2\tA \t\r\n")
+    got, fmt = read_qqp(p)
+    assert fmt == "glue-qqp" and [(e.id, e.q1, e.q2) for e in got] == [("1", "What is X", "Is it X"), ("2", "A ", "")]
+    p.write_bytes(b"id\tquestion1\tquestion2\n1\tcaf\xe9\tb\n")
+    with pytest.raises(SftdpoError, match="UTF-8"):
+        read_qqp(p)
+
+
+def test_a_data_folder_without_both_qqp_files_is_skipped(tmp_path, monkeypatch):
+    """$SFTDPO_DATA_DIR/qqp/ holding only a train file is passed over for the next data directory (./data).
+    Catches the file search raising when no candidate exists."""
+    glue = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+    (tmp_path / "first" / "qqp").mkdir(parents=True)
+    (tmp_path / "first" / "qqp" / "train.tsv").write_text(glue + "1\t1\t2\tq a\tq b\t1\n")
+    (tmp_path / "cwd" / "data" / "qqp").mkdir(parents=True)
+    (tmp_path / "cwd" / "data" / "qqp" / "train.tsv").write_text(glue + "1\t1\t2\ttrain one\ttrain two\t1\n")
+    (tmp_path / "cwd" / "data" / "qqp" / "dev.tsv").write_text(glue + "5\t3\t4\tdev one\tdev two\t0\n")
+    monkeypatch.setenv("SFTDPO_DATA_DIR", str(tmp_path / "first"))
+    monkeypatch.chdir(tmp_path / "cwd")
+    data = load_paraphrase_data()
+    assert [(e.q1, e.label) for e in data.train] == [("train one", 1)] and [(e.q1, e.label) for e in data.dev] == [("dev one", 0)]
+
+
+def test_roman_numerals_are_read_in_full():
+    """Sonnet headings are canonical Roman numerals; a capital word that is not one (MID, IIII) is text.
+    The whole numeral system, not just the sonnets' I..CLIV, so that a heading test is not tuned to one
+    file. Catches a wrong symbol or value in the canonical table (CD, D, CM, M)."""
+    from sftdpo.data.sonnets import _roman
+
+    for s, n in (("I", 1), ("IV", 4), ("IX", 9), ("XL", 40), ("XC", 90), ("CLIV", 154), ("CD", 400), ("D", 500),
+                 ("DCC", 700), ("CM", 900), ("M", 1000), ("MCMXCIV", 1994), ("MMXXVI", 2026)):
+        assert _roman(s) == n, s
+    for s in ("IIII", "MID", "VX", "IC", "", "DID", "Mm"):
+        assert _roman(s) is None, s
+
+
+# -- own classification data ------------------------------------------------------------------------------
+
+def test_classify_data_ids_overlap_and_splits(tmp_path):
+    """Classify rows: the id column when there is one, else `train-i` / `dev-i`; dev rows equal to a train row
+    up to case and spacing are dropped and counted; the source line counts both sides; a save_to_disk
+    DatasetDict is read from the splits named in the config. Catches ids made from the wrong split name,
+    case-sensitive overlap, the count or source lost, and the configured split ignored."""
+    from sftdpo.config import RunConfig
+    from sftdpo.data.classify import load_classify_data
+
+    train = [{"text": "Good Film", "y": 1}, {"text": "bad film", "y": 0}, {"text": "fine", "y": 1}]
+    dev = [{"text": "good  film", "y": 1}, {"text": "awful", "y": 0}, {"text": "great", "y": 1, "id": "d7"}]
+    cfg = dict(task="classify", template="Review: {text}\n", labels="0=no,1=yes", label_column="y")
+    data = load_classify_data(RunConfig(**cfg, train=str(write_jsonl(tmp_path / "tr.jsonl", train)),
+                                        dev=str(write_jsonl(tmp_path / "dv.jsonl", dev))))
+    assert [e.id for e in data.train] == ["train-0", "train-1", "train-2"]
+    assert [(e.id, e.label) for e in data.dev] == [("dev-1", "0"), ("d7", "1")] and data.dev_dropped_overlap == 1
+    assert data.source.endswith(": 3 train, 2 dev rows") and "tr.jsonl" in data.source
+    datasets.DatasetDict({"first": datasets.Dataset.from_list(train[:2]), "second": datasets.Dataset.from_list(dev[1:2])}
+                         ).save_to_disk(str(tmp_path / "dd"))
+    data = load_classify_data(RunConfig(**cfg, train=str(tmp_path / "dd"), dev=str(tmp_path / "dd"),
+                                        train_split="first", dev_split="second"))
+    assert [e.fields["text"] for e in data.train] == ["Good Film", "bad film"] and [e.fields["text"] for e in data.dev] == ["awful"]
+    data = load_classify_data(RunConfig(**cfg, dataset=str(tmp_path / "dd"), train_split="first", dev_split="second"))
+    assert data.source == f"dataset {tmp_path / 'dd'} (splits first, second): 2 train, 1 dev rows"
+    no_label = write_jsonl(tmp_path / "nl.jsonl", [{"text": "x"}])
+    with pytest.raises(SftdpoError, match=r":1: no column 'y' \(--template and --label-column need it \(dev data\)\)"):
+        load_classify_data(RunConfig(**cfg, train=str(tmp_path / "tr.jsonl"), dev=str(no_label)))
+
+
+@pytest.mark.parametrize("spec", ["0=no", "0=no,1=no", "0=no,0=yes", "0=no,1=", "0=no,1=yes,2"])
+def test_bad_label_lists_are_refused(spec):
+    """--labels needs two or more VALUE=WORD pairs with different values and different, non-empty words.
+    Catches any one of the checks joined by `and` instead of `or`."""
+    from sftdpo.data.classify import parse_labels
+
+    with pytest.raises(SftdpoError, match="--labels"):
+        parse_labels(spec)
+
+
+def test_a_label_word_may_hold_an_equals_sign():
+    """VALUE=WORD splits at the first `=`: the word keeps any later one. Catches rsplit and an unbounded split."""
+    from sftdpo.data.classify import parse_labels
+
+    assert parse_labels("0=a=b,1=c") == [("0", "a=b"), ("1", "c")]
+
+
+def test_conversational_pairs_blame_the_field_that_is_wrong(tmp_path):
+    """A conversational pair whose chosen, rejected or prompt messages are malformed is one error naming that
+    field and row; an explicit prompt's messages are kept; a save_to_disk DatasetDict of pairs is read from
+    its `train` split by default. Catches the fields' names swapped or lost in the check, the rejected
+    messages not checked, the explicit prompt ignored (then taken as the pair's shared beginning), and the
+    split dropped."""
+    good = [USER, {"role": "assistant", "content": "Blue."}]
+    for field in ("chosen", "rejected"):
+        row = {"chosen": good, "rejected": [USER, {"role": "assistant", "content": "Green."}]}
+        row[field] = [USER, {"role": "assistant"}]
+        with pytest.raises(SftdpoError, match=f":1: {field} holds"):
+            load_preferences(str(write_jsonl(tmp_path / f"{field}.jsonl", [row])))
+    datasets.DatasetDict({"test": datasets.Dataset.from_list([{"prompt": "T", "chosen": " x", "rejected": " y"}]),
+                          "train": datasets.Dataset.from_list([{"prompt": "P", "chosen": " a", "rejected": " b"}])}
+                         ).save_to_disk(str(tmp_path / "dd"))
+    assert [(p.prompt, p.chosen, p.rejected) for p in load_preferences(str(tmp_path / "dd"))] == [("P", " a", " b")]
+    answer = [{"role": "assistant", "content": "Blue."}], [{"role": "assistant", "content": "Green."}]
+    [p] = load_preferences(str(write_jsonl(tmp_path / "explicit.jsonl", [{"prompt": [USER], "chosen": answer[0],
+                                                                          "rejected": answer[1]}])))
+    assert (p.prompt, p.chosen, p.rejected) == ([USER], *answer)
+    bad = write_jsonl(tmp_path / "bad_prompt.jsonl", [{"prompt": [{"role": "user"}], "chosen": answer[0], "rejected": answer[1]}])
+    with pytest.raises(SftdpoError, match=f"^{bad}:1: prompt holds"):
+        load_preferences(str(bad))
+
+
+def test_a_missing_column_names_the_row_and_what_it_has(tmp_path):
+    """require_columns: the error names the first row without the column, and the columns it has (or
+    `none`). Catches the listing lost or joined differently."""
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 1}, {"text": "b", "id": 2}, {}])
+    with pytest.raises(SftdpoError, match=f"{p}:2: no column 'label' \\(for the test\\); the row has: text, id$"):
+        records.require_columns(read_rows(p), ["text", "label"], "for the test")
+    with pytest.raises(SftdpoError, match="the row has: none$"):
+        records.require_columns(read_rows(p)[2:], ["text"], "x")
+
+
+def test_gutenberg_sonnets_are_numbered_from_their_first_heading():
+    """parse_gutenberg_sonnets on Windows line endings: sonnets numbered on from the first heading's numeral
+    (headings only mark boundaries), each sonnet's text from the line after its heading. Catches numbering
+    from 1 regardless, the heading's first line dropped, and line endings rewritten."""
+    from sftdpo.data.sonnets import parse_gutenberg_sonnets
+
+    text = "  V\r\n\r\nFirst line,\r\nsecond line.\r\n\r\n  VI\r\nThird line\r\n  end.  \r\n"
+    got = parse_gutenberg_sonnets(text)
+    assert [(s.number, s.text) for s in got] == [(5, "First line,\nsecond line."), (6, "Third line\n  end.")]
