@@ -5,21 +5,23 @@ rows are known; the hub is replaced by a stand-in that records what it was asked
 """
 
 import contextlib
-import json
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from trl.data_utils import extract_prompt as trl_extract_prompt
+from trl.data_utils import unpair_preference_dataset
 
 from conftest import write_jsonl
-from sftdpo.config import SftdpoError
+from sftdpo.config import RunConfig, SftdpoError
 from sftdpo.data import qqp, records
+from sftdpo.data.classify import load_classify_data, parse_labels
 from sftdpo.data.generate import check_messages
 from sftdpo.data.preferences import load_preferences, load_unpaired
 from sftdpo.data.qqp import load_glue_qqp, load_paraphrase_data, read_qqp
 from sftdpo.data.records import read_rows
+from sftdpo.data.sonnets import _roman, parse_gutenberg_sonnets
 
 USER = {"role": "user", "content": "What colour is the sky?"}
 
@@ -112,9 +114,7 @@ def test_pairs_for_kto_split_as_trls_unpair_preference_dataset(tmp_path):
                           "test": datasets.Dataset.from_list([{"prompt": "T", "chosen": " x", "rejected": " y"}])}
                          ).save_to_disk(str(tmp_path / "dd"))
     got = load_unpaired(str(tmp_path / "dd"))
-    want = datasets.Dataset.from_list(pairs)
-    from trl.data_utils import unpair_preference_dataset
-    want = unpair_preference_dataset(want)
+    want = unpair_preference_dataset(datasets.Dataset.from_list(pairs))
     assert [(u.prompt, u.completion, u.label) for u in got] == [(r["prompt"], r["completion"], r["label"]) for r in want]
 
 
@@ -269,8 +269,6 @@ def test_roman_numerals_are_read_in_full():
     """Sonnet headings are canonical Roman numerals; a capital word that is not one (MID, IIII) is text.
     The whole numeral system, not just the sonnets' I..CLIV, so that a heading test is not tuned to one
     file. Catches a wrong symbol or value in the canonical table (CD, D, CM, M)."""
-    from sftdpo.data.sonnets import _roman
-
     for s, n in (("I", 1), ("IV", 4), ("IX", 9), ("XL", 40), ("XC", 90), ("CLIV", 154), ("CD", 400), ("D", 500),
                  ("DCC", 700), ("CM", 900), ("M", 1000), ("MCMXCIV", 1994), ("MMXXVI", 2026)):
         assert _roman(s) == n, s
@@ -285,9 +283,6 @@ def test_classify_data_ids_overlap_and_splits(tmp_path):
     up to case and spacing are dropped and counted; the source line counts both sides; a save_to_disk
     DatasetDict is read from the splits named in the config. Catches ids made from the wrong split name,
     case-sensitive overlap, the count or source lost, and the configured split ignored."""
-    from sftdpo.config import RunConfig
-    from sftdpo.data.classify import load_classify_data
-
     train = [{"text": "Good Film", "y": 1}, {"text": "bad film", "y": 0}, {"text": "fine", "y": 1}]
     dev = [{"text": "good  film", "y": 1}, {"text": "awful", "y": 0}, {"text": "great", "y": 1, "id": "d7"}]
     cfg = dict(task="classify", template="Review: {text}\n", labels="0=no,1=yes", label_column="y")
@@ -312,16 +307,12 @@ def test_classify_data_ids_overlap_and_splits(tmp_path):
 def test_bad_label_lists_are_refused(spec):
     """--labels needs two or more VALUE=WORD pairs with different values and different, non-empty words.
     Catches any one of the checks joined by `and` instead of `or`."""
-    from sftdpo.data.classify import parse_labels
-
     with pytest.raises(SftdpoError, match="--labels"):
         parse_labels(spec)
 
 
 def test_a_label_word_may_hold_an_equals_sign():
     """VALUE=WORD splits at the first `=`: the word keeps any later one. Catches rsplit and an unbounded split."""
-    from sftdpo.data.classify import parse_labels
-
     assert parse_labels("0=a=b,1=c") == [("0", "a=b"), ("1", "c")]
 
 
@@ -364,8 +355,6 @@ def test_gutenberg_sonnets_are_numbered_from_their_first_heading():
     """parse_gutenberg_sonnets on Windows line endings: sonnets numbered on from the first heading's numeral
     (headings only mark boundaries), each sonnet's text from the line after its heading. Catches numbering
     from 1 regardless, the heading's first line dropped, and line endings rewritten."""
-    from sftdpo.data.sonnets import parse_gutenberg_sonnets
-
     text = "  V\r\n\r\nFirst line,\r\nsecond line.\r\n\r\n  VI\r\nThird line\r\n  end.  \r\n"
     got = parse_gutenberg_sonnets(text)
     assert [(s.number, s.text) for s in got] == [(5, "First line,\nsecond line."), (6, "Third line\n  end.")]
