@@ -604,6 +604,9 @@ def report() -> int:
         L += [f"- `{e['where']}`: `{e.get('line', '')}` → `{e.get('mutant', '')}`" for e in stale_eq]
     runs = load_runs()
 
+    def scope(only: list[str]) -> str:  # a re-run of named mutants lists hundreds: say how many, show a few
+        return " ".join(only) if len(only) <= 16 else f"{len(only)} names and globs: {' '.join(only[:3])} …"
+
     def ran(r: dict) -> str:
         return f"{r['mutants']} of {r['interrupted_of']} (interrupted)" if "interrupted_of" in r else str(r["mutants"])
     L += ["", "## Runs", ""]
@@ -613,7 +616,7 @@ def report() -> int:
         L += [f"| {r['date']} | {ran(r)} | {r['wall_s'] / 60:.1f} min | {r['max_children']} | "
               + (f"{r['budget_s']:g} s ({r['test_min_kept']} of {r['test_min_full']} min of tests kept)"
                  if r.get("budget_s") else "none" if "budget_s" in r else "none (before budgets)")
-              + f" | {r['cpu']} | {' '.join(r['only']) or 'all'} |" for r in runs]
+              + f" | {r['cpu']} | {scope(r['only'])} |" for r in runs]
     else:
         L.append("(no run recorded on this machine)")
     checks = sum(m.duration for m in mutants)
