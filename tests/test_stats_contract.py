@@ -275,10 +275,10 @@ def test_normal_p_is_the_z_test():
 
 def test_normal_detectable_effects_have_the_power_they_claim():
     """mde_normal's effect has the asked-for power under its own test, checked from the power definition
-    (not the formula): a two-sided z-test at alpha rejects with probability `power` at that effect (its far
-    tail, below 1e-5 here, left out as usual), and TOST at a true effect of 0 shows that margin with probability `power`
-    (|Z| < k/se - z(1 - alpha)). The default is the two-sided test. Catches any change to the two
-    formulas' terms or to the default."""
+    (not the formula): a two-sided z-test at alpha rejects with probability `power` at that effect (its
+    far tail, below 1e-5 here, left out as usual), and TOST at a true effect of 0 shows that margin with
+    probability `power` (|Z| < k/se - z(1 - alpha)). The default is the two-sided test. Catches any
+    change to the two formulas' terms or to the default."""
     for se, alpha, power in ((1.0, 0.05, 0.8), (0.7, 0.1, 0.9)):
         k = mde_normal(se, alpha=alpha, power=power) / se
         zc = norm.ppf(1 - alpha / 2)
