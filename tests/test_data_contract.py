@@ -26,6 +26,12 @@ from sftdpo.data.sonnets import _roman, parse_gutenberg_sonnets
 USER = {"role": "user", "content": "What colour is the sky?"}
 
 
+def save_splits(path, **splits) -> str:
+    """A save_to_disk DatasetDict with these splits (lists of rows); its path as the readers take it."""
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(path))
+    return str(path)
+
+
 # -- preference pairs with an implicit prompt ----------------------------------------------------------
 
 IMPLICIT = [
@@ -110,10 +116,7 @@ def test_pairs_for_kto_split_as_trls_unpair_preference_dataset(tmp_path):
     got = load_unpaired(str(write_jsonl(tmp_path / "p.jsonl", pairs[:1])))
     assert [(u.prompt, u.completion, u.label) for u in got] == [("P1", " a", True), ("P1", " b", False)]
     assert got[1].label is False
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(pairs),
-                          "test": datasets.Dataset.from_list([{"prompt": "T", "chosen": " x", "rejected": " y"}])}
-                         ).save_to_disk(str(tmp_path / "dd"))
-    got = load_unpaired(str(tmp_path / "dd"))
+    got = load_unpaired(save_splits(tmp_path / "dd", train=pairs, test=[{"prompt": "T", "chosen": " x", "rejected": " y"}]))
     want = unpair_preference_dataset(datasets.Dataset.from_list(pairs))
     assert [(u.prompt, u.completion, u.label) for u in got] == [(r["prompt"], r["completion"], r["label"]) for r in want]
 
@@ -291,8 +294,7 @@ def test_classify_data_ids_overlap_and_splits(tmp_path):
     assert [e.id for e in data.train] == ["train-0", "train-1", "train-2"]
     assert [(e.id, e.label) for e in data.dev] == [("dev-1", "0"), ("d7", "1")] and data.dev_dropped_overlap == 1
     assert data.source.endswith(": 3 train, 2 dev rows") and "tr.jsonl" in data.source
-    datasets.DatasetDict({"first": datasets.Dataset.from_list(train[:2]), "second": datasets.Dataset.from_list(dev[1:2])}
-                         ).save_to_disk(str(tmp_path / "dd"))
+    save_splits(tmp_path / "dd", first=train[:2], second=dev[1:2])
     data = load_classify_data(RunConfig(**cfg, train=str(tmp_path / "dd"), dev=str(tmp_path / "dd"),
                                         train_split="first", dev_split="second"))
     assert [e.fields["text"] for e in data.train] == ["Good Film", "bad film"] and [e.fields["text"] for e in data.dev] == ["awful"]
@@ -328,10 +330,9 @@ def test_conversational_pairs_blame_the_field_that_is_wrong(tmp_path):
         row[field] = [USER, {"role": "assistant"}]
         with pytest.raises(SftdpoError, match=f":1: {field} holds"):
             load_preferences(str(write_jsonl(tmp_path / f"{field}.jsonl", [row])))
-    datasets.DatasetDict({"test": datasets.Dataset.from_list([{"prompt": "T", "chosen": " x", "rejected": " y"}]),
-                          "train": datasets.Dataset.from_list([{"prompt": "P", "chosen": " a", "rejected": " b"}])}
-                         ).save_to_disk(str(tmp_path / "dd"))
-    assert [(p.prompt, p.chosen, p.rejected) for p in load_preferences(str(tmp_path / "dd"))] == [("P", " a", " b")]
+    saved = save_splits(tmp_path / "dd", test=[{"prompt": "T", "chosen": " x", "rejected": " y"}],
+                        train=[{"prompt": "P", "chosen": " a", "rejected": " b"}])
+    assert [(p.prompt, p.chosen, p.rejected) for p in load_preferences(saved)] == [("P", " a", " b")]
     answer = [{"role": "assistant", "content": "Blue."}], [{"role": "assistant", "content": "Green."}]
     [p] = load_preferences(str(write_jsonl(tmp_path / "explicit.jsonl", [{"prompt": [USER], "chosen": answer[0],
                                                                           "rejected": answer[1]}])))
