@@ -22,6 +22,10 @@ mutants re-run, so a second run does only what changed. This script adds what mu
   mutant's verdict must be `killed`) or equivalent, one line why (tests/mutation-equivalent.yaml, or a
   RULE below). Entries are keyed by module, function, the original line and the mutated line (mutmut's
   numbering moves when code moves); entries that match no mutant any more are reported as stale.
+- mutants/ is not in git, so a fresh clone would start from nothing (it did, twice: hours of verdicts
+  lost). Every run saves each verdict with its function's hash in docs/mutation-verdicts.json, and the
+  next run, wherever it runs, takes back the verdicts of functions whose text is unchanged
+  (restore_verdicts): a mutant of a changed function is run again, as mutmut itself does.
 - A test budget per mutated function (apply_budget, --test-budget): its fastest tests up to that many
   seconds, so that a survivor costs seconds, not the 10-15 minutes of every test that reaches it.
 
@@ -65,6 +69,8 @@ RUNS = MUTANTS / "sftdpo-runs.json"
 STATS = MUTANTS / "mutmut-stats.json"
 BUDGET_S = 30.0  # default test budget per mutated function (apply_budget)
 FULL_MAP = MUTANTS / "sftdpo-test-map.json"  # the test map as collected, before a budget cut it
+# mutants/ is scratch, lost with a fresh clone: the verdicts and the runs live on in git here (save_verdicts)
+VERDICTS = ROOT / "docs" / "mutation-verdicts.json"
 
 # files mutated in part: module -> the functions that are on the number path (the rest is not run)
 # (the PEFT set-up moved from models.py to peft_methods.py; the rest of that file is CLI options and export)
@@ -268,6 +274,51 @@ def apply_budget(budget: float) -> tuple[float, float]:
     return (sum(dur[t] for ts in cut.values() for t in ts), sum(dur[t] for ts in full.values() for t in ts))
 
 
+def save_verdicts() -> None:
+    """Write every decided verdict (and its test time), each file's function hashes and the runs to
+    VERDICTS, one line per mutant so that a run's diff shows what it decided."""
+    files = {}
+    for meta in sorted((MUTANTS / "src").rglob("*.py.meta")):
+        d = json.loads(meta.read_text())
+        done = {k.rpartition(".")[2]: [c, round(d.get("durations_by_key", {}).get(k, 0.0), 2)]
+                for k, c in sorted(d["exit_code_by_key"].items()) if c is not None}
+        if done:
+            files[(Path("src") / meta.relative_to(MUTANTS / "src")).with_suffix("").as_posix()] = dict(
+                functions=d.get("hash_by_function_name", {}), verdicts=done)
+    text = json.dumps(dict(runs=load_runs(), files=files), indent=1, sort_keys=True, ensure_ascii=False)
+    text = re.sub(r"\[\s*(-?\d+),\s*([-+.\deE]+)\s*\]", r"[\1, \2]", text)  # [exit code, seconds] on its mutant's line
+    tmp = VERDICTS.with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, VERDICTS)
+
+
+def restore_verdicts() -> int:
+    """Take back from VERDICTS the verdicts mutants/ lacks, for functions whose hash (mutmut's, of the
+    function's text) is the saved one; return how many. Runs after mutant generation, when each meta
+    file holds the current hashes."""
+    if not VERDICTS.exists():
+        return 0
+    store = json.loads(VERDICTS.read_text())
+    if not RUNS.exists() and store.get("runs"):
+        RUNS.write_text(json.dumps(store["runs"], indent=1))
+    n = 0
+    for path, saved in store.get("files", {}).items():
+        meta = MUTANTS / (path + ".meta")
+        if not meta.exists():
+            continue
+        d = json.loads(meta.read_text())
+        now, module = d.get("hash_by_function_name", {}), module_of(ROOT / path)
+        for short, (code, seconds) in saved["verdicts"].items():
+            key, func = f"{module}.{short}", short.partition("__mutmut_")[0]
+            if key in d["exit_code_by_key"] and d["exit_code_by_key"][key] is None \
+                    and func in now and now[func] == saved["functions"].get(func):
+                d["exit_code_by_key"][key] = code
+                d.setdefault("durations_by_key", {})[key] = seconds
+                n += 1
+        meta.write_text(json.dumps(d, indent=4))
+    return n
+
+
 def run(only: list[str], max_children: int, budget: float) -> None:
     (MUTANTS / "src").mkdir(parents=True, exist_ok=True)
     synced = sync_unmutated()
@@ -278,6 +329,9 @@ def run(only: list[str], max_children: int, budget: float) -> None:
                          capture_output=True, text=True)
     if gen.returncode:
         sys.exit(f"mutant generation failed:\n{gen.stderr[-3000:]}")
+    restored = restore_verdicts()
+    if restored:
+        print(f"mutate: {restored} verdicts taken back from {VERDICTS.relative_to(ROOT)} (functions unchanged)", flush=True)
     mutants = read_mutants(diffs=False)
     runs = load_runs()
     # survivors are re-run when the tests changed or the budget grew (either can kill them now)
@@ -327,6 +381,7 @@ def run(only: list[str], max_children: int, budget: float) -> None:
                      budget_s=budget, test_min_kept=round(kept / 60), test_min_full=round(full / 60),
                      **({"interrupted_of": len(names)} if code == INTERRUPTED else {})))
     RUNS.write_text(json.dumps(runs, indent=1))
+    save_verdicts()
     if code == INTERRUPTED:
         sys.exit(f"mutate: interrupted after {done} of {len(names)} mutants; their verdicts are kept in mutants/: "
                  "run it again to go on")
@@ -552,7 +607,8 @@ def report() -> int:
     L = ["# Mutation testing of the number path (`make mutate`)", "",
          "Generated by `scripts/mutate.py` from mutmut's results; do not edit by hand (the equivalence",
          "reasons live in `tests/mutation-equivalent.yaml`, the tests that kill former survivors in",
-         "`tests/mutation-killed.yaml`, the tool's choice in `scripts/mutate-why.md`).", "",
+         "`tests/mutation-killed.yaml`, the tool's choice in `scripts/mutate-why.md`; the verdicts themselves,",
+         "with each function's hash, in `docs/mutation-verdicts.json`, so that a fresh clone goes on from them).", "",
          "Each mutant runs the tests that reach its function, fastest first, up to the run's test budget per",
          "function (Runs, below): a survivor is a mutant those tests do not kill; a later run with a larger",
          "budget runs the survivors again.", ""]
@@ -634,6 +690,7 @@ def report() -> int:
                              sort_keys=False, allow_unicode=True, width=200))
     for m in unexplained:
         print(f"  UNEXPLAINED {m.name} ({m.status}) {m.path}:{m.lineno}: {m.line!r} -> {m.mutant!r}")
+    save_verdicts()  # the verdicts this report counts, kept in git beside it
     return 1 if unexplained else 0
 
 

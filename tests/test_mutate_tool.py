@@ -78,3 +78,33 @@ def test_a_test_named_in_the_killed_list_runs_past_the_budget(mutate, tmp_path, 
     mutate.apply_budget(30.0)
     cut = json.loads(stats.read_text())["tests_by_mangled_function_name"]
     assert cut == {"pkg.mod.xǁCǁm": ["t_fast", "t_mid", "t_named"], "pkg.mod.x_g": ["t_slow"]}
+
+
+def test_verdicts_outlive_mutants_dir_but_not_a_changed_function(mutate, tmp_path, monkeypatch):
+    """mutants/ is lost with a fresh clone: the verdicts saved in git must come back, but only for
+    functions whose text is unchanged (mutmut's hash), and never over a verdict mutants/ already holds.
+    Catches a restore that keeps a changed function's old `killed` (a stale pass) or loses verdicts."""
+    mutants = tmp_path / "mutants"
+    monkeypatch.setattr(mutate, "ROOT", tmp_path)
+    monkeypatch.setattr(mutate, "MUTANTS", mutants)
+    monkeypatch.setattr(mutate, "RUNS", mutants / "sftdpo-runs.json")
+    monkeypatch.setattr(mutate, "VERDICTS", tmp_path / "docs" / "mutation-verdicts.json")
+    (tmp_path / "docs").mkdir()
+    meta = mutants / "src" / "pkg" / "mod.py.meta"
+    meta.parent.mkdir(parents=True)
+
+    def write(codes, hashes):
+        meta.write_text(json.dumps({"exit_code_by_key": codes, "hash_by_function_name": hashes,
+                                    "durations_by_key": {k: 1.5 for k, c in codes.items() if c is not None},
+                                    "type_check_error_by_key": {}, "estimated_durations_by_key": {}}))
+    names = ["pkg.mod.x_f__mutmut_1", "pkg.mod.x_f__mutmut_2", "pkg.mod.x_g__mutmut_1", "pkg.mod.x_f__mutmut_3"]
+    write(dict(zip(names, [1, 0, 1, None])), {"x_f": "h1", "x_g": "h2"})
+    mutate.RUNS.write_text(json.dumps([{"date": "2026-12-07", "mutants": 3}]))
+    mutate.save_verdicts()
+
+    mutate.RUNS.unlink()  # a fresh clone: mutmut generates the mutants again, every verdict unknown; g was edited
+    write(dict(zip(names, [None, 1, None, None])), {"x_f": "h1", "x_g": "h2-edited"})
+    assert mutate.restore_verdicts() == 1
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    assert codes == dict(zip(names, [1, 1, None, None]))
+    assert json.loads(mutate.RUNS.read_text()) == [{"date": "2026-12-07", "mutants": 3}]
