@@ -25,7 +25,8 @@ mutants re-run, so a second run does only what changed. This script adds what mu
 - mutants/ is not in git, so a fresh clone would start from nothing (it did, twice: hours of verdicts
   lost). Every run saves each verdict with its function's hash in docs/mutation-verdicts.json, and the
   next run, wherever it runs, takes back the verdicts of functions whose text is unchanged
-  (restore_verdicts): a mutant of a changed function is run again, as mutmut itself does.
+  (restore_verdicts): a mutant of a changed function is run again, as mutmut itself does. The test map
+  goes with them (docs/mutation-test-map.json): collected again only when a function changed.
 - A test budget per mutated function (apply_budget, --test-budget): its fastest tests up to that many
   seconds, so that a survivor costs seconds, not the 10-15 minutes of every test that reaches it.
 
@@ -71,6 +72,7 @@ BUDGET_S = 30.0  # default test budget per mutated function (apply_budget)
 FULL_MAP = MUTANTS / "sftdpo-test-map.json"  # the test map as collected, before a budget cut it
 # mutants/ is scratch, lost with a fresh clone: the verdicts and the runs live on in git here (save_verdicts)
 VERDICTS = ROOT / "docs" / "mutation-verdicts.json"
+TEST_MAP = ROOT / "docs" / "mutation-test-map.json"  # and the test map: collecting it again costs ~20 min
 
 # files mutated in part: module -> the functions that are on the number path (the rest is not run)
 # (the PEFT set-up moved from models.py to peft_methods.py; the rest of that file is CLI options and export)
@@ -287,9 +289,37 @@ def save_verdicts() -> None:
                 functions=d.get("hash_by_function_name", {}), verdicts=done)
     text = json.dumps(dict(runs=load_runs(), files=files), indent=1, sort_keys=True, ensure_ascii=False)
     text = re.sub(r"\[\s*(-?\d+),\s*([-+.\deE]+)\s*\]", r"[\1, \2]", text)  # [exit code, seconds] on its mutant's line
-    tmp = VERDICTS.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, VERDICTS)
+    write_text_atomic(VERDICTS, text + "\n")
+    if STATS.exists() and FULL_MAP.exists():  # which tests reach which function, tests by number
+        d, full = json.loads(STATS.read_text()), json.loads(FULL_MAP.read_text())
+        tests = sorted(d["duration_by_test"])
+        number = {t: i for i, t in enumerate(tests)}
+        rest = {k: v for k, v in d.items() if k not in ("tests_by_mangled_function_name", "duration_by_test")}
+        lines = [json.dumps(dict(tests=tests, seconds=[round(d["duration_by_test"][t], 3) for t in tests], **rest),
+                             sort_keys=True, ensure_ascii=False)[:-1] + ', "functions": {']
+        lines += [f"{json.dumps(f, ensure_ascii=False)}: {json.dumps(sorted(number[t] for t in ts if t in number))},"
+                  for f, ts in sorted(full.items())]
+        lines[-1] = lines[-1].rstrip(",") if len(lines) > 1 else lines[-1]
+        write_text_atomic(TEST_MAP, "\n".join(lines) + "}}\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def restore_test_map() -> bool:
+    """mutmut's test map and test times from TEST_MAP when mutants/ has none (a fresh clone); whether
+    it did. map_is_stale() then decides, as for a map collected here, whether it is still good."""
+    if STATS.exists() or not TEST_MAP.exists():
+        return False
+    d = json.loads(TEST_MAP.read_text())
+    tests, seconds, funcs = d.pop("tests"), d.pop("seconds"), d.pop("functions")
+    full = {f: [tests[i] for i in ix] for f, ix in funcs.items()}
+    FULL_MAP.write_text(json.dumps(full))
+    STATS.write_text(json.dumps(dict(tests_by_mangled_function_name=full, duration_by_test=dict(zip(tests, seconds)), **d)))
+    return True
 
 
 def restore_verdicts() -> int:
@@ -332,6 +362,8 @@ def run(only: list[str], max_children: int, budget: float) -> None:
     restored = restore_verdicts()
     if restored:
         print(f"mutate: {restored} verdicts taken back from {VERDICTS.relative_to(ROOT)} (functions unchanged)", flush=True)
+    if restore_test_map():
+        print(f"mutate: the test map taken back from {TEST_MAP.relative_to(ROOT)}", flush=True)
     mutants = read_mutants(diffs=False)
     runs = load_runs()
     # survivors are re-run when the tests changed or the budget grew (either can kill them now)

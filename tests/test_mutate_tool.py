@@ -80,17 +80,26 @@ def test_a_test_named_in_the_killed_list_runs_past_the_budget(mutate, tmp_path, 
     assert cut == {"pkg.mod.xǁCǁm": ["t_fast", "t_mid", "t_named"], "pkg.mod.x_g": ["t_slow"]}
 
 
-def test_verdicts_outlive_mutants_dir_but_not_a_changed_function(mutate, tmp_path, monkeypatch):
+@pytest.fixture
+def store(mutate, tmp_path, monkeypatch):
+    """scripts/mutate.py pointed at a scratch checkout: its mutants/ and its docs/."""
+    mutants = tmp_path / "mutants"
+    (mutants / "src").mkdir(parents=True)
+    (tmp_path / "docs").mkdir()
+    for name, value in dict(ROOT=tmp_path, MUTANTS=mutants, RUNS=mutants / "sftdpo-runs.json",
+                            STATS=mutants / "mutmut-stats.json", FULL_MAP=mutants / "sftdpo-test-map.json",
+                            VERDICTS=tmp_path / "docs" / "mutation-verdicts.json",
+                            TEST_MAP=tmp_path / "docs" / "mutation-test-map.json").items():
+        monkeypatch.setattr(mutate, name, value)
+    return mutate
+
+
+def test_verdicts_outlive_mutants_dir_but_not_a_changed_function(store):
     """mutants/ is lost with a fresh clone: the verdicts saved in git must come back, but only for
     functions whose text is unchanged (mutmut's hash), and never over a verdict mutants/ already holds.
     Catches a restore that keeps a changed function's old `killed` (a stale pass) or loses verdicts."""
-    mutants = tmp_path / "mutants"
-    monkeypatch.setattr(mutate, "ROOT", tmp_path)
-    monkeypatch.setattr(mutate, "MUTANTS", mutants)
-    monkeypatch.setattr(mutate, "RUNS", mutants / "sftdpo-runs.json")
-    monkeypatch.setattr(mutate, "VERDICTS", tmp_path / "docs" / "mutation-verdicts.json")
-    (tmp_path / "docs").mkdir()
-    meta = mutants / "src" / "pkg" / "mod.py.meta"
+    mutate = store
+    meta = mutate.MUTANTS / "src" / "pkg" / "mod.py.meta"
     meta.parent.mkdir(parents=True)
 
     def write(codes, hashes):
@@ -108,3 +117,23 @@ def test_verdicts_outlive_mutants_dir_but_not_a_changed_function(mutate, tmp_pat
     codes = json.loads(meta.read_text())["exit_code_by_key"]
     assert codes == dict(zip(names, [1, 1, None, None]))
     assert json.loads(mutate.RUNS.read_text()) == [{"date": "2026-12-07", "mutants": 3}]
+
+
+def test_the_test_map_outlives_mutants_dir_whole(store):
+    """The saved test map must come back as collected: the full map (not the budget's cut), each
+    function with its own tests, and every test's time (apply_budget drops a test without one)."""
+    mutate = store
+    full = {"pkg.mod.x_f": ["tests/a.py::t1", "tests/b.py::t2"], "pkg.mod.xǁCǁm": ["tests/b.py::t2", "tests/c.py::t3"]}
+    stats = {"tests_by_mangled_function_name": {"pkg.mod.x_f": ["tests/a.py::t1"], "pkg.mod.xǁCǁm": ["tests/c.py::t3"]},
+             "duration_by_test": {"tests/a.py::t1": 0.5, "tests/b.py::t2": 40.25, "tests/c.py::t3": 2.0},
+             "stats_time": 12.5, "function_hashes": {"pkg.mod.x_f": "h1"}, "function_dependencies": {},
+             "config_fingerprint": {"a": 1}, "watched_file_hashes": {}, "git_commit": "abc"}
+    mutate.STATS.write_text(json.dumps(stats))
+    mutate.FULL_MAP.write_text(json.dumps(full))
+    mutate.save_verdicts()
+    assert not mutate.restore_test_map()  # mutants/ has its own: left alone
+    mutate.STATS.unlink()
+    mutate.FULL_MAP.unlink()
+    assert mutate.restore_test_map()
+    assert json.loads(mutate.FULL_MAP.read_text()) == full
+    assert json.loads(mutate.STATS.read_text()) == {**stats, "tests_by_mangled_function_name": full}
