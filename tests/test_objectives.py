@@ -609,14 +609,19 @@ def test_new_settings_stay_out_of_existing_runs_identity():
 
 
 def test_preference_stage_builder_dispatches_on_the_objective(data, tmp_path, model_tok):
-    """The loop's preference stage is the objective --objective names."""
+    """The loop's preference stage is the objective --objective names, and what it records of itself
+    (summary.json's `stages`) is what it ran with: its name, the run's beta, and for ORPO its mean
+    log-probs. Catches a stage record with a misspelt key or the default beta."""
     _, tok = model_tok
     model, _ = load_model("tiny-gpt2", seed=0)
     for objective, cls in (("dpo", DPOObjective), ("simpo", CPOObjective), ("cpo", CPOObjective),
                            ("orpo", ORPOObjective), ("kto", KTOObjective)):
-        cfg, task = make_tiny_task(data, "paraphrase", "tiny-gpt2", tok, regime="dpo", objective=objective)
+        cfg, task = make_tiny_task(data, "paraphrase", "tiny-gpt2", tok, regime="dpo", objective=objective, beta=0.37)
         obj = build_preference_objective(StageContext(cfg.validate(), task, model, CPU, "fp32", tmp_path / objective))
-        assert type(obj) is cls and obj.describe()["objective"] == objective
+        info = obj.describe()
+        assert type(obj) is cls and info["objective"] == objective and info["beta"] == 0.37
+        if objective == "orpo":
+            assert info["logp_reduction"] == "mean"
 
 
 def test_kto_takes_trls_unpaired_rows_from_a_file(data, tmp_path, model_tok):
