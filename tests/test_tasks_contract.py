@@ -106,3 +106,28 @@ def test_generated_text_leaves_out_special_tokens(cache, tiny_data, monkeypatch)
     monkeypatch.setattr(task, "generate_ids", lambda *a, **k: [ids])
     assert task.generate(model, ["x"], torch.device("cpu"), "fp32", temperature=1.0, top_p=1.0,
                          max_new_tokens=3) == [["hello world"]]
+
+
+@pytest.mark.parametrize("batch_size,grad_accum,world_size", [(3, 1, 2), (2, 3, 1), (2, 2, 3)])
+def test_the_step_count_is_the_steps_an_epoch_yields(batch_size, grad_accum, world_size):
+    """n_train_steps (the schedule's length, the progress bar's total) is the number of optimizer steps
+    train_steps yields, on every rank, for row counts around the global batch's multiples; and the
+    ranks' rows of each step are disjoint and make up the epoch, their loss shares summing to 1.
+    Catches the global batch counted without the ranks or the accumulation (a schedule that ends
+    before or after the epoch does), and a rank that trains on other ranks' rows."""
+    from types import SimpleNamespace
+
+    from sftdpo.tasks import Task
+
+    cfg = RunConfig(batch_size=batch_size, grad_accum=grad_accum, seed=1)
+    per_step = batch_size * grad_accum * world_size
+    for n in (1, per_step - 1, per_step, per_step + 1, 5 * per_step + 2):
+        ranks = [Task(cfg, SimpleNamespace(pad_token_id=0), rank=r, world_size=world_size) for r in range(world_size)]
+        steps = [t.train_steps([4] * n, epoch=1) for t in ranks]
+        for task, mine in zip(ranks, steps):
+            assert len(mine) == task.n_train_steps(n) == -(-n // per_step)
+        # a rank left without rows holds a stand-in row that trains on nothing (share 0)
+        rows = [[i for mine in steps for micro, share in mine[k] if share for i in micro] for k in range(len(steps[0]))]
+        assert sorted(i for step in rows for i in step) == list(range(n))  # every row once, on one rank
+        for k in range(len(rows)):
+            assert sum(share for mine in steps for _, share in mine[k]) == pytest.approx(1.0)
