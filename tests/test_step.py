@@ -118,3 +118,43 @@ def test_a_metric_some_micro_batches_lack_is_their_mean_not_diluted(tmp_path):
     assert trained.logs["sometimes"] == pytest.approx((0.5 * 10 + 1.0 * 30) / 1.5)  # not (5 + 30) / 2
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["sometimes"] for x in lines] == pytest.approx([10.0, 30.0]) and [x["always"] for x in lines] == [1.5, 3.0]
+
+
+class _Recorder:
+    """An objective whose micro-batch losses are fixed numbers, recording the autocast state of each forward."""
+
+    def __init__(self, values: dict[int, float]) -> None:
+        self.values, self.seen = values, []
+
+    def loss(self, model, batch):
+        self.seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        v = self.values[int(batch.index[0])]
+        return model.w.sum() * 0 + v, {"m": torch.tensor(2 * v)}
+
+    def n_tokens(self, batch) -> int:
+        return batch.n_tokens
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_step_logs_the_share_weighted_loss_and_runs_in_the_run_precision(precision):
+    """The step's logged loss and metrics are its micro-batches' values weighted by their shares of the
+    step (0.25 and 0.75 here), its tokens their sum, and each forward runs under autocast exactly when
+    the run is bf16 (torch's own autocast state, read inside the forward). Catches a loss divided by the
+    share, the last micro-batch's loss logged as the step's, and the forward left in fp32 (or cast to
+    bf16 in an fp32 run)."""
+    from sftdpo.ops.batching import pad_batch
+
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.ones(1))
+    first, second = pad_batch([[1, 2]], 0, [0]), pad_batch([[3, 4, 5]], 0, [1])
+    first.share, second.share = 0.25, 0.75
+    rec = _Recorder({0: 2.0, 1: 4.0})
+    opt = torch.optim.SGD([model.w], lr=0.1)
+    st = train_step(model, rec, [first, second], opt, make_scheduler(opt, 2, 0.0, "constant"), [model.w],
+                    device=torch.device("cpu"), precision=precision, max_grad_norm=0.0)
+    assert float(st.loss) == pytest.approx(0.25 * 2.0 + 0.75 * 4.0)
+    assert float(st.logs["m"]) == pytest.approx(0.25 * 4.0 + 0.75 * 8.0) and st.log_shares == {"m": 1.0}
+    assert st.tokens == 5
+    assert [enabled for enabled, _ in rec.seen] == [precision == "bf16"] * 2
+    if precision == "bf16":
+        assert all(dtype == torch.bfloat16 for _, dtype in rec.seen)
