@@ -158,3 +158,39 @@ def test_a_step_logs_the_share_weighted_loss_and_runs_in_the_run_precision(preci
     assert [enabled for enabled, _ in rec.seen] == [precision == "bf16"] * 2
     if precision == "bf16":
         assert all(dtype == torch.bfloat16 for _, dtype in rec.seen)
+
+
+def test_method_hooks_get_peft_s_step_count_and_the_gradients():
+    """What --param's hooks see (peft_methods.MethodHooks): after_update gets the stage's steps before
+    this one, 0 at the first, as PEFT's AdaLoRA loop passes update_and_allocate its global_step, while
+    the gradients are still there (PEFT reads them); the step's tokens include the virtual tokens
+    extra_tokens adds per row. Catches the step count off by one or two (AdaLoRA's budget schedule
+    shifts), the gradients cleared first, and the virtual tokens dropped from the count."""
+    from sftdpo.ops.batching import pad_batch
+
+    class Hooks:
+        def __init__(self) -> None:
+            self.steps, self.had_grad, self.rows = [], [], []
+
+        def before_update(self) -> None:
+            pass
+
+        def after_update(self, step: int) -> None:
+            self.steps.append(step)
+            self.had_grad.append(model.w.grad is not None)
+
+        def extra_tokens(self, rows: int) -> int:
+            self.rows.append(rows)
+            return 10 * rows
+
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.ones(1))
+    hooks, opt = Hooks(), torch.optim.SGD([model.w], lr=0.1)
+    sched = make_scheduler(opt, 2, 0.0, "constant")
+    for _ in range(2):
+        first, second = pad_batch([[1, 2]], 0, [0]), pad_batch([[3, 4, 5], [6]], 0, [1, 2])
+        st = train_step(model, _Recorder({0: 1.0, 1: 3.0}), [first, second], opt, sched, [model.w],
+                        device=torch.device("cpu"), precision="fp32", max_grad_norm=0.0, hooks=hooks)
+        assert st.tokens == 2 + 4 + 10 * 3
+    assert hooks.steps == [0, 1] and hooks.had_grad == [True, True] and hooks.rows == [1, 2, 1, 2]
+    assert model.w.grad is None  # cleared after the hooks, for the next step
