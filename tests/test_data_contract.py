@@ -359,3 +359,27 @@ def test_gutenberg_sonnets_are_numbered_from_their_first_heading():
     text = "  V\r\n\r\nFirst line,\r\nsecond line.\r\n\r\n  VI\r\nThird line\r\n  end.  \r\n"
     got = parse_gutenberg_sonnets(text)
     assert [(s.number, s.text) for s in got] == [(5, "First line,\nsecond line."), (6, "Third line\n  end.")]
+
+
+def test_data_key_names_the_data_not_the_working_directory(tmp_path, monkeypatch):
+    """data_key (which configs share a load) is the same for relative and absolute paths to the same
+    files and local dataset, the same for a hub id from any directory, and different for different
+    data. Catches a key of nothing, --dev or a local --dataset left relative (a resumed run from
+    another directory would read other data under the same key), and a hub id taken for a path."""
+    import dataclasses
+
+    from sftdpo.data import data_key
+
+    here = tmp_path / "work"
+    (here / "local_ds").mkdir(parents=True)
+    monkeypatch.chdir(here)
+    rel = RunConfig(task="paraphrase", train="train.tsv", dev="dev.tsv", dataset="local_ds")
+    absolute = RunConfig(task="paraphrase", train=str(here / "train.tsv"), dev=str(here / "dev.tsv"),
+                         dataset=str(here / "local_ds"))
+    hub = RunConfig(task="paraphrase", dataset="nyu-mll/glue")
+    keys = {data_key(rel), data_key(dataclasses.replace(rel, dev="other.tsv")), data_key(hub),
+            data_key(dataclasses.replace(rel, dataset=str(tmp_path)))}
+    assert data_key(rel) == data_key(absolute) and len(keys) == 4
+    at_work = data_key(hub)
+    monkeypatch.chdir(tmp_path)
+    assert data_key(hub) == at_work
