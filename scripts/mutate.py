@@ -608,8 +608,9 @@ def report() -> int:
             rows[m.path]["out of scope"] += 1
             continue
         rows[m.path][m.status] += 1
-        if m.status == "not checked":  # an entry for it is not stale, only not needed yet
-            used_eq.update(i for i, e in enumerate(equivalent) if "line" in e and matches(e, m))
+        if m.status == "not checked":  # an entry for it (or for its function's verdict) is not stale, only not needed yet
+            used_eq.update(i for i, e in enumerate(equivalent)
+                           if (matches(e, m) if "line" in e else e["where"] == m.where))
         if m.status not in EXPLAIN:
             continue
         why = rule(m)
