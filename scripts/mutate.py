@@ -61,6 +61,8 @@ from pathlib import Path
 
 import yaml
 
+from sftdpo.files import write_text_atomic  # a torn docs/mutation-verdicts.json would lose every verdict
+
 ROOT = Path(__file__).resolve().parent.parent
 MUTANTS = ROOT / "mutants"
 DOC = ROOT / "docs" / "mutation.md"
@@ -301,12 +303,6 @@ def save_verdicts() -> None:
                   for f, ts in sorted(full.items())]
         lines[-1] = lines[-1].rstrip(",") if len(lines) > 1 else lines[-1]
         write_text_atomic(TEST_MAP, "\n".join(lines) + "}}\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def restore_test_map() -> bool:
