@@ -409,8 +409,8 @@ def run(only: list[str], max_children: int, budget: float) -> None:
                      budget_s=budget, test_min_kept=round(kept / 60), test_min_full=round(full / 60),
                      **({"interrupted_of": len(names)} if code == INTERRUPTED else {})))
     RUNS.write_text(json.dumps(runs, indent=1))
-    save_verdicts()
     if code == INTERRUPTED:
+        save_verdicts()  # report() saves them otherwise
         sys.exit(f"mutate: interrupted after {done} of {len(names)} mutants; their verdicts are kept in mutants/: "
                  "run it again to go on")
 
