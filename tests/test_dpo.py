@@ -272,6 +272,8 @@ def test_sonnet_pairs_are_cached_and_v3_reuses_v2_generations(tmp_path, monkeypa
     more = RunConfig.from_dict({**run.cfg.to_dict(), "pairs_top_k": 6})
     six, _ = build(more)
     assert len(six) == 6 and six[:4] == pairs and len(calls) == 2  # other K: v2's generations reused
+    default_k, _ = build(RunConfig.from_dict({**run.cfg.to_dict(), "pairs_top_k": None}))
+    assert len(default_k) == len(run.task.pair_examples) == 3 and default_k == pairs[:3]  # default K: one per prompt
     v2 = RunConfig.from_dict({**run.cfg.to_dict(), "pairs": "v2"})
     all_pairs, _ = build(v2)
     assert len(all_pairs) == 9 and [p["temperature"] for p in all_pairs[:3]] == [0.7, 1.3, 0.7]

@@ -98,3 +98,121 @@ def test_a_micro_batchs_share_of_a_dpo_step_counts_its_pairs(cache, tmp_path):
         assert pairs == [sum(len(rejected[int(r)]) for r in pb.batch.index) for pb in step]
         unequal += len({p / len(pb.batch.index) for p, pb in zip(pairs, step)}) > 1
     assert unequal  # some step mixes micro-batches of different pairs per prompt: rows would give other shares
+
+
+def test_the_hardest_rejection_is_the_wrong_label_the_model_rates_highest_and_ties_go_to_the_earlier():
+    """`--pairs hardest` (pairs.hardest_rejections): per example, the wrong label with the highest log-prob;
+    on a tie the label listed first (the docstring's rule, so a rerun builds the same pairs). Catches the
+    tie broken towards the later label, the gold label picked, or the lowest wrong label."""
+    from sftdpo.objectives.dpo.pairs import hardest_rejections
+
+    task = SimpleNamespace(label_ids=[11, 22, 33, 44], train_labels=[11, 22, 44, 33])
+    logps = torch.tensor([[0.0, -2.0, -1.0, -3.0],     # gold 11 is highest: the best wrong one is 33
+                          [-1.0, -0.1, -1.0, -5.0],    # 11 and 33 tie: the earlier, 11
+                          [-4.0, -2.0, -2.0, -0.5],    # 22 and 33 tie: 22
+                          [-3.0, -6.0, -9.0, -3.0]])   # 11 and 44 tie: 11
+    assert hardest_rejections(task, logps) == [[33], [11], [22], [11]]
+
+
+def test_v3_ties_follow_sample_order_and_absent_indices_follow_the_list():
+    """select_top_k's tie-breaks as its docstring states them: equal gaps go by prompt_index, then by
+    sample_index (whatever order the list holds them in); a pair without prompt_index takes its list
+    position, one without sample_index counts as sample 0; k = 0 keeps nothing. Catches a tie-break
+    dropped (the list order decides instead), a changed default, or a floor of one pair."""
+    from sftdpo.objectives.dpo.pairs import select_top_k
+
+    def pair(i, j, gap):
+        return {"prompt": f"p{i}", "chosen": "c", "rejected": f"r{i}{j}", "prompt_index": i, "sample_index": j, "gap": gap}
+
+    listed = [pair(1, 2, 40.0), pair(1, 0, 40.0), pair(0, 1, 40.0), pair(1, 1, 40.0), pair(0, 0, 40.0)]
+    assert [(p["prompt_index"], p["sample_index"]) for p in select_top_k(listed, 5)] == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    no_prompt_index = [{"prompt": "a", "sample_index": 1, "gap": 5.0}, {"prompt": "b", "sample_index": 0, "gap": 5.0}]
+    assert [p["prompt"] for p in select_top_k(no_prompt_index, 2)] == ["a", "b"]  # list position before sample order
+    mixed = [pair(0, 1, 5.0), {"prompt": "p0", "prompt_index": 0, "gap": 5.0}, pair(0, 0, 5.0)]
+    assert [p.get("sample_index", "absent") for p in select_top_k(mixed, 3)] == ["absent", 0, 1]  # absent = sample 0, list order
+    assert select_top_k(listed, 0) == []
+
+
+def test_sampled_rejections_use_the_documented_seeds_temperatures_and_the_run_precision():
+    """pairs._generate_pairs (v2/v3): sample j of each prompt is drawn at temperature temps[j mod len] in one
+    generate call per temperature, with seed cfg.seed + 1000·g (what the pair file's header records), in the
+    run's precision; gap = 100 - sentence chrF (sacrebleu) of the rejection against the gold completion.
+    Catches another seed rule or the seed not passed (the header then names seeds nobody drew with), the
+    precision dropped (a bf16 run's pairs sampled in fp32), or samples filed under the wrong temperature."""
+    import sacrebleu
+
+    from sftdpo.config import RunConfig
+    from sftdpo.objectives.dpo.pairs import PAIR_SEED_STRIDE, _generate_pairs
+
+    calls = []
+
+    def generate(model, prompts, device, precision, *, temperature, top_p, max_new_tokens, num_samples=1, seed=0, batch_size=None):
+        calls.append(dict(precision=precision, temperature=temperature, num_samples=num_samples, seed=seed))
+        return [[f"{p} at {temperature} draw {k}" for k in range(num_samples)] for p in prompts]
+
+    examples = [SimpleNamespace(id="a", prompt="shall I compare", completion="thee to a summer's day"),
+                SimpleNamespace(id="b", prompt="when forty winters", completion="shall besiege thy brow"),
+                SimpleNamespace(id="c", prompt="an empty gold", completion="")]  # gap 100: chrF against nothing is 0
+    task = SimpleNamespace(pair_examples=examples, generate=generate)
+    cfg = RunConfig(task="sonnet", regime="dpo", pairs="v2", pairs_n=5, pairs_temperatures=(0.5, 1.0), seed=7)
+    pairs, seeds = _generate_pairs(task, None, cfg, torch.device("cpu"), "bf16", [0.5, 1.0], 5)
+    assert PAIR_SEED_STRIDE == 1000 and seeds == [7, 1007]
+    assert calls == [dict(precision="bf16", temperature=0.5, num_samples=3, seed=7),
+                     dict(precision="bf16", temperature=1.0, num_samples=2, seed=1007)]
+    assert [(p["id"], p["sample_index"], p["temperature"], p["rejected"]) for p in pairs[:5]] == [
+        ("a", 0, 0.5, "shall I compare at 0.5 draw 0"), ("a", 1, 1.0, "shall I compare at 1.0 draw 0"),
+        ("a", 2, 0.5, "shall I compare at 0.5 draw 1"), ("a", 3, 1.0, "shall I compare at 1.0 draw 1"),
+        ("a", 4, 0.5, "shall I compare at 0.5 draw 2")]
+    assert [p["prompt_index"] for p in pairs] == [0] * 5 + [1] * 5 + [2] * 5
+    assert [p["gap"] for p in pairs[10:]] == [100.0] * 5 and all(p["gap"] < 100.0 for p in pairs[:10])
+    for p in pairs:
+        want = 100.0 - sacrebleu.sentence_chrf(p["rejected"], [p["chosen"]]).score
+        assert p["gap"] == pytest.approx(want, abs=1e-9)
+
+
+def test_sampled_pairs_are_cached_per_precision_and_the_header_says_how_they_were_made(tmp_path):
+    """build_generation_pairs: the cache key holds the run's precision (bf16 and fp32 samples differ, so
+    a bf16 run must not reuse fp32 pairs), the second ask of the same construction reads the file
+    instead of sampling, the header counts what the file holds and names the generator, and the model
+    is left in the training mode it came in (a model left in eval mode trains without dropout).
+    Catches the precision left out of the key, a cache that never hits, or a wrong header count."""
+    from sftdpo.config import RunConfig, cache_dir_at
+    from sftdpo.objectives.dpo.pairs import build_generation_pairs, read_pairs
+
+    calls, modes = [], []
+
+    def generate(model, prompts, device, precision, *, temperature, top_p, max_new_tokens, num_samples=1, seed=0,
+                 batch_size=None):
+        calls.append(precision)
+        return [[f"{p} in {precision}" for _ in range(num_samples)] for p in prompts]
+
+    class Model:
+        training = True
+
+        def train(self, mode=True):
+            modes.append(mode)
+            self.training = mode
+
+        def disable_adapter(self):
+            import contextlib
+            modes.append("adapter off")
+            return contextlib.nullcontext()
+
+    examples = [SimpleNamespace(id=str(i), prompt=f"line {i}", completion=f"gold {i}") for i in range(3)]
+    task = SimpleNamespace(pair_examples=examples, generate=generate)
+    cfg = RunConfig(task="sonnet", regime="dpo", pairs="v1", seed=5)
+    cpu = torch.device("cpu")
+    with cache_dir_at(tmp_path):
+        bf16, path_bf16 = build_generation_pairs(task, Model(), cfg, cpu, "bf16", fingerprint="w")
+        fp32, path_fp32 = build_generation_pairs(task, Model(), cfg, cpu, "fp32", fingerprint="w")
+        again, path_again = build_generation_pairs(task, Model(), cfg, cpu, "bf16", fingerprint="w")
+        base, path_base = build_generation_pairs(task, Model(), cfg, cpu, "fp16", fingerprint="w", adapter_disabled=True)
+    assert calls == ["bf16", "fp32", "fp16"] and path_bf16 != path_fp32 and path_again == path_bf16 and again == bf16
+    assert [p["rejected"] for p in bf16] == ["line 0 in bf16", "line 1 in bf16", "line 2 in bf16"]
+    header, stored = read_pairs(path_bf16, "x")
+    assert stored == bf16 and header["precision"] == "bf16" and header["pairs"] == 3 == header["train_prompts"]
+    assert header["unique_prompts"] == 3 and header["seeds"] == [5] and header["generator"] == "policy at hand-off"
+    assert read_pairs(tmp_path / "pairs" / f"{header['key']}.jsonl", "x")[1] == bf16
+    assert modes == [True, True, "adapter off", True]  # each build left the model training
+    assert [p["rejected"] for p in base] == ["line 0 in fp16", "line 1 in fp16", "line 2 in fp16"]
+    assert read_pairs(path_base, "x")[0]["generator"] == "adapter-disabled base"
