@@ -4,6 +4,7 @@ Oracles are closed forms written from the papers (IPO's length-normalised square
 probability arithmetic on transformers' own logits (WPO's Σ p²), never the module's own helpers.
 """
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -216,3 +217,49 @@ def test_sampled_pairs_are_cached_per_precision_and_the_header_says_how_they_wer
     assert modes == [True, True, "adapter off", True]  # each build left the model training
     assert [p["rejected"] for p in base] == ["line 0 in fp16", "line 1 in fp16", "line 2 in fp16"]
     assert read_pairs(path_base, "x")[0]["generator"] == "adapter-disabled base"
+
+
+def test_the_loss_functions_defaults_are_plain_dpo_and_trl_s_alpha():
+    """f_scores and dpo_losses called with their defaults: reverse KL (the log-ratios unchanged), the sigmoid
+    loss -log σ(βΔ) without label smoothing, and for the alpha divergence α = 0.5 (TRL's
+    f_alpha_divergence_coef default): f'(t) = (t^(α-1) - 1)/(α-1) in closed form. Catches another default
+    divergence, loss type, smoothing or α for callers that leave them out."""
+    from sftdpo.objectives.dpo.loss import dpo_losses, f_scores
+
+    pc, pr, rc, rr = (torch.tensor(v, dtype=torch.float64) for v in ([-3.0, -8.0], [-6.0, -5.0], [-4.5, -7.0], [-5.0, -6.0]))
+    want = [-math.log(1 / (1 + math.exp(-0.5 * float(pc[i] - rc[i] - pr[i] + rr[i])))) for i in range(2)]
+    assert dpo_losses(pc, pr, rc, rr, 0.5).tolist() == pytest.approx(want, rel=1e-12)
+    assert dpo_losses(pc, pr, rc, rr, 0.5, "robust").tolist() == pytest.approx(want, rel=1e-12)  # ε = 0: rDPO is DPO
+    d = [float(pc[i] - rc[i] - pr[i] + rr[i]) for i in range(2)]
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    pop = [-math.log(sig(0.5 * x)) * (1 - sig(0.5 * x / 0.05)) + math.exp(-0.5 * x) * sig(0.5 * x / 0.05) for x in d]
+    assert dpo_losses(pc, pr, rc, rr, 0.5, "discopop").tolist() == pytest.approx(pop, rel=1e-12)  # TRL's τ = 0.05
+    f = lambda lr: (math.exp(-0.5 * lr) - 1.0) / -0.5  # noqa: E731  α = 0.5
+    fa = [-math.log(sig(0.5 * (f(float(pc[i] - rc[i])) - f(float(pr[i] - rr[i]))))) for i in range(2)]
+    assert dpo_losses(pc, pr, rc, rr, 0.5, f_divergence_type="alpha_divergence").tolist() == pytest.approx(fa, rel=1e-5)
+
+    c, r = torch.tensor([0.3, -1.2], dtype=torch.float64), torch.tensor([-0.7, 2.0], dtype=torch.float64)
+    sc, sr = f_scores(c, r)
+    assert torch.equal(sc, c) and torch.equal(sr, r)
+    ac, ar = f_scores(c, r, "alpha_divergence")
+    for got, lr in ((ac, c), (ar, r)):
+        want = [(math.exp(-0.5 * float(x)) - 1.0) / -0.5 for x in lr]
+        assert got.tolist() == pytest.approx(want, rel=1e-5)  # computed in float32 (the clamp path), exp(x) - 1 cancels
+
+
+def test_alpha_divergence_limits_are_trl_s():
+    """The alpha divergence at its edges, as TRL 1.16's DPOTrainer computes it: α = 1 is the limit f'(t) = log t
+    (the log-ratios themselves, not 0/0), and the exponent (α-1)·log-ratio is capped at 11 in float16 and 80 in
+    float32 so that exp stays finite. Catches the limit case tested at another α (NaN scores at α = 1), or
+    another cap (inf in float16, another constant in float32)."""
+    from sftdpo.objectives.dpo.loss import f_scores
+
+    c, r = torch.tensor([0.3, -1.2]), torch.tensor([-0.7, 2.0])
+    sc, sr = f_scores(c, r, "alpha_divergence", 1.0)
+    assert torch.equal(sc, c) and torch.equal(sr, r)
+    for dtype, cap in ((torch.float16, 11.0), (torch.float32, 80.0)):
+        lr = torch.tensor([100.0, 0.0], dtype=dtype)  # α = 3: (α-1)·lr = 200, past every cap; 1/(α-1) keeps it finite
+        got, _ = f_scores(lr, lr, "alpha_divergence", 3.0)
+        want = (torch.tensor(math.exp(cap) - 1.0, dtype=dtype) / 2.0).item()
+        assert got.dtype == dtype and math.isfinite(got[0].item()) and got[0].item() == pytest.approx(want, rel=1e-3)
+        assert got[1].item() == 0.0
