@@ -4,6 +4,7 @@ Oracles are closed forms written from the papers (IPO's length-normalised square
 probability arithmetic on transformers' own logits (WPO's Σ p²), never the module's own helpers.
 """
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -195,7 +196,6 @@ def test_sampled_pairs_are_cached_per_precision_and_the_header_says_how_they_wer
             self.training = mode
 
         def disable_adapter(self):
-            import contextlib
             modes.append("adapter off")
             return contextlib.nullcontext()
 
