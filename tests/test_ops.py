@@ -207,6 +207,10 @@ def test_lora_decodes_merged_with_the_same_tokens_and_leaves_the_model_untouched
 @pytest.mark.parametrize("scale", [4.0, 0.01])  # peaked: the first candidates hold top_p; flat: more are needed
 @pytest.mark.parametrize("top_p", [0.5, 0.9])
 def test_nucleus_keeps_the_same_tokens_as_hf_top_p(scale, top_p):
+    """The nucleus against HF's TopPLogitsWarper: the same tokens, their softmax probabilities, and only as
+    many candidate columns as the largest nucleus needs. Catches a token too many or too few at the edge,
+    renormalised or tempered probabilities, and a candidate loop that never stops early (every step a full
+    vocabulary sort: the same tokens, the cost the candidates exist to save)."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
     logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * scale  # no ties at the edge
@@ -217,3 +221,6 @@ def test_nucleus_keeps_the_same_tokens_as_hf_top_p(scale, top_p):
         assert ours == set(torch.nonzero(hf[r] > -float("inf")).flatten().tolist())
         assert torch.allclose(p[r][p[r] > 0], logits[r].softmax(-1)[idx[r][p[r] > 0]])
     assert (p > 0).sum(-1).max() > TOP_P_CANDIDATES[0] if scale < 1 else (p > 0).sum(-1).max() < TOP_P_CANDIDATES[0]
+    # the fast path: only as many candidates as the largest nucleus needs (not the full sort every time)
+    largest = int((hf > -float("inf")).sum(-1).max())
+    assert p.size(-1) == next(k for k in (*TOP_P_CANDIDATES, logits.size(-1)) if k >= largest)

@@ -319,11 +319,13 @@ def test_virtual_tokens_decode_as_the_peft_forward(param, model, tiny_data, tmp_
     decoding by the PeftModel's own forward (the function training optimises) on each prompt alone,
     re-run on the growing sequence. (PEFT 0.21's generate is no oracle for prefix tuning on transformers
     5.25: its first token already disagrees with its forward's argmax.) Catches virtual tokens dropped
-    from decoding, put again at every step, or given the wrong positions."""
+    from decoding, put again at every step, or given the wrong positions, and a first step that leaves
+    the KV cache to the model's config (here `use_cache: false`)."""
     from sftdpo.ops.generation import generate_ids
 
     run = _virtual_model(param, model, tiny_data["paraphrase"], tmp_path)
     m, task, tok = run.model.eval(), run.task, run.tok
+    m.get_base_model().config.use_cache = False  # as some hub configs say: decoding must ask for its cache itself
     prompts = [task.train_ids[i][-12 + i:] for i in (0, 1, 2)]  # several lengths: left padding
     got = generate_ids(m, prompts, torch.device("cpu"), "fp32", pad_id=tok.pad_token_id, eos_id=-1, temperature=0.0,
                        top_p=1.0, max_new_tokens=5)
