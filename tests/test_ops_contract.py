@@ -95,7 +95,7 @@ def test_decoding_keeps_its_kv_cache_when_the_models_config_turns_it_off():
     """Some hub checkpoints ship `use_cache: false` in their config. `decode` asks for the cache itself;
     its greedy tokens for left-padded prompts of different lengths equal transformers' own `generate`
     run one unpadded prompt at a time. Catches a prefill that leaves `use_cache` to the config (no cache
-    comes back, and every later step sees only its own token) and position ids that count the padding."""
+    comes back, and every later step sees only its own token)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from sftdpo.ops.batching import left_pad
