@@ -263,3 +263,35 @@ def test_alpha_divergence_limits_are_trl_s():
         want = (torch.tensor(math.exp(cap) - 1.0, dtype=dtype) / 2.0).item()
         assert got.dtype == dtype and math.isfinite(got[0].item()) and got[0].item() == pytest.approx(want, rel=1e-3)
         assert got[1].item() == 0.0
+
+
+def test_combined_loss_reads_loss_type_text_and_defaults_to_trls_plain_dpo():
+    """combined_loss as dpo_loss hands it --loss-type's text: "sigmoid,bco_pair" is the sum of the two loss
+    types' batch means (TRL's multi-loss, weights 1), each in closed form here; called without a loss type
+    or smoothing it is TRL's default DPO loss, the mean of -log σ(βΔ). Catches the text split on anything
+    but commas, another default loss type or a default label smoothing."""
+    from sftdpo.objectives.dpo.loss import combined_loss
+
+    pc, pr, rc, rr = (torch.tensor(v, dtype=torch.float64) for v in ([-3.0, -8.0], [-6.0, -5.0], [-4.5, -7.0], [-5.0, -6.0]))
+    beta = 0.3
+    logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    cw, cl = [float(pc[i] - rc[i]) for i in range(2)], [float(pr[i] - rr[i]) for i in range(2)]
+    sigmoid = sum(-logsig(beta * (w - lo)) for w, lo in zip(cw, cl)) / 2
+    bco = sum(-logsig(beta * w) - logsig(-beta * lo) for w, lo in zip(cw, cl)) / 2
+    assert float(combined_loss(pc, pr, rc, rr, beta)) == pytest.approx(sigmoid, rel=1e-12)
+    assert float(combined_loss(pc, pr, rc, rr, beta, "sigmoid,bco_pair")) == pytest.approx(sigmoid + bco, rel=1e-12)
+
+
+def test_the_sft_term_averages_over_whichever_chosen_tokens_it_is_given():
+    """The sft loss type is minus the batch's chosen log-prob per chosen token: sft_logps over sft_tokens
+    when given (DPOObjective's plain sums and counts), else policy_chosen over chosen_len, else over one
+    per response; the same value for every pair. Catches a fallback that ignores what it is given (the
+    counts of one source with the log-probs of another, or 1 per response when lengths are known)."""
+    from sftdpo.objectives.dpo.loss import dpo_losses
+
+    pc, pr, rc, rr = (torch.tensor(v, dtype=torch.float64) for v in ([-3.0, -8.0], [-6.0, -5.0], [-4.5, -7.0], [-5.0, -6.0]))
+    nc = torch.tensor([2.0, 5.0], dtype=torch.float64)
+    plain, tokens = torch.tensor([-2.5, -9.0], dtype=torch.float64), torch.tensor([3.0, 6.0], dtype=torch.float64)
+    for kw, want in (({}, 11.0 / 2), (dict(chosen_len=nc), 11.0 / 7),
+                     (dict(chosen_len=nc, sft_logps=plain, sft_tokens=tokens), 11.5 / 9)):
+        assert dpo_losses(pc, pr, rc, rr, 0.3, "sft", **kw).tolist() == pytest.approx([want, want], rel=1e-12), kw

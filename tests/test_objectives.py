@@ -115,7 +115,10 @@ def cases(model_tok, data, tmp_path_factory):
         obj = DPOObjective(cfg, task, ps, torch.zeros(n), torch.zeros(n, 1), {})
         with torch.no_grad():
             lp = obj.policy_logps(model, obj.batch(list(range(n))))
-        ref_c = lp.chosen + torch.linspace(-2, 2, n)
+        # offsets of both signs, neither set symmetric about 0: over offsets ±x the batch mean cancels any
+        # odd term in one log-ratio (sppo_hard's or nca_pair's chosen sign flipped, apo's σ(β·r_w) written
+        # σ(β/r_w): each left the mean loss of linspace(-2, 2) as it was)
+        ref_c = lp.chosen + torch.linspace(-2, 2.6, n)
         ref_r = lp.rejected + torch.linspace(1.5, -1.0, n)
         out[path] = (cfg, task, ps, ref_c, ref_r if path == "sequence" else ref_r[:, None])
     return out
@@ -307,33 +310,65 @@ def trl_orpo(trl, model_tok, tmp_path_factory):
                        train_dataset=Dataset.from_dict({"prompt": ["a b"], "chosen": [" c"], "rejected": [" d"]}))
 
 
-CPO_CASES = [pytest.param(objective, kw, id=name) for name, objective, kw in [
-    ("cpo-sigmoid", "cpo", dict(loss_type="sigmoid")), ("cpo-hinge", "cpo", dict(loss_type="hinge")),
-    ("cpo-ipo", "cpo", dict(loss_type="ipo")),
-    ("cpo-smoothed", "cpo", dict(loss_type="sigmoid", label_smoothing=0.1, cpo_alpha=0.3)), ("simpo", "simpo", {}),
-    ("simpo-gamma", "simpo", dict(simpo_gamma=1.5, label_smoothing=0.05)), ("cpo-simpo", "simpo", dict(cpo_alpha=0.5)),
+# (id, --objective, the run's options, CPOTrainer's configuration as TRL's docs give it for that method:
+# SimPO is loss_type simpo with cpo_alpha 0, CPO-SimPO with cpo_alpha > 0)
+CPO_CASES = [pytest.param(objective, kw, trl_kw, id=name) for name, objective, kw, trl_kw in [
+    ("cpo-sigmoid", "cpo", dict(loss_type="sigmoid"), dict(loss_type="sigmoid", cpo_alpha=1.0)),
+    ("cpo-hinge", "cpo", dict(loss_type="hinge"), dict(loss_type="hinge", cpo_alpha=1.0)),
+    ("cpo-ipo", "cpo", dict(loss_type="ipo", beta=0.3), dict(loss_type="ipo", cpo_alpha=1.0)),  # 1/(2β) ≠ 2β
+    ("cpo-smoothed", "cpo", dict(loss_type="sigmoid", label_smoothing=0.1, cpo_alpha=0.3),
+     dict(loss_type="sigmoid", cpo_alpha=0.3)),
+    ("simpo", "simpo", {}, dict(loss_type="simpo", cpo_alpha=0.0)),
+    ("simpo-gamma", "simpo", dict(simpo_gamma=1.5, label_smoothing=0.05), dict(loss_type="simpo", cpo_alpha=0.0)),
+    ("cpo-simpo", "simpo", dict(cpo_alpha=0.5), dict(loss_type="simpo", cpo_alpha=0.5)),
 ]]
 
 
 @pytest.mark.parametrize("path", ["sequence", "one-token"])
-@pytest.mark.parametrize("objective,kw", CPO_CASES)
-def test_cpo_and_simpo_equal_trl(trl_cpo, model_tok, cases, path, objective, kw):
+@pytest.mark.parametrize("objective,kw,trl_kw", CPO_CASES)
+def test_cpo_and_simpo_equal_trl(trl_cpo, model_tok, cases, path, objective, kw, trl_kw):
     """CPO (sigmoid, hinge, ipo; the NLL term weighted by cpo_alpha) and SimPO (length-normalised rewards,
-    the margin gamma/beta; cpo_alpha 0 by default, CPO-SimPO with it) equal CPOTrainer's loss and metrics.
-    Catches the margin gamma added instead of subtracted or not divided by beta, sums where SimPO
-    averages, the NLL term missing or averaged per sequence, a reference term sneaking in."""
+    the margin gamma/beta; cpo_alpha 0 by default, CPO-SimPO with it) equal CPOTrainer's loss and metrics,
+    TRL configured from the case, not from the objective's own reading of it. Catches the margin gamma
+    added instead of subtracted or not divided by beta, sums where SimPO averages, the NLL term missing,
+    averaged per sequence or kept for SimPO, --objective simpo run as cpo's sigmoid, IPO's 1/(2β) as 2β,
+    a reference term sneaking in."""
     model, _ = model_tok
     cfg, task, ps, _, _ = cases[path]
     cfg = dataclasses.replace(cfg, objective=objective, **kw).validate()
     obj = CPOObjective(cfg, task, ps, {})
-    for name, value in {"loss_type": obj.loss_type, "beta": cfg.beta, "cpo_alpha": obj.cpo_alpha,
-                        "label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma}.items():
+    for name, value in {"beta": cfg.beta, "label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma,
+                        **trl_kw}.items():
         setattr(trl_cpo, name, value)
     with torch.no_grad():
         trl_loss, trl_metrics = trl_cpo.get_batch_loss_metrics(trl_cpo.model, trl_pair_batch(ps, task.pad_id), "train")
     got = sftdpo_loss(obj, model)
     assert_same(got, (trl_loss.item(), trl_metrics), cfg.beta, logp_scale(obj, model))
     assert "nll_loss" in got[1] and ("rewards/margins" in got[1])
+
+
+def test_cpo_logp_reduction_override_is_trls_other_unit(trl_cpo, model_tok, cases):
+    """--logp-reduction mean on cpo's sigmoid loss is CPOTrainer's simpo at γ = 0 (the same sigmoid on mean
+    log-probs), and --logp-reduction sum on simpo at γ = 0 is CPOTrainer's sigmoid (on sums); the NLL
+    term weighted alike. Catches the override ignored (the auto unit is shown to differ here) or a unit
+    missing from it."""
+    model, _ = model_tok
+    cfg0, task, ps, _, _ = cases["sequence"]  # responses of 2 to 6 tokens: sums and means part
+    for objective, kw, trl_type in (("cpo", dict(loss_type="sigmoid"), "simpo"),
+                                    ("simpo", dict(simpo_gamma=0.0, cpo_alpha=1.0), "sigmoid")):
+        unit = "mean" if trl_type == "simpo" else "sum"
+        for name, value in {"loss_type": trl_type, "beta": cfg0.beta, "cpo_alpha": 1.0, "label_smoothing": 0.0,
+                            "simpo_gamma": 0.0}.items():
+            setattr(trl_cpo, name, value)
+        with torch.no_grad():
+            trl_loss, _ = trl_cpo.get_batch_loss_metrics(trl_cpo.model, trl_pair_batch(ps, task.pad_id), "train")
+        losses = {}
+        for reduction in (unit, "auto"):
+            cfg = dataclasses.replace(cfg0, objective=objective, logp_reduction=reduction, **kw).validate()
+            losses[reduction] = sftdpo_loss(CPOObjective(cfg, task, ps, {}), model)[0]
+        bound = cfg0.beta * logp_scale(CPOObjective(cfg, task, ps, {}), model)
+        assert within(losses[unit], trl_loss.item(), bound), (objective, losses, trl_loss.item())
+        assert not within(losses["auto"], trl_loss.item(), bound), (objective, losses, trl_loss.item())
 
 
 @pytest.mark.parametrize("path", ["sequence", "one-token"])
@@ -610,8 +645,9 @@ def test_new_settings_stay_out_of_existing_runs_identity():
 
 def test_preference_stage_builder_dispatches_on_the_objective(data, tmp_path, model_tok):
     """The loop's preference stage is the objective --objective names, and what it records of itself
-    (summary.json's `stages`) is what it ran with: its name, the run's beta, and for ORPO its mean
-    log-probs. Catches a stage record with a misspelt key or the default beta."""
+    (summary.json's `stages`) is what it ran with: its name, the run's beta, for ORPO its mean log-probs,
+    for CPO and SimPO the loss type, NLL weight, γ (SimPO only), smoothing and log-prob unit. Catches a
+    stage record with a misspelt key, the default beta, or SimPO's γ recorded for CPO or dropped."""
     _, tok = model_tok
     model, _ = load_model("tiny-gpt2", seed=0)
     for objective, cls in (("dpo", DPOObjective), ("simpo", CPOObjective), ("cpo", CPOObjective),
@@ -622,6 +658,11 @@ def test_preference_stage_builder_dispatches_on_the_objective(data, tmp_path, mo
         assert type(obj) is cls and info["objective"] == objective and info["beta"] == 0.37
         if objective == "orpo":
             assert info["logp_reduction"] == "mean"
+        if objective in ("cpo", "simpo"):  # CPO's settings as the stage ran them (SimPO: no NLL term, its γ)
+            simpo = objective == "simpo"
+            assert info["loss_type"] == ("simpo" if simpo else cfg.loss_type) and info["cpo_alpha"] == (0.0 if simpo else 1.0)
+            assert info["simpo_gamma"] == (cfg.simpo_gamma if simpo else None)
+            assert info["label_smoothing"] == cfg.label_smoothing and info["logp_reduction"] == ("mean" if simpo else "sum")
 
 
 def test_kto_takes_trls_unpaired_rows_from_a_file(data, tmp_path, model_tok):

@@ -131,3 +131,50 @@ def test_the_step_count_is_the_steps_an_epoch_yields(batch_size, grad_accum, wor
         assert sorted(i for step in rows for i in step) == list(range(n))  # every row once, on one rank
         for k in range(len(rows)):
             assert sum(share for mine in steps for _, share in mine[k]) == pytest.approx(1.0)
+
+
+def test_sonnet_task_takes_the_seed_0_subsets_every_task_takes(cache, tiny_data):
+    """--max-train-examples, --data-fraction and --max-dev-examples cut the sonnets as every task cuts its
+    data (data/subsets.py: one seed-0 permutation whatever --seed, so a seed study's runs share their
+    sonnets and a data-scale study's smaller sets sit inside its larger ones). 9 train sonnets (the tiny
+    data's 12 less its 3 dev ones) and 3 dev: a cap of 5 gives 5, a fraction of 0.25 gives 2 (inside the
+    5), a dev cap of 2 gives 2. Catches
+    a cut ignored, the fraction dropped, a permutation seeded otherwise (or not at all), so that seeds
+    or fractions would train on unrelated sonnets, and the data's source not recorded."""
+    from sftdpo.data import load_task_data
+    from sftdpo.data.subsets import subsample
+
+    _, tok = load_model("tiny-llama")
+    capped = make_tiny_task(tiny_data, "sonnet", "tiny-llama", tok, max_train_examples=5, max_dev_examples=2)[1]
+    fraction = make_tiny_task(tiny_data, "sonnet", "tiny-llama", tok, max_train_examples=None, data_fraction=0.25, seed=4)
+    data = load_task_data(fraction[0])
+    numbers = lambda sonnets: [s.number for s in sonnets]  # noqa: E731
+    assert len(data.train) == 9 and len(data.dev) == 3
+    assert numbers(capped.train) == numbers(subsample(data.train, 5, 1.0, seed=0)) and len(capped.train) == 5
+    assert numbers(fraction[1].train) == numbers(subsample(data.train, None, 0.25, seed=0)) and len(fraction[1].train) == 2
+    assert set(numbers(fraction[1].train)) < set(numbers(capped.train))
+    assert numbers(capped.dev) == numbers(subsample(data.dev, 2, 1.0, seed=0)) and len(capped.dev) == 2
+    assert [e.id for e in capped.pair_examples] == [str(n) for n in numbers(capped.train)]
+    assert capped.source == data.source and "sonnets.txt" in data.source  # summary.json's data_source
+
+
+@pytest.mark.parametrize("task_name", ["sonnet", "paraphrase"])
+def test_each_task_trains_on_its_ranks_share_of_a_batch(cache, tiny_data, task_name):
+    """Under data parallelism a task built for rank r of 2 trains on its half of each global batch: in
+    every step the two ranks' rows (those with a loss share) are disjoint and together the single
+    process's step (batch 2 x 4). Catches the rank and world size dropped on the way to the task (every
+    rank would then train on every row: the effective batch and the learning signal silently doubled)."""
+    _, tok = load_model("tiny-llama")
+    cfg, whole = make_tiny_task(tiny_data, task_name, "tiny-llama", tok, batch_size=8)
+    cfg = RunConfig(**{**cfg.__dict__, "batch_size": 4})
+    ranks = [make_task(cfg, tok, rank=r, world_size=2) for r in (0, 1)]
+    assert [(t.rank, t.world_size) for t in ranks] == [(0, 2), (1, 2)]
+
+    def step_rows(task):
+        return [sorted(int(i) for b in step if b.share > 0 for i in b.index) for step in task.sft_steps(1)]
+
+    per_rank = [step_rows(t) for t in ranks]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(step_rows(whole)) >= 1
+    for r0, r1, one in zip(*per_rank, step_rows(whole)):
+        assert not set(r0) & set(r1) and sorted(r0 + r1) == one
+    assert max(len(r) for r in per_rank[1]) > 0
