@@ -1,9 +1,12 @@
 """Task contracts that mutmut's survivors showed untested (`make mutate`, docs/mutation.md).
 
-Oracles: the tokenizer's own token counts and the rows as written, never the task's helpers.
+Oracles: the tokenizer's own token counts and the rows as written, never the task's helpers; for the
+subsets, data/subsets.subsample at seed 0, the convention every task shares.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -138,21 +141,21 @@ def test_sonnet_task_takes_the_seed_0_subsets_every_task_takes(cache, tiny_data)
     data (data/subsets.py: one seed-0 permutation whatever --seed, so a seed study's runs share their
     sonnets and a data-scale study's smaller sets sit inside its larger ones). 9 train sonnets (the tiny
     data's 12 less its 3 dev ones) and 3 dev: a cap of 5 gives 5, a fraction of 0.25 gives 2 (inside the
-    5), a dev cap of 2 gives 2. Catches
-    a cut ignored, the fraction dropped, a permutation seeded otherwise (or not at all), so that seeds
-    or fractions would train on unrelated sonnets, and the data's source not recorded."""
+    5), a dev cap of 2 gives 2. Catches a cut ignored, the fraction dropped, a permutation seeded otherwise
+    (or not at all), so that seeds or fractions would train on unrelated sonnets, and the data's source
+    not recorded."""
     from sftdpo.data import load_task_data
     from sftdpo.data.subsets import subsample
 
     _, tok = load_model("tiny-llama")
     capped = make_tiny_task(tiny_data, "sonnet", "tiny-llama", tok, max_train_examples=5, max_dev_examples=2)[1]
-    fraction = make_tiny_task(tiny_data, "sonnet", "tiny-llama", tok, max_train_examples=None, data_fraction=0.25, seed=4)
-    data = load_task_data(fraction[0])
+    cfg, part = make_tiny_task(tiny_data, "sonnet", "tiny-llama", tok, max_train_examples=None, data_fraction=0.25, seed=4)
+    data = load_task_data(cfg)
     numbers = lambda sonnets: [s.number for s in sonnets]  # noqa: E731
     assert len(data.train) == 9 and len(data.dev) == 3
     assert numbers(capped.train) == numbers(subsample(data.train, 5, 1.0, seed=0)) and len(capped.train) == 5
-    assert numbers(fraction[1].train) == numbers(subsample(data.train, None, 0.25, seed=0)) and len(fraction[1].train) == 2
-    assert set(numbers(fraction[1].train)) < set(numbers(capped.train))
+    assert numbers(part.train) == numbers(subsample(data.train, None, 0.25, seed=0)) and len(part.train) == 2
+    assert set(numbers(part.train)) < set(numbers(capped.train))
     assert numbers(capped.dev) == numbers(subsample(data.dev, 2, 1.0, seed=0)) and len(capped.dev) == 2
     assert [e.id for e in capped.pair_examples] == [str(n) for n in numbers(capped.train)]
     assert capped.source == data.source and "sonnets.txt" in data.source  # summary.json's data_source
@@ -166,7 +169,7 @@ def test_each_task_trains_on_its_ranks_share_of_a_batch(cache, tiny_data, task_n
     rank would then train on every row: the effective batch and the learning signal silently doubled)."""
     _, tok = load_model("tiny-llama")
     cfg, whole = make_tiny_task(tiny_data, task_name, "tiny-llama", tok, batch_size=8)
-    cfg = RunConfig(**{**cfg.__dict__, "batch_size": 4})
+    cfg = dataclasses.replace(cfg, batch_size=4)
     ranks = [make_task(cfg, tok, rank=r, world_size=2) for r in (0, 1)]
     assert [(t.rank, t.world_size) for t in ranks] == [(0, 2), (1, 2)]
 
