@@ -362,11 +362,11 @@ def test_cpo_logp_reduction_override_is_trls_other_unit(trl_cpo, model_tok, case
             setattr(trl_cpo, name, value)
         with torch.no_grad():
             trl_loss, _ = trl_cpo.get_batch_loss_metrics(trl_cpo.model, trl_pair_batch(ps, task.pad_id), "train")
-        losses = {}
-        for reduction in (unit, "auto"):
-            cfg = dataclasses.replace(cfg0, objective=objective, logp_reduction=reduction, **kw).validate()
-            losses[reduction] = sftdpo_loss(CPOObjective(cfg, task, ps, {}), model)[0]
-        bound = cfg0.beta * logp_scale(CPOObjective(cfg, task, ps, {}), model)
+        objs = {reduction: CPOObjective(dataclasses.replace(cfg0, objective=objective, logp_reduction=reduction,
+                                                            **kw).validate(), task, ps, {})
+                for reduction in (unit, "auto")}
+        losses = {reduction: sftdpo_loss(obj, model)[0] for reduction, obj in objs.items()}
+        bound = cfg0.beta * logp_scale(objs[unit], model)
         assert within(losses[unit], trl_loss.item(), bound), (objective, losses, trl_loss.item())
         assert not within(losses["auto"], trl_loss.item(), bound), (objective, losses, trl_loss.item())
 

@@ -176,8 +176,8 @@ def test_each_task_trains_on_its_ranks_share_of_a_batch(cache, tiny_data, task_n
     def step_rows(task):
         return [sorted(int(i) for b in step if b.share > 0 for i in b.index) for step in task.sft_steps(1)]
 
-    per_rank = [step_rows(t) for t in ranks]
-    assert len(per_rank[0]) == len(per_rank[1]) == len(step_rows(whole)) >= 1
-    for r0, r1, one in zip(*per_rank, step_rows(whole)):
+    per_rank, single = [step_rows(t) for t in ranks], step_rows(whole)
+    assert len(per_rank[0]) == len(per_rank[1]) == len(single) >= 1
+    for r0, r1, one in zip(*per_rank, single):
         assert not set(r0) & set(r1) and sorted(r0 + r1) == one
     assert max(len(r) for r in per_rank[1]) > 0
