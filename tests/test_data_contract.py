@@ -4,7 +4,9 @@ Oracles are TRL's own data utilities, the csv/pyarrow/datasets libraries and han
 rows are known; the hub is replaced by a stand-in that records what it was asked for (no network).
 """
 
+import builtins
 import contextlib
+import dataclasses
 
 import datasets
 import pyarrow as pa
@@ -15,10 +17,10 @@ from trl.data_utils import unpair_preference_dataset
 
 from conftest import write_jsonl
 from sftdpo.config import RunConfig, SftdpoError
-from sftdpo.data import qqp, records
+from sftdpo.data import qqp, records, sonnets
 from sftdpo.data.classify import load_classify_data, parse_labels
-from sftdpo.data.generate import check_messages
-from sftdpo.data.preferences import load_preferences, load_unpaired
+from sftdpo.data.generate import check_messages, load_generate_data
+from sftdpo.data.preferences import Preference, load_preferences, load_unpaired
 from sftdpo.data.qqp import load_glue_qqp, load_paraphrase_data, read_qqp
 from sftdpo.data.records import read_rows
 from sftdpo.data.sonnets import _roman, parse_gutenberg_sonnets
@@ -366,7 +368,6 @@ def test_data_key_names_the_data_not_the_working_directory(tmp_path, monkeypatch
     files and local dataset, the same for a hub id from any directory, and different for different
     data. Catches a key of nothing, --dev or a local --dataset left relative (a resumed run from
     another directory would read other data under the same key), and a hub id taken for a path."""
-    import dataclasses
 
     from sftdpo.data import data_key
 
@@ -383,3 +384,235 @@ def test_data_key_names_the_data_not_the_working_directory(tmp_path, monkeypatch
     at_work = data_key(hub)
     monkeypatch.chdir(tmp_path)
     assert data_key(hub) == at_work
+
+
+# -- which examples a config loads, and --pairs sources --------------------------------------------------
+
+def _generate_config(tmp_path, name: str, completion: str, **kw) -> RunConfig:
+    """A generate task on two one-row files of its own (`name`), the completion telling them apart."""
+    return RunConfig(task="generate", **kw,
+                     train=str(write_jsonl(tmp_path / f"{name}-train.jsonl", [{"prompt": "Say it:", "completion": completion}])),
+                     dev=str(write_jsonl(tmp_path / f"{name}-dev.jsonl", [{"prompt": "Echo:", "completion": completion}])))
+
+
+def test_resolve_data_shares_loads_through_its_memo_but_not_fingerprints(tmp_path, monkeypatch):
+    """A study resolves all its configs with one memo: configs reading the same data load it once, configs
+    reading other data each get their own fingerprint (the one they get alone). Since a run's hash covers
+    the fingerprint, not the paths, a shared fingerprint would give two studies' runs of different data one
+    identity (the second reusing the first's result). Catches the memo keyed by nothing, and a memo that
+    is not the caller's (every config loaded again)."""
+    import sftdpo.data as data_pkg
+
+    a, b = _generate_config(tmp_path, "a", " one"), _generate_config(tmp_path, "b", " two")
+    alone = {name: data_pkg.resolve_data(c).data_fingerprint for name, c in (("a", a), ("b", b))}
+    assert alone["a"] != alone["b"]
+    loads = []
+    real = data_pkg.load_task_data
+    monkeypatch.setattr(data_pkg, "load_task_data", lambda cfg: loads.append(cfg.train) or real(cfg))
+    memo: dict = {}
+    got = [data_pkg.resolve_data(c, memo).data_fingerprint for c in (a, b, a, dataclasses.replace(b, seed=3))]
+    assert got == [alone["a"], alone["b"], alone["a"], alone["b"]]
+    assert loads == [a.train, b.train]  # once per data, not once per config
+
+
+def test_resolve_data_reads_a_pairs_file_only_for_a_preference_stage(tmp_path):
+    """A DPO run's `--pairs file:PATH` is read when the config is resolved, so a bad pair row is one error
+    before any run directory is written, from the --train-split of a saved dataset, and each file of a
+    study is read (a memo entry per file); an SFT-only run never reads its --pairs, so a path there that
+    does not exist is no error. Catches the split not handed on, the pairs file skipped for a second DPO
+    config of the study (its memo entry keyed by nothing), and the regime test spelt so that SFT runs
+    read pairs too."""
+    from sftdpo.data import resolve_data
+
+    good = save_splits(tmp_path / "good", prefs=[{"prompt": "Say it:", "chosen": " one", "rejected": " two"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Say it:", "chosen": " one"}])
+    cfg = _generate_config(tmp_path, "g", " one", regime="dpo", pairs=f"file:{good}", train_split="prefs")
+    memo: dict = {}
+    resolve_data(cfg, memo)
+    with pytest.raises(SftdpoError, match=f"{bad}:1: a preference row needs `chosen` and `rejected`"):
+        resolve_data(dataclasses.replace(cfg, pairs=f"file:{bad}"), memo)
+    sft = dataclasses.replace(cfg, regime="sft", pairs=f"file:{tmp_path / 'absent.jsonl'}")
+    assert resolve_data(sft, memo).data_fingerprint == resolve_data(cfg).data_fingerprint
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"chosen": 5, "rejected": " two"}, "must be text"),  # no prompt: a number is not a response
+    ({"prompt": "p", "chosen": " one", "rejected": 3}, "must be text"),
+    ({"prompt": "p", "chosen": "   ", "rejected": " two"}, "the chosen response is empty"),
+    ({"prompt": "p", "chosen": " one", "rejected": " \n"}, "the rejected response is empty"),
+])
+def test_bad_pair_rows_are_one_line(tmp_path, row, message):
+    """A pair whose chosen or rejected is not text, or is only whitespace, is refused naming its row (not a
+    TypeError in extract_prompt, not a pair trained on an empty response). Catches `or` turned into
+    `and` in the text check and in either emptiness check."""
+    path = write_jsonl(tmp_path / "p.jsonl", [row])
+    with pytest.raises(SftdpoError, match=f"{path}:1: .*{message}"):
+        load_preferences(str(path))
+
+
+@pytest.mark.parametrize("source", ["pairs.jsonl", "sub/pairs.JSONL", "/pairs", "./pairs", "~/pairs", "a/b/c"])
+def test_a_pairs_source_that_can_only_be_a_path_is_a_missing_file(tmp_path, monkeypatch, source):
+    """`--pairs file:SOURCE` that is not there and has a file extension (in any case), starts with /, . or ~,
+    or has two slashes can only be a path: one "no such file" error, the hub never asked. Catches each of
+    those tests dropped or its `or` turned into `and`, the extension compared in upper case, and the
+    slash count off by one."""
+    monkeypatch.chdir(tmp_path)
+    hub = Hub(monkeypatch, records, reachable=True, rows=[{"chosen": "a", "rejected": "b"}])
+    with pytest.raises(SftdpoError, match=f"--pairs file:{source}: no such file"):
+        load_preferences(source)
+    assert hub.calls == []
+
+
+def test_a_pairs_source_with_one_slash_is_a_hub_dataset_split(tmp_path, monkeypatch):
+    """`--pairs file:me/prefs` (not a path here) is the hub dataset me/prefs, the split asked for; its rows
+    are pairs like a file's. Catches the hub id taken for a missing file (slash count >= 1), the file
+    reader used for it, and the id or split not handed on."""
+    monkeypatch.chdir(tmp_path)
+    hub = Hub(monkeypatch, records, reachable=True, rows=[{"prompt": "p", "chosen": " a", "rejected": " b"}])
+    assert load_preferences("me/prefs", "dev") == [Preference("p", " a", " b")]
+    assert hub.calls == [(("me/prefs",), {"split": "dev"})]
+
+
+def test_json_and_json_lines_rows(tmp_path):
+    """A .json file holding a list (whitespace before it allowed) gives one row per item, named `item N`
+    from 1; JSON Lines skips blank lines and goes on after them, each row named by its line; a .jsonl
+    line holding a list is refused at its line, not read as a JSON list. Catches the list test made `or`
+    (any file starting with "[") or made on the right-stripped text, items named None or off by one,
+    and a blank line ending the file."""
+    listed = tmp_path / "d.json"
+    listed.write_text('\n  [{"t": "a"},\n   {"t": "b"}]\n')
+    assert [(r.where, r.fields) for r in read_rows(listed)] == [(f"{listed}:item 1", {"t": "a"}),
+                                                                (f"{listed}:item 2", {"t": "b"})]
+    lines = tmp_path / "d.jsonl"
+    lines.write_text('{"t": "a"}\n\n{"t": "b"}\n')
+    assert [(r.where, r.fields) for r in read_rows(lines)] == [(f"{lines}:1", {"t": "a"}), (f"{lines}:3", {"t": "b"})]
+    lines.write_text('[{"t": "a"}]\n')
+    with pytest.raises(SftdpoError, match=f"{lines}:1: expected an object of named fields, got list"):
+        read_rows(lines)
+
+
+def test_a_conversational_dev_row_is_train_only_when_its_whole_conversation_is(tmp_path):
+    """The dev-equals-train guard compares whole conversations: dev rows that repeat train's answers to
+    other questions are new examples; dev rows that repeat train's conversations with a message's content
+    parts written in another key order are the same examples (refused). Catches the prompt left out of
+    the comparison, and the JSON keys compared in the order the file gives them."""
+    def conversation(question, answer, text_first=False):
+        content = [{"text": question, "type": "text"} if text_first else {"type": "text", "text": question}]
+        return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]}
+
+    train = write_jsonl(tmp_path / "train.jsonl", [conversation("Sky?", "Blue."), conversation("Grass?", "Green.")])
+    other_questions = write_jsonl(tmp_path / "dev.jsonl", [conversation("Sea?", "Blue."), conversation("Leaf?", "Green.")])
+    data = load_generate_data(RunConfig(task="generate", train=str(train), dev=str(other_questions)))
+    assert [e.completion for e in data.dev] == [[{"role": "assistant", "content": "Blue."}],
+                                                [{"role": "assistant", "content": "Green."}]]
+    reordered = write_jsonl(tmp_path / "same.jsonl", [conversation("Sky?", "Blue.", text_first=True)])
+    with pytest.raises(SftdpoError, match="every dev example also occurs in train"):
+        load_generate_data(RunConfig(task="generate", train=str(train), dev=str(reordered)))
+
+
+def test_conversational_rows_in_both_of_trls_layouts(tmp_path):
+    """TRL's conversational prompt-completion rows (message lists) are conversational data, as are rows with
+    `messages` beside a text `prompt` column (UltraChat's layout: prompt, prompt_id, messages): the task
+    renders both with the chat template. Catches prompt/completion lists read as text (refused), a row with
+    `prompt` but no `completion` taken for prompt-completion (KeyError), and the format misnamed (the task
+    would not apply the chat template), and such a row's id (split-index) lost."""
+    user, answer = {"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}
+    other = {"role": "user", "content": "Sea?"}
+    pc = [{"prompt": [user], "completion": [answer]}, {"prompt": [other], "completion": [answer]}]
+    data = load_generate_data(RunConfig(task="generate", train=str(write_jsonl(tmp_path / "a.jsonl", pc[:1])),
+                                        dev=str(write_jsonl(tmp_path / "b.jsonl", pc[1:]))))
+    assert data.format == "conversational" and (data.train[0].prompt, data.train[0].completion) == ([user], [answer])
+    assert [e.id for e in data.train + data.dev] == ["train-0", "dev-0"]
+    ultra = [{"prompt": "Sky?", "prompt_id": "p1", "messages": [user, answer]},
+             {"prompt": "Sea?", "prompt_id": "p2", "messages": [other, answer]}]
+    data = load_generate_data(RunConfig(task="generate", train=str(write_jsonl(tmp_path / "c.jsonl", ultra[:1])),
+                                        dev=str(write_jsonl(tmp_path / "d.jsonl", ultra[1:]))))
+    assert data.format == "conversational" and (data.dev[0].prompt, data.dev[0].completion) == ([other], [answer])
+
+
+USER_ASSISTANT = [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}]
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": 5, "completion": " x"}, "prompt and completion must be text"),
+    ({"prompt": "p", "completion": "  \n"}, "the completion not empty"),
+    ({"text": " \n "}, "`text` must be non-empty text"),
+    ({"messages": "hello"}, "messages must be a non-empty list of messages"),
+    ({"messages": [*USER_ASSISTANT, {"role": "user", "content": "And?"}]}, "the last message must be the assistant's"),
+    ({"messages": USER_ASSISTANT[1:]}, "the last message must be the assistant's"),
+    ({"prompt": [{"role": "user"}], "completion": USER_ASSISTANT[1:]}, "prompt holds {'role': 'user'}, not a message"),
+    ({"prompt": USER_ASSISTANT[:1], "completion": [{"role": "bot", "content": "x"}]}, "completion has a message with role 'bot'"),
+])
+def test_bad_generate_rows_are_one_line(tmp_path, row, message):
+    """A generate row that cannot be trained on is refused naming its row: a prompt that is not text, a
+    completion or text of whitespace only, `messages` that is not a list, a conversation that does not end
+    with the assistant or has no prompt before it, a prompt or completion list holding a bad message (each
+    error names the field). Catches each `or` turned into `and`, prompt and completion swapped or not
+    checked, and the row or the field's name lost from the message."""
+    train = write_jsonl(tmp_path / "t.jsonl", [row])
+    with pytest.raises(SftdpoError, match=f"{train}:1: .*{message}"):
+        load_generate_data(RunConfig(task="generate", train=str(train), dev=str(train)))
+
+
+def test_generate_rows_ids_and_language_modelling_splits(tmp_path):
+    """Rows without an id column are `train-i` / `dev-i` in every format; a dev text is split after its
+    --prompt-lines lines, the continuation keeping its own line breaks, and a dev text of exactly
+    --prompt-lines lines (nothing to continue) is refused; a system message before the exchange is part of
+    the prompt. Catches ids dropped for text rows, the length test off by one (an empty reference scored),
+    the continuation's lines joined otherwise, and the last message looked up at index 1."""
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "a\nb\nc"}, {"text": "d\ne\nf"}])
+    dev = write_jsonl(tmp_path / "d.jsonl", [{"text": "one\ntwo\nthree\nfour"}])
+    data = load_generate_data(RunConfig(task="generate", train=str(train), dev=str(dev), prompt_lines=2))
+    assert [e.id for e in data.train] == ["train-0", "train-1"] and data.train[1].completion == "d\ne\nf"
+    assert [(e.id, e.prompt, e.completion) for e in data.dev] == [("dev-0", "one\ntwo\n", "three\nfour")]
+    short = write_jsonl(tmp_path / "s.jsonl", [{"text": "one\ntwo"}])
+    with pytest.raises(SftdpoError, match=f"{short}:1: a dev text needs more than --prompt-lines 2 lines"):
+        load_generate_data(RunConfig(task="generate", train=str(train), dev=str(short), prompt_lines=2))
+    system = {"role": "system", "content": "Be brief."}
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [system, *USER_ASSISTANT]}])
+    other = write_jsonl(tmp_path / "o.jsonl", [{"messages": USER_ASSISTANT}])
+    data = load_generate_data(RunConfig(task="generate", train=str(chat), dev=str(other)))
+    assert (data.train[0].prompt, data.train[0].completion) == ([system, USER_ASSISTANT[0]], USER_ASSISTANT[1:])
+
+
+def test_generate_data_from_saved_splits_and_what_it_says_it_read(tmp_path):
+    """Generate data is read from the configured splits of a `--dataset` or of save_to_disk directories given
+    as --train/--dev, and its source line names where and how much (rows per side, format); an empty
+    train or dev side is refused by name. Catches either side read from another split or another
+    dataset, the source line lost, and an empty dev side let through to the overlap check."""
+    rows = [{"prompt": f"Q{i}:", "completion": f" A{i}"} for i in range(5)]
+    folder = save_splits(tmp_path / "dd", first=rows[:2], second=rows[2:3], third=rows[3:])
+    data = load_generate_data(RunConfig(task="generate", dataset=folder, train_split="first", dev_split="third"))
+    assert [e.prompt for e in data.train] == ["Q0:", "Q1:"] and [e.prompt for e in data.dev] == ["Q3:", "Q4:"]
+    assert data.source == f"dataset {folder} (splits first, third): 2 train, 2 dev rows (prompt-completion)"
+    data = load_generate_data(RunConfig(task="generate", train=folder, dev=folder, train_split="second",
+                                        dev_split="first"))
+    assert [e.prompt for e in data.train] == ["Q2:"] and [e.prompt for e in data.dev] == ["Q0:", "Q1:"]
+    assert data.source == f"files: train={folder}, dev={folder}: 1 train, 2 dev rows (prompt-completion)"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    for side, cfg in (("train", dict(train=str(empty), dev=str(train))), ("dev", dict(train=str(train), dev=str(empty)))):
+        with pytest.raises(SftdpoError, match=f"the {side} data has no rows \\(files: train="):
+            load_generate_data(RunConfig(task="generate", **cfg))
+
+
+def _ascii_default_open(file, mode="r", buffering=-1, encoding=None, *args, **kwargs):
+    """open() as a C locale without UTF-8 mode makes it: text files default to ASCII."""
+    return builtins.open(file, mode, buffering, encoding or "ascii", *args, **kwargs)
+
+
+@pytest.mark.parametrize("module,write,written", [
+    (sonnets, lambda p: sonnets.write_cs224n_generations(p, [(3, "Caf\u00e9 line\nsecond")]),
+     "--Generated Sonnets-- \n\n\n3\nCaf\u00e9 line\nsecond\n\n"),
+    (qqp, lambda p: qqp.write_paraphrase_predictions(p, [("caf\u00e9", 1, None)]), "id,prediction,label\ncaf\u00e9,1,\n"),
+], ids=["generations", "predictions"])
+def test_outputs_are_written_as_utf_8_whatever_the_locale(tmp_path, monkeypatch, module, write, written):
+    """The course-format generations file and the predictions CSV are UTF-8 with LF line ends even where
+    open()'s default encoding is ASCII (a C locale without UTF-8 mode; stood in for in the writer's module,
+    so that the check runs in-process where mutmut sees it): a generated "é", or an id holding one, is
+    written, not an error. Catches the encoding left to the locale."""
+    monkeypatch.setattr(module, "open", _ascii_default_open, raising=False)
+    out = tmp_path / "out.txt"
+    write(out)
+    assert out.read_bytes() == written.encode()
