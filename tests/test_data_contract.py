@@ -398,7 +398,7 @@ def _generate_config(tmp_path, name: str, completion: str, **kw) -> RunConfig:
 def test_resolve_data_shares_loads_through_its_memo_but_not_fingerprints(tmp_path, monkeypatch):
     """A study resolves all its configs with one memo: configs reading the same data load it once, configs
     reading other data each get their own fingerprint (the one they get alone). Since a run's hash covers
-    the fingerprint, not the paths, a shared fingerprint would give two studies' runs of different data one
+    the fingerprint, not the paths, a shared fingerprint would give two runs of a study on different data one
     identity (the second reusing the first's result). Catches the memo keyed by nothing, and a memo that
     is not the caller's (every config loaded again)."""
     import sftdpo.data as data_pkg
@@ -514,7 +514,7 @@ def test_conversational_rows_in_both_of_trls_layouts(tmp_path):
     """TRL's conversational prompt-completion rows (message lists) are conversational data, as are rows with
     `messages` beside a text `prompt` column (UltraChat's layout: prompt, prompt_id, messages): the task
     renders both with the chat template. Catches prompt/completion lists read as text (refused), a row with
-    `prompt` but no `completion` taken for prompt-completion (KeyError), and the format misnamed (the task
+    `prompt` but no `completion` taken for prompt-completion (KeyError), the format misnamed (the task
     would not apply the chat template), and such a row's id (split-index) lost."""
     user, answer = {"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}
     other = {"role": "user", "content": "Sea?"}
