@@ -26,6 +26,7 @@ from sftdpo.data.records import read_rows
 from sftdpo.data.sonnets import _roman, parse_gutenberg_sonnets
 
 USER = {"role": "user", "content": "What colour is the sky?"}
+USER_ASSISTANT = [USER, {"role": "assistant", "content": "Blue."}]
 
 
 def save_splits(path, **splits) -> str:
@@ -516,7 +517,7 @@ def test_conversational_rows_in_both_of_trls_layouts(tmp_path):
     renders both with the chat template. Catches prompt/completion lists read as text (refused), a row with
     `prompt` but no `completion` taken for prompt-completion (KeyError), the format misnamed (the task
     would not apply the chat template), and such a row's id (split-index) lost."""
-    user, answer = {"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}
+    user, answer = USER_ASSISTANT
     other = {"role": "user", "content": "Sea?"}
     pc = [{"prompt": [user], "completion": [answer]}, {"prompt": [other], "completion": [answer]}]
     data = load_generate_data(RunConfig(task="generate", train=str(write_jsonl(tmp_path / "a.jsonl", pc[:1])),
@@ -528,9 +529,6 @@ def test_conversational_rows_in_both_of_trls_layouts(tmp_path):
     data = load_generate_data(RunConfig(task="generate", train=str(write_jsonl(tmp_path / "c.jsonl", ultra[:1])),
                                         dev=str(write_jsonl(tmp_path / "d.jsonl", ultra[1:]))))
     assert data.format == "conversational" and (data.dev[0].prompt, data.dev[0].completion) == ([other], [answer])
-
-
-USER_ASSISTANT = [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "Blue."}]
 
 
 @pytest.mark.parametrize("row,message", [
