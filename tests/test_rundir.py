@@ -14,9 +14,13 @@ import torch
 
 from sftdpo.config import RunConfig, SftdpoError
 from sftdpo.files import DamagedFile, stable_hash
-from sftdpo.train.checkpoint import STATE_FILE, WEIGHTS_FILE, MetricsLog
+from sftdpo.train import checkpoint as ckpt
+from sftdpo.train.checkpoint import (STATE_FILE, WEIGHTS_FILE, MetricsLog, RunState, load_checkpoint, prune_checkpoints,
+                                     save_checkpoint, save_weights)
 from sftdpo.train.prefix import SFTPrefixes
 from sftdpo.train.rundir import RunDir
+
+from conftest import write_jsonl
 
 
 def lay_out(path: Path, *, config: dict | str | None = None, last: bool = False, summary: dict | None = None,
@@ -31,9 +35,9 @@ def lay_out(path: Path, *, config: dict | str | None = None, last: bool = False,
     if summary is not None:
         (path / "summary.json").write_text(json.dumps(summary))
     if metrics is not None:
-        (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+        write_jsonl(path / "metrics.jsonl", metrics)
     if outputs is not None:
-        (path / "dev_outputs.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outputs))
+        write_jsonl(path / "dev_outputs.jsonl", outputs)
     if dpo:
         (path / "dpo").mkdir()
         (path / "dpo" / "pairs.jsonl").write_text("{}\n")
@@ -160,8 +164,6 @@ def test_a_checkpoint_reads_back_as_it_was_written(tmp_path):
     numbers a resume gives: comparing them cannot tell), weights or RNG not restored, the optimizer state
     kept in a final checkpoint or dropped from another, and `last` not linked to `best` when they are
     one epoch."""
-    from sftdpo.train.checkpoint import RunState, load_checkpoint, save_checkpoint, save_weights
-
     torch.manual_seed(1)
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -199,8 +201,6 @@ def test_best_epoch_is_the_first_of_the_highest():
     """Which epoch is best (its weights go to checkpoints/best, its metrics to the summary's best/*).
     Catches a tie handed to the later epoch (the rule: a tie keeps the earlier epoch, the fewer-epochs
     model), and a worse epoch reported as a new best (checkpoints/best overwritten with it)."""
-    from sftdpo.train.checkpoint import RunState
-
     state = RunState()
     assert [state.update_best(e, v) for e, v in [(1, 0.5), (2, 0.5), (3, 0.25), (4, 0.75), (5, 0.75)]] == [
         True, False, False, True, False]
@@ -211,8 +211,6 @@ def test_pruning_keeps_what_was_asked_and_can_run_again(tmp_path):
     """--keep-checkpoints on a finished run, and again when a process stopped between the summary and
     the pruning (the next `train` prunes once more). Catches the wrong checkpoint removed and a second
     pruning (or a run that never wrote `best`) failing on what is already gone."""
-    from sftdpo.train.checkpoint import prune_checkpoints
-
     for keep, left in [("all", ["best", "last"]), ("best", ["best"]), ("last", ["last"]), ("none", None)]:
         ckpts = trained_to(tmp_path / keep, 2) / "checkpoints"
         for _ in range(2):
@@ -252,12 +250,13 @@ def trained_to(path: Path, epoch: int, best: bool = True) -> Path:
         d.mkdir(parents=True, exist_ok=True)
         (d / STATE_FILE).write_text(f"{name} state after epoch {epoch}")
         (d / WEIGHTS_FILE).write_text(f"{name} weights after epoch {epoch}")
-    (path / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, epoch + 1)))
+    write_jsonl(path / "metrics.jsonl", [{"epoch": e} for e in range(1, epoch + 1)])
     return path
 
 
-def files_of(path: Path) -> dict[str, str]:
-    return {p.relative_to(path).as_posix(): p.read_text() for p in sorted(path.rglob("*")) if p.is_file()}
+def files_of(path: Path, read=Path.read_text) -> dict:
+    """{relative path: contents} of every file under `path`."""
+    return {p.relative_to(path).as_posix(): read(p) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def test_prefix_keys_are_stable_and_name_the_trajectory_epoch_and_world_size():
@@ -365,10 +364,8 @@ def test_a_full_disk_under_torch_save_is_the_os_error_it_is(tmp_path, monkeypatc
     without the errno. Catches save_state letting that RuntimeError through, or raising an OSError
     without the errno and path that the full-disk message is made from (the run would die with a
     traceback instead of one line)."""
-    from sftdpo.train import checkpoint as ckpt
-
     monkeypatch.setattr(ckpt, "open", lambda *a, **k: _FullAfterOneWrite(), raising=False)
-    path = tmp_path / ckpt.STATE_FILE
+    path = tmp_path / STATE_FILE
     with pytest.raises(OSError) as e:
         ckpt.save_state({"w": torch.zeros(16)}, path)
     assert (e.value.errno, e.value.strerror, e.value.filename) == (errno.ENOSPC, "No space left on device", str(path))
@@ -389,13 +386,11 @@ def test_a_metrics_line_that_cannot_be_written_is_one_line_and_not_counted(tmp_p
 def test_a_checkpoint_that_cannot_be_written_leaves_the_one_before(tmp_path, monkeypatch):
     """Catches a full disk while an epoch's checkpoint is written raised as a bare OSError (a traceback),
     or another error taken for a full disk, and the earlier checkpoint lost with the failed one."""
-    from sftdpo.train import checkpoint as ckpt
-
     model = torch.nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = ckpt.RunState(epoch=1, best_epoch=1)
-    ckpt.save_checkpoint(tmp_path, model, state, opt, None, final=False)
-    before = files_bytes(tmp_path / "last")
+    state = RunState(epoch=1, best_epoch=1)
+    save_checkpoint(tmp_path, model, state, opt, None, final=False)
+    before = files_of(tmp_path / "last", Path.read_bytes)
 
     def full(tensors, path, metadata=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -403,21 +398,18 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_one_before(tmp_path, mon
     monkeypatch.setattr(ckpt, "save_tensors", full)
     with pytest.raises(SftdpoError, match=rf"^could not write the checkpoint of epoch 2 \({re.escape(str(tmp_path / 'last'))}\)"
                                           r".*the disk is full"):
-        ckpt.save_checkpoint(tmp_path, model, ckpt.RunState(epoch=2, best_epoch=1), opt, None, final=False)
-    assert files_bytes(tmp_path / "last") == before
+        save_checkpoint(tmp_path, model, RunState(epoch=2, best_epoch=1), opt, None, final=False)
+    assert files_of(tmp_path / "last", Path.read_bytes) == before
     with pytest.raises(SftdpoError, match=r"^could not write the checkpoint .*best.*the disk is full"):
-        ckpt.save_weights(model, tmp_path / "best")
+        save_weights(model, tmp_path / "best")
 
     def broken(tensors, path, metadata=None):
         raise OSError(errno.EIO, "Input/output error", str(path))
 
     monkeypatch.setattr(ckpt, "save_tensors", broken)
-    for save in (lambda: ckpt.save_checkpoint(tmp_path, model, ckpt.RunState(epoch=2), opt, None, final=False),
-                 lambda: ckpt.save_weights(model, tmp_path / "best")):
+    for save in (lambda: save_checkpoint(tmp_path, model, RunState(epoch=2), opt, None, final=False),
+                 lambda: save_weights(model, tmp_path / "best")):
         with pytest.raises(OSError) as e:
             save()
         assert e.value.errno == errno.EIO and not isinstance(e.value, SftdpoError)
 
-
-def files_bytes(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
