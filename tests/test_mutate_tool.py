@@ -1,10 +1,12 @@
-"""scripts/mutate.py's equivalence rules: what they excuse must change no number.
+"""scripts/mutate.py: its equivalence rules (what they excuse must change no number) and its harness.
 
 A rule that matched too much would hide real survivors in docs/mutation.md; each case below is a
 mutant mutmut makes of a line of src/sftdpo."""
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -137,3 +139,41 @@ def test_the_test_map_outlives_mutants_dir_whole(store):
     assert mutate.restore_test_map()
     assert json.loads(mutate.FULL_MAP.read_text()) == full
     assert json.loads(mutate.STATS.read_text()) == {**stats, "tests_by_mangled_function_name": full}
+
+
+FORK_AFTER_A_STUDY = """
+import multiprocessing, os, sys
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("forkserver")
+    p = ctx.Process(target=print); p.start(); p.join()   # the warm process starts a fork server (a study did)
+    pid = os.fork()
+    if pid == 0:  # what mutmut does per mutant: fork, run the tests, one of which starts a study's run
+        try:
+            q = ctx.Process(target=print); q.start(); q.join()
+            os._exit(q.exitcode)
+        except BaseException as e:
+            print(type(e).__name__, e, file=sys.stderr); os._exit(3)
+    sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_a_forked_test_process_starts_its_own_fork_server(mutate, tmp_path):
+    """mutmut forks each mutant's test process from a warm one. Without mutants/src/sitecustomize.py's
+    at-fork reset, a fork server started in the warm process made every forked study test raise
+    ChildProcessError, so mutmut counted equivalent mutants killed (20 of stats.py's, measured): this
+    catches a SITECUSTOMIZE that loses the reset or resets the wrong fields. The first run, without it,
+    shows the failure is real on this Python."""
+    site = tmp_path / "site"
+    site.mkdir()
+    script = tmp_path / "fork_after_a_study.py"
+    script.write_text(FORK_AFTER_A_STUDY)
+
+    def run() -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MUTANT_UNDER_TEST")}
+        return subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env={**env, "PYTHONPATH": str(site)})
+    without = run()
+    assert without.returncode == 3 and "ChildProcessError" in without.stderr, without.stderr
+    (site / "sitecustomize.py").write_text(mutate.SITECUSTOMIZE)
+    with_reset = run()
+    assert with_reset.returncode == 0, with_reset.stderr
