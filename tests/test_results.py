@@ -1,6 +1,8 @@
-"""report/results.py, in-process: which condition is "best", which metrics a task is tested on, the wall
-clock a cost curve adds up, the reference decoding temperature. Every report table and figure that
-names a best setting or draws a cost axis reads these."""
+"""report/results.py, in-process: which condition is "best", the order conditions are listed in, which
+metrics a task is tested on, the wall clock a cost curve adds up, the reference decoding temperature.
+Every report table and figure that names a best setting, lists conditions or draws a cost axis reads these."""
+
+import random
 
 import pytest
 
@@ -67,3 +69,30 @@ def test_reference_temperature_is_the_most_used_and_none_without_sonnets(tmp_pat
     assert StudyResults(b.store).reference_temperature() == 0.7
     b.add(task="sonnet", model="smollm2-135m", regime="sft", param="fft", epochs=1, seed=1, final=0.4, temperature=1.0)
     assert StudyResults(b.store).reference_temperature() == 0.7  # two each: the lower one
+
+
+REPORT_ORDER = [  # how the report lists conditions (tables, figures): task, model, regime, hand-off, FFT first, rank
+    {"task": "classify", "task_name": "nli", "model": "gpt2", "regime": "sft", "param": "fft"},
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "fft", "pairs": "v3"},
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "lora", "lora_rank": 4},
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "lora", "lora_rank": 16},
+    {"task": "paraphrase", "model": "gpt2", "regime": "dpo", "param": "fft", "pairs": "v1"},
+    {"task": "paraphrase", "model": "gpt2", "regime": "dpo", "param": "fft", "pairs": "v3"},
+    {"task": "paraphrase", "model": "gpt2", "regime": "dpo", "param": "lora", "lora_rank": 8, "pairs": "v1"},
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft-dpo", "handoff_epoch": 1, "param": "fft"},
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft-dpo", "handoff_epoch": 2, "param": "fft"},
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft-dpo", "handoff_epoch": 10, "param": "fft"},
+    {"task": "paraphrase", "model": "smollm2-135m", "regime": "sft", "param": "fft"},
+    {"task": "paraphrase", "model": "smollm2-135m", "regime": "sft-dpo", "handoff_epoch": 1, "param": "fft"},
+    {"task": "sonnet", "model": "gpt2", "regime": "sft", "param": "fft"},
+]
+
+
+def test_conditions_are_listed_in_report_order():
+    """Catches a sort key that drops or reorders a component (the model, the regime's order SFT, DPO,
+    SFT@k→DPO, the hand-off epoch, FFT before PEFT, the LoRA rank as a number, the DPO pairs), which
+    would interleave one model's or regime's rows with another's in every table."""
+    shuffled = REPORT_ORDER[:]
+    for seed in range(5):
+        random.Random(seed).shuffle(shuffled)
+        assert sorted(shuffled, key=res._sort_key) == REPORT_ORDER
