@@ -73,11 +73,15 @@ def test_reference_temperature_is_the_most_used_and_none_without_sonnets(tmp_pat
 
 REPORT_ORDER = [  # how the report lists conditions (tables, figures): task, model, regime, hand-off, FFT first, rank
     {"task": "classify", "task_name": "nli", "model": "gpt2", "regime": "sft", "param": "fft"},
-    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "fft", "pairs": "v3"},
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "fft", "beta": 0.1, "pairs": "v3"},  # SFT ignores pairs:
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "fft", "beta": 0.5, "pairs": "v1"},  # the JSON decides
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "fft"},
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "dora", "pairs": "v3"},  # after FFT, JSON or not
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "lora", "lora_rank": 1},
     {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "lora", "lora_rank": 4},
     {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "lora", "lora_rank": 16},
-    {"task": "paraphrase", "model": "gpt2", "regime": "dpo", "param": "fft", "pairs": "v1"},
-    {"task": "paraphrase", "model": "gpt2", "regime": "dpo", "param": "fft", "pairs": "v3"},
+    {"task": "paraphrase", "model": "gpt2", "regime": "dpo", "param": "fft", "beta": 0.5, "pairs": "v1"},  # DPO: pairs, not JSON
+    {"task": "paraphrase", "model": "gpt2", "regime": "dpo", "param": "fft", "beta": 0.1, "pairs": "v3"},
     {"task": "paraphrase", "model": "gpt2", "regime": "dpo", "param": "lora", "lora_rank": 8, "pairs": "v1"},
     {"task": "paraphrase", "model": "gpt2", "regime": "sft-dpo", "handoff_epoch": 1, "param": "fft"},
     {"task": "paraphrase", "model": "gpt2", "regime": "sft-dpo", "handoff_epoch": 2, "param": "fft"},
@@ -90,8 +94,9 @@ REPORT_ORDER = [  # how the report lists conditions (tables, figures): task, mod
 
 def test_conditions_are_listed_in_report_order():
     """Catches a sort key that drops or reorders a component (the model, the regime's order SFT, DPO,
-    SFT@k→DPO, the hand-off epoch, FFT before PEFT, the LoRA rank as a number, the DPO pairs), which
-    would interleave one model's or regime's rows with another's in every table."""
+    SFT@k→DPO, the hand-off epoch, FFT before PEFT, the LoRA rank as a number, the pairs of DPO stages
+    only), which would interleave one model's or regime's rows with another's in every table. Rows are
+    chosen so that the last tie-break, the config's JSON, would order them otherwise."""
     shuffled = REPORT_ORDER[:]
     for seed in range(5):
         random.Random(seed).shuffle(shuffled)
