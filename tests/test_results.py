@@ -13,7 +13,8 @@ from test_report import Builder
 
 def cond(*accuracies: float | None) -> Condition:
     """A condition whose seeds' runs have these dev accuracies (None: a run without the metric)."""
-    return Condition({"task": "paraphrase"}, [{"summary": {} if a is None else {"dev/accuracy": a}} for a in accuracies])
+    runs = [{"summary": {} if a is None else {"dev/accuracy": a}} for a in accuracies]
+    return Condition({"task": "paraphrase"}, runs)
 
 
 def test_best_of_is_the_highest_mean_and_the_first_of_equal_ones():
@@ -65,22 +66,27 @@ def test_reference_temperature_is_the_most_used_and_none_without_sonnets(tmp_pat
     b.add(task="paraphrase", model="gpt2", regime="sft", param="fft", epochs=1, seed=0, final=0.9)
     assert StudyResults(b.store).reference_temperature() is None
     for seed, temp in ((0, 0.7), (1, 0.7), (0, 1.0)):
-        b.add(task="sonnet", model="smollm2-135m", regime="sft", param="fft", epochs=1, seed=seed, final=0.4, temperature=temp)
+        b.add(task="sonnet", model="smollm2-135m", regime="sft", param="fft", epochs=1, seed=seed, final=0.4,
+              temperature=temp)
     assert StudyResults(b.store).reference_temperature() == 0.7
     b.add(task="sonnet", model="smollm2-135m", regime="sft", param="fft", epochs=1, seed=1, final=0.4, temperature=1.0)
     assert StudyResults(b.store).reference_temperature() == 0.7  # two each: the lower one
 
 
-REPORT_ORDER = [  # how the report lists conditions (tables, figures): task, model, regime, hand-off, FFT first, rank
+# how the report lists conditions (tables, figures): task, model, regime, hand-off, FFT first, LoRA rank, pairs
+REPORT_ORDER = [
     {"task": "classify", "task_name": "nli", "model": "gpt2", "regime": "sft", "param": "fft"},
-    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "fft", "beta": 0.1, "pairs": "v3"},  # SFT ignores pairs:
-    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "fft", "beta": 0.5, "pairs": "v1"},  # the JSON decides
+    # SFT ignores pairs: the JSON decides between these three (beta first)
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "fft", "beta": 0.1, "pairs": "v3"},
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "fft", "beta": 0.5, "pairs": "v1"},
     {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "fft"},
-    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "dora", "pairs": "v3"},  # after FFT, JSON or not
+    # after FFT, though its JSON ("pairs" < "param") sorts first
+    {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "dora", "pairs": "v3"},
     {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "lora", "lora_rank": 1},
     {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "lora", "lora_rank": 4},
     {"task": "paraphrase", "model": "gpt2", "regime": "sft", "param": "lora", "lora_rank": 16},
-    {"task": "paraphrase", "model": "gpt2", "regime": "dpo", "param": "fft", "beta": 0.5, "pairs": "v1"},  # DPO: pairs, not JSON
+    # a DPO stage goes by its pairs, against the JSON (beta 0.1 < 0.5)
+    {"task": "paraphrase", "model": "gpt2", "regime": "dpo", "param": "fft", "beta": 0.5, "pairs": "v1"},
     {"task": "paraphrase", "model": "gpt2", "regime": "dpo", "param": "fft", "beta": 0.1, "pairs": "v3"},
     {"task": "paraphrase", "model": "gpt2", "regime": "dpo", "param": "lora", "lora_rank": 8, "pairs": "v1"},
     {"task": "paraphrase", "model": "gpt2", "regime": "sft-dpo", "handoff_epoch": 1, "param": "fft"},
