@@ -15,6 +15,9 @@ SONNET_FILES = dict(train=str(FIX / "sonnets" / "sonnets.txt"), dev=str(FIX / "s
 
 _SHARED_CACHE: Path | None = None
 
+# the independent evaluator's base models and a run whose dev metric peaks mid-run (tests/oracle.py)
+from oracle import gpt2_base, gpt2_noisy, llama_base, peaked_run  # noqa: E402, F401
+
 
 def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
     """Under mutmut (`make mutate` sets MUTANT_UNDER_TEST), leave out the tests of the mutation tool itself:
@@ -23,9 +26,6 @@ def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
     if collection_path.name == "test_mutate_tool.py" and os.environ.get("MUTANT_UNDER_TEST"):
         return True
     return None
-
-# the independent evaluator's base models and a run whose dev metric peaks mid-run (tests/oracle.py)
-from oracle import gpt2_base, gpt2_noisy, llama_base, peaked_run  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")
