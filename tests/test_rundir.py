@@ -8,7 +8,9 @@ import errno
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +71,19 @@ def test_a_directory_is_trained_by_a_checkpoint_or_a_summary(tmp_path):
     (weights_only.ckpt("last")).mkdir(parents=True)
     (weights_only.ckpt("last") / WEIGHTS_FILE).write_bytes(b"w")
     assert not weights_only.trained()
+
+
+def test_a_damaged_config_names_its_file_and_that_it_is_rewritten(tmp_path):
+    """config.json that is not JSON, or JSON that is not a run's config (no "config" object): DamagedFile
+    naming config.json and, unless the caller says otherwise, that it is rewritten. Catches a record
+    without its config taken for a run's, and the file or the fix lost from the message."""
+    for text in ("{not json", '{"hash": "abc"}', '{"config": [1]}', "[1, 2]"):
+        rd = lay_out(tmp_path / str(len(text)), config=text)
+        with pytest.raises(DamagedFile) as e:
+            rd.config()
+        assert (e.value.path, e.value.fix) == (rd.config_file, "rewritten from this run's config"), text
+        with pytest.raises(DamagedFile, match="redo it"):
+            rd.config("redo it")
 
 
 def test_check_refuses_another_run_or_another_world_size_only_once_trained(tmp_path):
@@ -158,11 +173,11 @@ def test_clear_removes_what_the_run_trained_and_keeps_its_config(tmp_path):
 
 
 def test_a_checkpoint_reads_back_as_it_was_written(tmp_path):
-    """save_checkpoint then load_checkpoint into a model built afresh: the run state, the trainable
-    weights, the optimizer and scheduler states and the RNG come back as they were. Catches a resume
-    that finds no checkpoint (or cannot read it) and so trains again from the start (a restart gives the
-    numbers a resume gives: comparing them cannot tell), weights or RNG not restored, the optimizer state
-    kept in a final checkpoint or dropped from another, and `last` not linked to `best` when they are
+    """save_checkpoint then load_checkpoint into a model built afresh: the run state, the trainable weights, the
+    optimizer and scheduler states and the RNG come back as they were. Catches a resume that finds no
+    checkpoint (or cannot read it) and so trains again from the start (a restart gives the numbers a resume
+    gives: comparing them cannot tell), weights or RNG not restored, the optimizer state kept in a final
+    checkpoint or dropped from another, a state key renamed, and `last` not linked to `best` when they are
     one epoch."""
     torch.manual_seed(1)
     model = torch.nn.Linear(3, 2)
@@ -185,6 +200,9 @@ def test_a_checkpoint_reads_back_as_it_was_written(tmp_path):
     assert got == state and torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
     assert blob["scheduler"] == sched.state_dict()
+    # the keys load_checkpoint reads: a renamed "cuda_rng" would go unnoticed on CPU and leave a resumed
+    # GPU run on another random stream than the uninterrupted run
+    assert set(blob) == {"state", "optimizer", "scheduler", "rng", "cuda_rng", "method"}
     again = torch.optim.AdamW(fresh.parameters(), lr=0.1)
     again.load_state_dict(blob["optimizer"])
     assert torch.equal(again.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
@@ -195,6 +213,74 @@ def test_a_checkpoint_reads_back_as_it_was_written(tmp_path):
     assert not (ckpts / "last" / WEIGHTS_FILE).samefile(ckpts / "best" / WEIGHTS_FILE)
     got, blob = load_checkpoint(ckpts, fresh)
     assert got.epoch == 3 and blob["optimizer"] is None and torch.equal(fresh.weight, model.weight)
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_that_the_run_restarts(tmp_path):
+    """A resume from a cut-short training_state.pt or weights file: catches a DamagedFile that names another
+    file (or none), loses the error it came from, or tells the user to pick another checkpoint (eval's
+    advice) instead of what the training loop does with it, start the run again."""
+    model = torch.nn.Linear(2, 1)
+    ckpts = tmp_path / "checkpoints"
+    save_checkpoint(ckpts, model, RunState(epoch=1), torch.optim.SGD(model.parameters(), lr=0.1), None, final=False)
+    state, weights = ckpts / "last" / STATE_FILE, ckpts / "last" / WEIGHTS_FILE
+    whole = state.read_bytes()
+    state.write_bytes(whole[:60])
+    with pytest.raises(DamagedFile) as e:
+        load_checkpoint(ckpts, model)
+    assert (e.value.path, e.value.fix) == (state, ckpt.RUN_RESTARTS)
+    assert str(e.value).startswith(f"{state} is damaged (") and not e.value.why.startswith("NoneType")
+    state.write_bytes(whole)
+    weights.write_bytes(weights.read_bytes()[:30])
+    with pytest.raises(DamagedFile) as e:
+        load_checkpoint(ckpts, model)
+    assert (e.value.path, e.value.fix) == (weights, ckpt.RUN_RESTARTS)
+
+
+def test_a_checkpoint_keeps_and_restores_the_cuda_rng_where_there_is_one(tmp_path, monkeypatch):
+    """The CUDA generators' state (faked here: no test machine has CUDA) is saved and set back, and none is
+    saved without CUDA. Catches the state never saved (or saved under another key: a resumed GPU run would
+    draw other dropout masks and batches than the uninterrupted run), a CPU checkpoint holding an
+    empty CUDA state, and a GPU checkpoint's CUDA state set on a machine without CUDA."""
+    model = torch.nn.Linear(2, 1)
+    ckpts = tmp_path / "checkpoints"
+    save_checkpoint(ckpts, model, RunState(epoch=1), None, None, final=True)
+    assert load_checkpoint(ckpts, model)[1]["cuda_rng"] is None
+    saved, restored = [torch.tensor([7, 8], dtype=torch.uint8)], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: saved)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    save_checkpoint(ckpts, model, RunState(epoch=2), None, None, final=True)
+    _, blob = load_checkpoint(ckpts, model)
+    assert torch.equal(blob["cuda_rng"][0], saved[0])
+    assert len(restored) == 1 and torch.equal(restored[0][0], saved[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU run resumed on a CPU machine
+    load_checkpoint(ckpts, model)
+    assert len(restored) == 1
+
+
+class WithAllocator(torch.nn.Linear):
+    """What method_state reads of an AdaLoRA PeftModel: base_model.rankallocator's importance averages
+    and the adapter config's rank pattern."""
+
+    def __init__(self, value: float):
+        super().__init__(2, 1)
+        self.base_model = SimpleNamespace(rankallocator=SimpleNamespace(
+            ipt={"a": torch.full((2,), value)}, exp_avg_ipt={"a": torch.full((2,), value + 1)},
+            exp_avg_unc={"a": torch.full((2,), value + 2)}))
+        self.peft_config = {"default": SimpleNamespace(rank_pattern={"a": [value > 0, True]})}
+
+
+def test_a_checkpoint_carries_adaloras_importance_scores_and_rank_pattern(tmp_path):
+    """An AdaLoRA run resumed from a checkpoint goes on with the importance averages and rank pattern it
+    had (AdaLoRA prunes ranks by them). Catches the method state not saved, saved under another key or
+    from no model, and not set back on load."""
+    ckpts = tmp_path / "checkpoints"
+    save_checkpoint(ckpts, WithAllocator(1.0), RunState(epoch=1), None, None, final=False)
+    fresh = WithAllocator(-5.0)
+    load_checkpoint(ckpts, fresh)
+    ra = fresh.base_model.rankallocator
+    assert [float(d["a"][0]) for d in (ra.ipt, ra.exp_avg_ipt, ra.exp_avg_unc)] == [1.0, 2.0, 3.0]
+    assert fresh.peft_config["default"].rank_pattern == {"a": [True, True]}
 
 
 def test_best_epoch_is_the_first_of_the_highest():
@@ -233,8 +319,26 @@ def test_metrics_log_cut_back_to_the_checkpoints_lines(tmp_path):
     assert path.read_bytes() == b'{"a": 1}\n{"b": 2}\n' and log.lines == 2
     for bad in (b'{"a": 1}\nnot json\n', b'{"a": 1}\n[1, 2]\n', b'{"a": 1}\n{"b": 2}'):
         path.write_bytes(bad)
-        with pytest.raises(DamagedFile, match="1 whole lines where the checkpoint counted 2"):
+        with pytest.raises(DamagedFile, match="1 whole lines where the checkpoint counted 2.*: the run starts again"):
             MetricsLog(path).truncate(2)
+
+
+def test_metrics_log_counts_the_lines_it_writes_and_writes_tensors_as_numbers(tmp_path):
+    """The line count is what a checkpoint stores and a resume cuts back to: catches a count that is
+    reset or decremented by a write instead of incremented (the resume would cut the log to its first
+    lines, or find it short and restart the run), and a record holding a tensor or numpy scalar (a
+    gradient norm, a loss) that cannot be written (json.dumps without `default=float`)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"a": 1}\n')
+    log = MetricsLog(path)
+    log.write({"loss": torch.tensor(0.5), "grad_norm": np.float32(0.25), "step": 1})
+    log.write({"loss": 0.125})
+    assert log.lines == 3
+    assert [json.loads(ln) for ln in path.read_text().splitlines()] == [
+        {"a": 1}, {"loss": 0.5, "grad_norm": 0.25, "step": 1}, {"loss": 0.125}]
+    off = MetricsLog(tmp_path / "off.jsonl", enabled=False)
+    off.write({"loss": 1.0})
+    assert off.lines == 0 and not off.path.exists()
 
 
 # -- shared SFT prefixes ------------------------------------------------------------------------
@@ -378,7 +482,8 @@ def test_a_metrics_line_that_cannot_be_written_is_one_line_and_not_counted(tmp_p
     OSError (a traceback) instead of one line."""
     log = MetricsLog(tmp_path / "metrics.jsonl")
     log.path = Path("/dev/full")  # every write fails with ENOSPC (not opened by MetricsLog: it reads as endless zeros)
-    with pytest.raises(SftdpoError, match=r"^could not write /dev/full: the disk is full; free disk space"):
+    with pytest.raises(SftdpoError, match=r"^could not write /dev/full: the disk is full; free disk space.*"
+                                          r"a line cut short is dropped on resume"):
         log.write({"loss": 1.0})
     assert log.lines == 0
 
@@ -397,10 +502,11 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_one_before(tmp_path, mon
 
     monkeypatch.setattr(ckpt, "save_tensors", full)
     with pytest.raises(SftdpoError, match=rf"^could not write the checkpoint of epoch 2 \({re.escape(str(tmp_path / 'last'))}\)"
-                                          r".*the disk is full"):
+                                          r".*the disk is full.*\(the checkpoint before it is intact; the same command"):
         save_checkpoint(tmp_path, model, RunState(epoch=2, best_epoch=1), opt, None, final=False)
     assert files_of(tmp_path / "last", Path.read_bytes) == before
-    with pytest.raises(SftdpoError, match=r"^could not write the checkpoint .*best.*the disk is full"):
+    with pytest.raises(SftdpoError, match=r"^could not write the checkpoint .*best.*the disk is full.*"
+                                          r"\(the checkpoints written before are intact; the same command resumes"):
         save_weights(model, tmp_path / "best")
 
     def broken(tensors, path, metadata=None):

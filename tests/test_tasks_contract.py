@@ -57,7 +57,8 @@ def test_language_modelling_pairs_split_each_text_at_its_prompt_lines(cache, tmp
 def _sonnet_task(tiny_data, **kw):
     model, tok = load_model("tiny-llama", seed=2)
     model.eval()
-    cfg, task = make_tiny_task(tiny_data, "sonnet", "tiny-llama", tok, max_new_tokens=6, temperature=1.0, top_p=1.0, **kw)
+    cfg, task = make_tiny_task(tiny_data, "sonnet", "tiny-llama", tok, **{"max_new_tokens": 6, "temperature": 1.0,
+                                                                          "top_p": 1.0, **kw})
     return model, tok, cfg, task
 
 
@@ -181,3 +182,68 @@ def test_each_task_trains_on_its_ranks_share_of_a_batch(cache, tiny_data, task_n
     for r0, r1, one in zip(*per_rank, single):
         assert not set(r0) & set(r1) and sorted(r0 + r1) == one
     assert max(len(r) for r in per_rank[1]) > 0
+
+
+@pytest.mark.parametrize("prompt_newline", [True, False])
+def test_sonnet_evaluation_scores_and_writes_each_sample_against_its_own_sonnet(cache, tiny_data, tmp_path,
+                                                                                prompt_newline):
+    """SonnetTask.evaluate and write_outputs with the decoder replaced by a fixed one (two samples, a
+    different continuation per sonnet and sample), checked against sacrebleu's chrF and the course's file
+    format read by the test's own parser: the full sonnet is the three prompt lines, their newline (or
+    none with --prompt-newline false) and the continuation, stripped; dev/chrf is the mean over samples of
+    the corpus chrF of full sonnets against the true ones, dev/chrf_continuation of the continuations
+    against the true sonnets less their first three lines. Catches the decoding settings (temperature,
+    top-p, length, samples, seed) not passed on, samples scored against the wrong sonnet or summed instead
+    of averaged, the continuation scored with the prompt, outputs of the second sample reported as the
+    first, and samples written to the wrong file."""
+    import oracle
+
+    model, tok, cfg, task = _sonnet_task(tiny_data, num_samples=2, temperature=0.7, top_p=0.9, seed=5,
+                                         prompt_newline=prompt_newline)
+    true = oracle.read_sonnets(tiny_data["sonnet"]["dev"])
+    assert sorted(true) == [s.number for s in task.dev] == [1, 2, 3]
+    prompts = {n: "\n".join(t.split("\n")[:3]) for n, t in true.items()}
+    calls = []
+
+    def generate(m, texts, device, precision, **kw):
+        calls.append((texts, precision, kw))
+        return [[f" thy {len(t)} summer{'s' * k} fade \n" for k in range(2)] for t in texts]
+
+    task.generate = generate
+    ev = task.evaluate(model, torch.device("cpu"), "fp32")
+    nl = "\n" if prompt_newline else ""
+    assert calls == [([prompts[n] + nl for n in (1, 2, 3)], "fp32",
+                      dict(temperature=0.7, top_p=0.9, max_new_tokens=6, num_samples=2, seed=5))]
+    conts = {k: {n: f"thy {len(prompts[n] + nl)} summer{'s' * k} fade" for n in true} for k in range(2)}
+    full = {k: {n: prompts[n] + nl + " " + conts[k][n] for n in true} for k in range(2)}
+    nums = [1, 2, 3]
+    want = sum(oracle.corpus_chrf([full[k][n] for n in nums], [true[n] for n in nums]) for k in range(2)) / 2
+    cont_refs = ["\n".join(true[n].split("\n")[3:]) for n in nums]
+    want_cont = sum(oracle.corpus_chrf([conts[k][n] for n in nums], cont_refs) for k in range(2)) / 2
+    assert ev.metrics == pytest.approx({"chrf": want, "chrf_continuation": want_cont}, abs=1e-9)
+    assert oracle.corpus_chrf([full[0][n] for n in nums], [true[n] for n in nums]) != pytest.approx(want)
+    assert ev.outputs == [(str(n), full[0][n], true[n]) for n in nums]
+    task.write_outputs(tmp_path, ev)
+    assert oracle.read_sonnets(tmp_path / "generations.txt") == {n: full[0][n] for n in nums}
+    assert oracle.read_sonnets(tmp_path / "generations_sample1.txt") == {n: full[1][n] for n in nums}
+
+
+def test_sonnet_training_sequences_are_whole_sonnets_and_empty_dev_data_is_refused(cache, tiny_data):
+    """What SFT trains on: each training sonnet's own tokens (the tokenizer's) and end of text, with the loss
+    on every token (the CS224N convention), nothing before them; the test prompts kept for `predict
+    --split test`; a dev set left empty refused in one line. Catches a prompt or marker put before the
+    sonnet, the loss started after some tokens, the test prompts dropped, and an empty dev set accepted
+    (the run would train, then fail or score nothing at its first evaluation)."""
+    from sftdpo.data import SonnetData, load_task_data
+    from sftdpo.tasks.sonnet import SonnetTask
+
+    _, tok, cfg, task = _sonnet_task(tiny_data)
+    for s, ids, start in zip(task.train, task.train_ids, task.loss_start):
+        assert ids == (tok(s.text, add_special_tokens=False).input_ids + [tok.eos_token_id])[: cfg.max_length]
+        assert start == 0
+    data = load_task_data(cfg)
+    prompts = data.dev[:2]
+    assert SonnetTask(cfg, tok, SonnetData(data.train, data.dev, prompts, "x")).test_prompts == prompts
+    for train, dev in ((data.train, []), ([], data.dev)):
+        with pytest.raises(SftdpoError, match="sonnet data is empty after subsampling"):
+            SonnetTask(cfg, tok, SonnetData(train, dev, [], "x"))
