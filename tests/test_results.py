@@ -140,7 +140,8 @@ def test_setting_values_are_printed_short(v, text):
 
 
 @pytest.mark.parametrize("cfg,columns,primary,name", [
-    ({"task": "paraphrase"}, ["dev/accuracy", "dev/macro_f1"], ("dev/accuracy", "dev accuracy (%)", 100.0), "paraphrase"),
+    ({"task": "paraphrase"}, ["dev/accuracy", "dev/macro_f1"], ("dev/accuracy", "dev accuracy (%)", 100.0),
+     "paraphrase"),
     ({"task": "sonnet"}, ["dev/chrf", "dev/chrf_continuation"], ("dev/chrf", "dev chrF", 1.0), "sonnet"),
     ({"task": "classify", "task_name": "nli"}, ["dev/accuracy", "dev/macro_f1"],
      ("dev/accuracy", "dev accuracy (%)", 100.0), "nli"),
@@ -151,9 +152,10 @@ def test_setting_values_are_printed_short(v, text):
     ({}, ["dev/chrf", "dev/bleu"], ("dev/chrf", "dev chrF", 1.0), ""),
 ])
 def test_each_task_reports_its_metrics_in_its_units(cfg, columns, primary, name):
-    """Which numbers a table shows and which one decides "best": catches a classify task reported in chrF,
-    accuracy not scaled to percent, a column under another title, a generate task ranked by chrF when configured for BLEU (or labelled
-    BLEU when ranked by chrF), and a custom task listed under its kind instead of its name."""
+    """Which numbers a table shows and which one decides "best": catches a classify task reported in chrF, accuracy
+    not scaled to percent, a column under another title, a generate task ranked by chrF when configured for
+    BLEU (or labelled BLEU when ranked by chrF), and a custom task listed under its kind instead of its
+    name."""
     assert [k for k, _, _ in res.metric_columns(cfg)] == columns
     titles = {"dev/accuracy": "Accuracy (%)", "dev/macro_f1": "Macro-F1 (%)", "dev/chrf": "chrF",
               "dev/chrf_continuation": "chrF (continuation)", "dev/bleu": "BLEU"}
@@ -268,13 +270,15 @@ def test_best_reads_the_summary_else_the_curves_highest_earliest_epoch():
     assert results.best({"run_hash": "none", "summary": None}, "dev/accuracy", 1.0) == (None, None)
     summary = {"best/dev/accuracy": 0.95, "best_epoch": 2, "best/accuracy": 0.1}
     assert results.best({"run_hash": "h", "summary": summary}, "dev/accuracy", 100.0) == (95.0, 2)
-    assert results.best({"run_hash": "h", "summary": {"best/accuracy": 0.25, "best_epoch": 3}}, "dev/accuracy", 1.0) == (0.25, 3)
+    older = {"best/accuracy": 0.25, "best_epoch": 3}  # the summary key without its "dev/"
+    assert results.best({"run_hash": "h", "summary": older}, "dev/accuracy", 1.0) == (0.25, 3)
     assert store.reads == 3  # each run's epochs read once (h twice from the cache)
 
 
 def test_headline_tables_keep_the_full_data_and_the_reference_temperature():
-    """Catches main conditions that keep the smallest data fraction, mix fractions, treat a missing
-    fraction as other than 1.0 or take 1.0 as the largest where no run has it, or mix sonnet temperatures (or filter paraphrase runs by temperature)."""
+    """Catches main conditions that keep the smallest data fraction, mix fractions, treat a missing fraction as
+    other than 1.0 or take 1.0 as the largest where no run has it, or mix sonnet temperatures (or filter
+    paraphrase runs by temperature)."""
     base = {"model": "gpt2", "regime": "sft", "param": "fft"}
     store = RunList(
         (base | {"task": "paraphrase", "data_fraction": 0.1}, 0.7, 0),
